@@ -1,0 +1,61 @@
+"""`reproduce <command>`: the suite's one entry point.
+
+  reproduce models                     every registered network: parameters and multiply-adds
+  reproduce train --config FILE [k=v]  train one configured network (also: python reproduce/train.py)
+  reproduce study [--data PATH]        the quick plain-versus-residual depth study on CIFAR-10 (CPU, minutes)
+  reproduce check FILE... [k=v]        validate configs without running them
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("command", choices=["models", "train", "study", "check"])
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in parser._actions[-1].choices:
+        parser.parse_args(argv[:1])  # prints the usage line and exits 2
+    if command == "models":
+        from reproduce.models import format_model_table
+
+        print(format_model_table())
+        return 0
+    if command == "train":
+        from reproduce import train
+
+        return train.main(rest)
+    if command == "study":
+        from reproduce import study
+
+        return study.main(rest)
+    return _check(rest)
+
+
+def _check(argv: list[str]) -> int:
+    from reproduce.config import ConfigError, load_config
+
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if not files:
+        print("usage: reproduce check FILE... [key=value ...]", file=sys.stderr)
+        return 2
+    status = 0
+    for path in files:
+        try:
+            load_config(path, overrides)
+            print(f"ok    {path}")
+        except ConfigError as err:
+            print(f"error {path}: {err}", file=sys.stderr)
+            status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

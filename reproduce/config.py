@@ -1,0 +1,288 @@
+"""The one config schema: typed, strict, checked once at start-up.
+
+A run is described by a YAML file (configs/...) plus `key=value` overrides. Both go
+through the same pydantic models, so an unknown key, a wrong type or an impossible value
+is refused before anything runs, with one line naming the key, the bad value and the
+closest valid choice (`ConfigError`; the CLI turns it into exit status 2).
+"""
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from reproduce.models import MODELS, Shortcut, Variant, check_model_options, model_names
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; its message is one line meant for the user."""
+
+
+class Protocol(str, enum.Enum):
+    """How the final test error is measured."""
+
+    SINGLE = "single"  # CIFAR-10: the single original 32x32 view (paper §4.2)
+    CENTER224 = "center224"  # ImageNet: shorter side 256, one 224x224 centre crop
+    TENCROP = "tencrop"  # ImageNet: shorter side 256, 10 crops averaged (paper Table 2, 3)
+
+
+class Normalize(str, enum.Enum):
+    PIXEL_MEAN = "pixel_mean"  # subtract the per-pixel mean image of the training split
+    CHANNEL = "channel"  # subtract per-channel mean, divide by per-channel std
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="a name from the model registry (`reproduce models`)")
+    shortcut: Shortcut | None = Field(None, description="A, B or C (paper §3.3); null = the model's paper default")
+    variant: Variant = Field(Variant.V1, description="bottleneck stride placement: v1 (paper) or v1.5 (torchvision)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(_did_you_mean(name, model_names(), "model"))
+        return name
+
+    @model_validator(mode="after")
+    def _options(self) -> "ModelConfig":
+        check_model_options(self.name, self.shortcut, self.variant)
+        return self
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "imagenet"]
+    path: Path | None = Field(
+        None,
+        description="CIFAR-10: a cifar-10-batches-py folder, an image-folder tree or a .tar.gz of one; "
+        "null = torchvision download into ./data. ImageNet: a folder with train/ and val/.",
+    )
+    synthetic: bool = Field(False, description="random tensors of the dataset's shapes (benchmarks only)")
+    loader: Literal["torchvision"] = "torchvision"
+    val_split: int = Field(0, ge=0, description="images held out of train as the validation split")
+    workers: int = Field(4, ge=0, description="loader worker processes per rank")
+    augment: bool = Field(True, description="the paper's training augmentation")
+    scale: tuple[int, int] = Field((256, 480), description="ImageNet: shorter side drawn uniformly from [lo, hi] (§3.4)")
+    crop: int = Field(224, gt=0, description="ImageNet: training / test crop size in pixels")
+    lighting: float = Field(0.1, ge=0, description="ImageNet: std of AlexNet PCA colour augmentation (0 = off)")
+    normalize: Normalize = Normalize.PIXEL_MEAN
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, scale: tuple[int, int]) -> tuple[int, int]:
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"need 0 < lo <= hi, got {list(scale)}")
+        return scale
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.exists():
+            raise ValueError(f"no such file or folder; point data.path at the dataset or set it to null")
+        return path
+
+
+class OptimConfig(Section):
+    batch_size: int = Field(gt=0, description="global mini-batch, split evenly over the processes")
+    lr: float = Field(gt=0, description="base learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    nesterov: bool = False
+
+    @field_validator("batch_size")
+    @classmethod
+    def _divisible(cls, batch: int, info: ValidationInfo) -> int:
+        world = (info.context or {}).get("world_size", 1)
+        if batch % world:
+            raise ValueError(f"not divisible by the {world} processes; nearest valid is {max(world, round(batch / world) * world)}")
+        return batch
+
+
+class ScheduleConfig(Section):
+    iterations: int = Field(gt=0, description="optimizer steps in the whole run (the paper counts iterations)")
+    milestones: tuple[int, ...] = Field((), description="iterations at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_iterations: int = Field(0, ge=0, description="iterations at warmup_lr before the base lr")
+    warmup_lr: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "ScheduleConfig":
+        steps = list(self.milestones)
+        if steps != sorted(set(steps)) or any(m <= 0 for m in steps):
+            raise ValueError(f"milestones must be positive and strictly increasing, got {steps}")
+        if steps and steps[-1] >= self.iterations:
+            raise ValueError(f"milestone {steps[-1]} is not below iterations={self.iterations}")
+        if self.warmup_iterations and self.warmup_lr is None:
+            raise ValueError("warmup_iterations is set but warmup_lr is null")
+        if steps and self.warmup_iterations >= steps[0]:
+            raise ValueError(f"warmup_iterations={self.warmup_iterations} must end before the first milestone {steps[0]}")
+        return self
+
+
+class EvalConfig(Section):
+    every: int = Field(gt=0, description="iterations between evaluations on the validation split")
+    protocol: Protocol = Field(description="final test protocol: single (CIFAR), center224 or tencrop (ImageNet)")
+    batch_size: int = Field(256, gt=0, description="per-process evaluation batch")
+    max_images: int | None = Field(None, gt=0, description="evaluate on the first N images only (smoke tests)")
+
+
+class RunConfig(Section):
+    dir: Path | None = Field(None, description="checkpoints + resolved config; null = runs/<experiment>/<model>-s<seed>-<hash>")
+    checkpoint_every: int = Field(gt=0, description="iterations between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, gt=0, description="iterations between logged training metrics")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="bf16 autocast")
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="deterministic kernels (bitwise-repeatable on CPU)")
+    progress: bool = Field(True, description="progress bar on rank 0")
+
+
+class Config(Section):
+    experiment: str = Field(min_length=1, description="MLflow experiment name")
+    seed: int = Field(0, ge=0)
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    eval: EvalConfig
+    run: RunConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        family = MODELS[self.model.name].family
+        want = "cifar10" if family == "cifar" else "imagenet"
+        if self.data.dataset != want:
+            raise ValueError(f"model {self.model.name} is a {family} network but data.dataset is {self.data.dataset}; use {want}")
+        allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP]
+        if self.eval.protocol not in allowed:
+            raise ValueError(f"eval.protocol {self.eval.protocol.value} does not apply to {want}; use {allowed[0].value}")
+        if self.data.dataset == "imagenet" and self.data.path is None and not self.data.synthetic:
+            raise ValueError("data.path is required for imagenet (a folder with train/ and val/)")
+        return self
+
+    def recipe_hash(self) -> str:
+        """Hash of everything that defines the experiment except the seed: runs that share it
+        are repeats of one recipe, and the report groups them."""
+        recipe = self.model_dump(mode="json", exclude={"seed": True, "run": True})
+        for key in ("path", "workers"):  # where the data lies and how fast it loads do not change the result
+            recipe["data"].pop(key)
+        recipe["eval"].pop("batch_size")
+        recipe["numerics"] = {k: getattr(self.run, k) for k in ("amp", "deterministic")}
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_dir(self) -> Path:
+        if self.run.dir is not None:
+            return self.run.dir
+        return Path("runs") / self.experiment / f"{self.model.name}-s{self.seed}-{self.recipe_hash()}"
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value` for MLflow params."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1, base: dict | None = None) -> Config:
+    """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pick one under configs/ (e.g. configs/cifar10/resnet20.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw, context={"world_size": world_size})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=0.05)")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node, schema = raw, Config
+    for part in parents:
+        field = schema.model_fields.get(part) if schema else None
+        if field is None or not isinstance(node.get(part, {}), dict):
+            raise ConfigError(_unknown_key(key, ".".join(parents[: parents.index(part)]), part, schema))
+        node = node.setdefault(part, {})
+        schema = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+    if schema is not None and leaf not in schema.model_fields:
+        raise ConfigError(_unknown_key(key, ".".join(parents), leaf, schema))
+    node[leaf] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    key = ".".join(loc) or "config"
+    value = first.get("input")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        schema = _schema_at(loc[:-1])
+        return "config error: " + _unknown_key(key, ".".join(loc[:-1]), loc[-1], schema)
+    if first["type"] == "missing":
+        return f"config error: {key} is missing; add it to the config or pass {key}=VALUE"
+    shown = value if not isinstance(value, dict) else "{...}"
+    if first["type"] in ("enum", "literal_error") and isinstance(value, str):
+        choices = [c.strip(" '") for c in msg.split("should be", 1)[-1].replace(" or ", ",").split(",")]
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.0)
+        if close:
+            msg += f"; closest valid is '{close[0]}'"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config error: {key} = {shown!r}: {msg}{more}".replace("\n", " ")
+
+
+def _schema_at(loc: list[str]) -> type[BaseModel] | None:
+    schema: Any = Config
+    for part in loc:
+        field = schema.model_fields.get(part) if schema else None
+        schema = field.annotation if field is not None else None
+    return schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
+
+
+def _unknown_key(key: str, parent: str, name: str, schema: type[BaseModel] | None) -> str:
+    valid = list(schema.model_fields) if schema else []
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    prefix = f"{parent}." if parent else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def _did_you_mean(value: str, choices: list[str], what: str) -> str:
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.0)
+    return f"unknown {what} '{value}'; closest valid is '{close[0]}'" if close else f"unknown {what} '{value}'"
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

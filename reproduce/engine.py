@@ -1,0 +1,66 @@
+"""The pieces of one training iteration and of an evaluation, called by name from train.py."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from reproduce.config import ScheduleConfig
+from reproduce.distributed import DistInfo, all_reduce_sum
+
+
+def lr_at(iteration: int, base_lr: float, schedule: ScheduleConfig) -> float:
+    """Learning rate for `iteration` (0-based): a pure function, so a resumed run needs no
+    scheduler state. Warm-up at warmup_lr, then base_lr times gamma per milestone passed."""
+    if iteration < schedule.warmup_iterations:
+        return schedule.warmup_lr
+    passed = sum(iteration >= m for m in schedule.milestones)
+    return base_lr * schedule.gamma**passed
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose label is among the k highest scores, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top.eq(target.view(-1, 1))
+    return [hit[:, :k].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels_last: bool) -> dict[str, float]:
+    """Top-1 and top-5 error (%) and mean loss over the whole split (all ranks' shares).
+    A batch of shape (B, V, C, H, W) holds V views per image (10-crop): their softmax
+    scores are averaged before ranking."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-5 hits, count
+    for images, labels in loader:
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        views = images.shape[1] if images.dim() == 5 else 0
+        if views:
+            images = images.flatten(0, 1)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(info.device, amp):
+            logits = model(images).float()
+        if views:
+            probs = logits.softmax(dim=1).view(-1, views, logits.shape[1]).mean(dim=1)
+            loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+            logits = probs
+        else:
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+        top1, top5 = topk_correct(logits, labels)
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=info.device).double()])
+    all_reduce_sum(sums, info)
+    model.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    if count == 0:
+        raise RuntimeError("evaluation split is empty")
+    return {"loss": loss / count, "top1_err": 100.0 * (1 - top1 / count), "top5_err": 100.0 * (1 - top5 / count)}

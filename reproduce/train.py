@@ -1,0 +1,256 @@
+"""Train one configured network, the same way under every launcher.
+
+  python reproduce/train.py --config configs/cifar10/resnet20.yaml [key=value ...]
+  torchrun --nproc_per_node 8 reproduce/train.py --config configs/imagenet/resnet50.yaml data.path=/data/imagenet
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 reproduce/train.py ...
+  srun python reproduce/train.py ...        (ranks from SLURM; see slurm/)
+  reproduce train --config ...              (the installed console script)
+
+The run directory (run.dir, by default runs/<experiment>/<model>-s<seed>-<recipe hash>)
+holds the checkpoints; starting a job whose run directory holds one resumes it, into the
+same MLflow run, exactly where it stopped.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # `python reproduce/train.py`: import the package, not its folder
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from reproduce import checkpoint, distributed
+from reproduce.config import Config, ConfigError, load_config
+from reproduce.data import DataError, build_data, eval_loader, train_loader
+from reproduce.engine import autocast, evaluate, lr_at
+from reproduce.models import build_model
+from reproduce.tracking import Tracker, git_state
+
+log = logging.getLogger("reproduce.train")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_CHECK_EVERY = 10  # iterations between agreed stop checks when there are several processes
+
+
+class Stopped(Exception):
+    """The job was asked to stop (SIGTERM, SIGINT, SIGUSR1); a checkpoint has been written."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 schedule.iterations=1000")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _, _, _, world_size = distributed.launch_env()
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world_size)
+        info = distributed.setup(cfg.run.device)
+    except (ConfigError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        data = build_data(cfg)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        distributed.teardown(info)
+        return 2
+    try:
+        return train(cfg, info, data)
+    finally:
+        distributed.teardown(info)
+
+
+def train(cfg: Config, info: distributed.DistInfo, data) -> int:
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then (seed, rank).
+    torch.manual_seed(cfg.seed)
+    unwrapped = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
+    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    unwrapped.to(info.device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(unwrapped.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    torch.manual_seed(cfg.seed * 1000 + info.rank)
+
+    run_dir = cfg.run_dir()
+    state = checkpoint.load_latest(run_dir)
+    start, run_id = 0, None
+    if state is not None:
+        unwrapped.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        start, run_id = state["iteration"], state["mlflow_run_id"]
+    iterations = cfg.schedule.iterations
+    if start >= iterations:
+        log.info("run in %s is already complete (%d iterations, MLflow run %s)", run_dir, start, run_id)
+        return 0
+
+    model = DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None) \
+        if info.distributed else unwrapped
+    if cfg.run.compile:
+        model = torch.compile(model)
+
+    tracker = Tracker(info)
+    run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id), info)
+    if info.is_main:
+        _write_text(run_dir / "config.yaml", cfg.to_yaml())
+        per_epoch = len(data.train) // cfg.optim.batch_size
+        log.info("%s on %s", cfg.model.name, data.description)
+        log.info("global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
+                 cfg.optim.batch_size, info.world_size, cfg.optim.batch_size // info.world_size, iterations,
+                 iterations / per_epoch, run_dir, run_id, f"; resuming at iteration {start}" if start else "")
+
+    def save(done: int) -> None:
+        if info.is_main:
+            checkpoint.save(run_dir, done, {
+                "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
+                "rng": checkpoint.rng_state(), "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
+                "git_commit": git_state()[0],
+                # bf16 autocast needs no loss scaling, so there is no GradScaler state to keep.
+            }, keep=cfg.run.keep_checkpoints)
+        distributed.barrier(info)  # no rank runs ahead of a checkpoint that may be needed to resume
+
+    stop = _StopFlag()
+    status = "FAILED"
+    try:
+        _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop)
+        final = _final_eval(cfg, info, data, unwrapped, tracker)
+        save(iterations)
+        tracker.log_final(final)
+        status = "FINISHED"
+        if info.is_main:
+            log.info("final: %s", ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
+        return 0
+    except (Stopped, KeyboardInterrupt):
+        status = "KILLED"
+        log.warning("stopped on request; resume by starting the same command again")
+        return 128 + signal.SIGTERM
+    finally:
+        stop.restore()
+        tracker.end(status)
+
+
+def _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop) -> None:
+    iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
+    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    per_epoch = len(data.train) // global_batch
+    bar = tqdm(total=iterations, initial=start, disable=not (info.is_main and cfg.run.progress),
+               dynamic_ncols=True, mininterval=1.0, unit="it")
+    window = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, wrong, images (this rank)
+    window_start, window_iters = time.perf_counter(), 0
+    model.train()
+    for it, (images, labels) in zip(range(start, iterations), train_loader(data, cfg, info, start)):
+        lr = lr_at(it, cfg.optim.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(info.device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(info.device, non_blocking=True)
+        with autocast(info.device, cfg.run.amp):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            wrong = logits.argmax(dim=1).ne(labels).sum()
+            window += torch.stack([loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))])
+        done, window_iters = it + 1, window_iters + 1
+        bar.update(1)
+
+        if done % cfg.run.log_every == 0 or done == iterations:
+            distributed.all_reduce_sum(window, info)
+            loss_sum, wrong_sum, seen = window.tolist()  # sync point: once per log_every iterations
+            mean_loss = loss_sum / seen
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"training loss is {mean_loss} at iteration {done} (lr {lr:g}); stopping")
+            speed = window_iters * global_batch / (time.perf_counter() - window_start)
+            metrics = {"train_loss": mean_loss, "train_top1_err": 100.0 * wrong_sum / seen, "lr": lr,
+                       "images_per_sec": speed, "epoch": done / per_epoch}
+            tracker.log_metrics(metrics, step=done)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{metrics['train_top1_err']:.1f}%", img_s=f"{speed:.0f}",
+                            epoch=f"{done / per_epoch:.1f}", refresh=False)
+            window.zero_()
+            window_start, window_iters = time.perf_counter(), 0
+
+        if done % cfg.eval.every == 0 and done < iterations:
+            tracker.log_metrics(_periodic_eval(cfg, info, data, model), step=done)
+            window_start = time.perf_counter()  # evaluation time is not training speed
+        if done % cfg.run.checkpoint_every == 0 and done < iterations:
+            save(done)
+            window_start = time.perf_counter()
+        if (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested, info):
+            save(done)
+            bar.close()
+            raise Stopped()
+    bar.close()
+
+
+def _periodic_eval(cfg, info, data, model) -> dict[str, float]:
+    """Validation error; for CIFAR also the test error (Fig. 6 plots test error curves)."""
+    out = {}
+    splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset == "cifar10" else [])
+    for name, split in splits:
+        if split is not None:
+            result = evaluate(model, eval_loader(split, cfg, info), info, cfg.run.amp, cfg.run.channels_last)
+            out.update({f"{name}_{k}": v for k, v in result.items()})
+    return out
+
+
+def _final_eval(cfg, info, data, model, tracker) -> dict[str, float]:
+    final = _periodic_eval(cfg, info, data, model)
+    if cfg.data.dataset != "cifar10":  # the test split (ImageNet val) under the configured protocol
+        result = evaluate(model, eval_loader(data.test, cfg, info), info, cfg.run.amp, cfg.run.channels_last)
+        final.update({f"test_{k}": v for k, v in result.items()})
+    tracker.log_metrics(final, step=cfg.schedule.iterations)
+    return final
+
+
+class _StopFlag:
+    """Records SIGTERM / SIGINT / SIGUSR1; the loop checks it at safe points."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

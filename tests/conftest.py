@@ -1,0 +1,84 @@
+"""Shared fixtures: isolated MLflow store and cache, a tiny generated CIFAR-10 tree, the
+real data in ../shared/data when present, and helpers to run the CLI for real."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip the test saying what is missing."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data; see its README)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test runs in its own folder with its own MLflow store; the decoded-data cache
+    is shared by the session so real data is decoded once."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("REPRODUCE_CACHE", str(Path(os.environ.get("REPRODUCE_TEST_CACHE", tmp_path.parent / "reproduce-cache"))))
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    yield
+
+
+def make_cifar_tree(root: Path, train_per_class: int = 24, test_per_class: int = 6, seed: int = 0) -> Path:
+    """A CIFAR-shaped image tree whose classes differ in colour, so a net can learn it."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256])
+            for i in range(count):
+                pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_tree(tmp_path_factory) -> Path:
+    return make_cifar_tree(tmp_path_factory.mktemp("cifar") / "tree")
+
+
+@pytest.fixture(scope="session")
+def cifar_tar(cifar_tree) -> Path:
+    archive = cifar_tree.parent / "cifar-tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(cifar_tree / split, arcname=split)
+    return archive
+
+
+def tiny_overrides(data: Path, iterations: int = 6, **extra) -> list[str]:
+    """A ResNet-20 run small enough for a few seconds on one CPU core."""
+    values = {
+        "data.path": str(data), "data.val_split": 40, "data.workers": 0,
+        "optim.batch_size": 16, "schedule.iterations": iterations,
+        "schedule.milestones": f"[{iterations // 2}]", "eval.every": max(1, iterations // 2),
+        "eval.batch_size": 64, "run.checkpoint_every": max(1, iterations // 2), "run.log_every": 1,
+        "run.deterministic": "true", "run.progress": "false", "run.device": "cpu",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m reproduce.cli ARGS` in a fresh process, as a user would run it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "reproduce.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)

@@ -1,0 +1,172 @@
+"""The training loop through its real entry points: one process, resume, failure states,
+real DDP processes with gloo (one node and two "nodes"), and real CIFAR-10 images."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from reproduce import checkpoint, train
+from reproduce.config import load_config
+from reproduce.data import TrainBatches
+from tests.conftest import REPO, shared_file, tiny_overrides
+
+CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
+
+
+def _runs(experiment: str = "cifar10"):
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)["model"]
+
+
+def _metric_steps(run_id: str, key: str) -> list[int]:
+    return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_one_process_run_is_logged_and_checkpointed(cifar_tar):
+    overrides = tiny_overrides(cifar_tar)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    (run,) = _runs()
+    assert run.info.status == "FINISHED"
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["model.name"] == "resnet20" and params["optim.batch_size"] == "16" and params["schedule.iterations"] == "6"
+    for tag in ("git_commit", "git_dirty", "torch", "host", "world_size", "launcher", "data_fingerprint", "eval_protocol", "recipe"):
+        assert tags[f"reproduce.{tag}"], tag
+    assert tags["reproduce.launcher"] == "python" and tags["reproduce.world_size"] == "1"
+    assert tags["reproduce.eval_protocol"] == "single"
+    for key in ("train_loss", "train_top1_err", "lr", "images_per_sec", "val_top1_err", "val_top5_err", "test_top1_err", "test_top5_err"):
+        assert key in metrics, key
+    assert _metric_steps(run.info.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
+    assert _metric_steps(run.info.run_id, "test_top1_err") == [3, 6]
+    lrs = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr")]
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+    cfg = load_config(CIFAR, overrides)
+    saved = checkpoint.list_checkpoints(cfg.run_dir())
+    assert [p.name for p in saved] == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
+    state = torch.load(saved[-1], weights_only=True)
+    assert state["iteration"] == 6 and state["mlflow_run_id"] == run.info.run_id
+    assert (cfg.run_dir() / "config.yaml").exists()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "final_metrics.json"} <= artifacts
+    # Starting the finished job again changes nothing.
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    assert len(_runs()) == 1 and checkpoint.list_checkpoints(cfg.run_dir()) == saved
+
+
+def test_resume_after_sigterm_is_bitwise_identical(cifar_tar, tmp_path, monkeypatch):
+    """8 iterations straight == 4, SIGTERM (run KILLED, checkpoint written), resume 4 more."""
+    straight = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100})
+    assert train.main(["--config", str(CIFAR), *straight]) == 0
+
+    resumed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100})
+    real_lr_at = train.lr_at
+
+    def lr_then_sigterm(iteration, *args):
+        if iteration == 3:  # during the 4th iteration, as a scheduler's SIGTERM would arrive
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(iteration, *args)
+
+    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    assert train.main(["--config", str(CIFAR), *resumed]) == 128 + signal.SIGTERM
+    killed = [r for r in _runs() if r.info.status == "KILLED"]
+    assert len(killed) == 1
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "resumed")] == ["ckpt-00000004.pt"]
+
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert train.main(["--config", str(CIFAR), *resumed]) == 0
+    runs = {r.info.run_id: r for r in _runs()}
+    assert len(runs) == 2  # the resumed job went on in the KILLED run, now FINISHED
+    assert runs[killed[0].info.run_id].info.status == "FINISHED"
+    assert _metric_steps(killed[0].info.run_id, "train_loss") == list(range(1, 9))
+
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_that_raises_is_failed(cifar_tar):
+    """An exploding lr gives a non-finite loss: the run stops with a message and is FAILED."""
+    overrides = tiny_overrides(cifar_tar, iterations=20, **{"optim.lr": 1e12, "run.checkpoint_every": 100})
+    with pytest.raises(train.NonFiniteLoss, match=r"training loss is (nan|inf) at iteration \d+ \(lr 1e\+12\)"):
+        train.main(["--config", str(CIFAR), *overrides])
+    (run,) = _runs()
+    assert run.info.status == "FAILED"
+
+
+def test_ranks_split_each_global_batch_disjointly():
+    ranks = [list(TrainBatches(100, 32, rank, 2, seed=1, start=0, stop=6)) for rank in (0, 1)]
+    single = list(TrainBatches(100, 32, 0, 1, seed=1, start=0, stop=6))
+    for it in range(6):
+        r0, r1 = ({i for i, _ in ranks[r][it]} for r in (0, 1))
+        assert len(r0) == len(r1) == 16 and not r0 & r1
+        assert ranks[0][it] + ranks[1][it] == single[it]  # same global batch, same augmentation seeds
+    epoch0 = [i for batch in single[:3] for i, _ in batch]
+    assert len(set(epoch0)) == 96  # no image twice within an epoch
+    resumed = list(TrainBatches(100, 32, 0, 1, seed=1, start=4, stop=6))
+    assert resumed == single[4:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_one_run(cifar_tar, tmp_path):
+    overrides = tiny_overrides(cifar_tar, iterations=6, **{"run.dir": tmp_path / "ddp"})
+    proc = _torchrun(["--standalone", "--nproc_per_node", "2", str(REPO / "reproduce" / "train.py"),
+                      "--config", str(CIFAR), *overrides])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    (run,) = _runs()  # rank 1 created no run of its own
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["reproduce.world_size"] == "2" and run.data.tags["reproduce.launcher"] == "torchrun"
+    assert run.data.params["optim.batch_size"] == "16"
+    assert "test_top1_err" in run.data.metrics
+    assert _metric_steps(run.info.run_id, "train_loss") == list(range(1, 7))
+    assert checkpoint.list_checkpoints(tmp_path / "ddp")[-1].name == "ckpt-00000006.pt"
+
+
+@pytest.mark.slow
+def test_two_nodes_with_c10d_rendezvous(cifar_tar, tmp_path):
+    port = _free_port()
+    overrides = tiny_overrides(cifar_tar, iterations=4, **{"run.dir": tmp_path / "nodes"})
+    nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                        "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "twonodes", "--node_rank", str(rank),
+                        str(REPO / "reproduce" / "train.py"), "--config", str(CIFAR), *overrides]) for rank in (0, 1)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    (run,) = _runs()
+    assert run.info.status == "FINISHED" and run.data.tags["reproduce.world_size"] == "2"
+
+
+@pytest.mark.slow
+def test_resnet20_learns_real_cifar10(tmp_path):
+    """A few hundred iterations on the real CIFAR-10 images (lossy JPEG copies) are far
+    better than chance (90% error) on the 10,000 test images."""
+    archive = shared_file("cifar10-jpeg.tar.gz")
+    overrides = [f"data.path={archive}", "data.workers=0", "optim.batch_size=64", "schedule.iterations=300",
+                 "schedule.milestones=[200]", "eval.every=1000", "run.checkpoint_every=1000", "run.progress=false",
+                 "run.log_every=50", "run.device=cpu", "run.channels_last=true"]
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    (run,) = _runs()
+    assert run.data.metrics["test_top1_err"] < 65.0, run.data.metrics
+    assert "lossy JPEG" in run.data.tags["reproduce.data"]
