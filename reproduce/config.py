@@ -163,7 +163,7 @@ class Config(Section):
         family = MODELS[self.model.name].family
         want = "cifar10" if family == "cifar" else "imagenet"
         if self.data.dataset != want:
-            raise ValueError(f"model {self.model.name} is a {family} network but data.dataset is {self.data.dataset}; use {want}")
+            raise ValueError(f"model {self.model.name} is a network for {want} but data.dataset is {self.data.dataset}; use {want}")
         allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP]
         if self.eval.protocol not in allowed:
             raise ValueError(f"eval.protocol {self.eval.protocol.value} does not apply to {want}; use {allowed[0].value}")
@@ -249,14 +249,16 @@ def _one_line(err: ValidationError) -> str:
         return "config error: " + _unknown_key(key, ".".join(loc[:-1]), loc[-1], schema)
     if first["type"] == "missing":
         return f"config error: {key} is missing; add it to the config or pass {key}=VALUE"
-    shown = value if not isinstance(value, dict) else "{...}"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if isinstance(value, dict):  # a check across the keys of a section: the message names them
+        where = f"{key}: " if loc else ""
+        return f"config error: {where}{msg}{more}".replace("\n", " ")
     if first["type"] in ("enum", "literal_error") and isinstance(value, str):
         choices = [c.strip(" '") for c in msg.split("should be", 1)[-1].replace(" or ", ",").split(",")]
         close = difflib.get_close_matches(value, choices, n=1, cutoff=0.0)
         if close:
             msg += f"; closest valid is '{close[0]}'"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config error: {key} = {shown!r}: {msg}{more}".replace("\n", " ")
+    return f"config error: {key} = {value!r}: {msg}{more}".replace("\n", " ")
 
 
 def _schema_at(loc: list[str]) -> type[BaseModel] | None:

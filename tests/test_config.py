@@ -70,11 +70,12 @@ BROKEN = [
     (["optim.learning_rate=0.1"], "unknown key 'optim.learning_rate'"),
     (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
     (["optimizer.lr=0.1"], "did you mean 'optim'"),
-    (["model.name=resnet21"], "closest valid is 'resnet20'"),
+    (["model.name=resnte20"], "closest valid is 'resnet20'"),
     (["model.name=ResNet56"], "unknown model 'ResNet56'"),
     (["model.shortcut=D"], "model.shortcut = 'D'"),
     (["model.name=plain20", "model.shortcut=A"], "plain"),
-    (["model.name=resnet50"], "imagenet"),
+    (["model.name=resnet50"], "model: resnet50 has bottleneck blocks, where the paper uses projections; use shortcut B or C"),
+    (["model.name=resnet50", "model.shortcut=B"], "config error: model resnet50 is a network for imagenet but data.dataset is cifar10; use imagenet"),
     (["model.variant=v1.5"], "v1.5"),
     (["schedule.iterations=0"], "schedule.iterations = 0"),
     (["schedule.milestones=[48000,32000]"], "strictly increasing"),
@@ -93,7 +94,7 @@ BROKEN = [
     (["run.amp=maybe"], "run.amp = 'maybe'"),
     (["seed=-1"], "seed = -1"),
     (["experiment="], "experiment"),
-    (["lr0.1"], "is not key=value"),
+    (["=0.1"], "is not key=value"),
 ]
 
 

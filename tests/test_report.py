@@ -1,0 +1,251 @@
+"""The report against real MLflow stores (the per-test sqlite file, and a real `mlflow server`),
+its export round trip, its figures' data, and the sweep that feeds it."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+
+from reproduce import analyze, report, sweep
+from tests.conftest import REPO, tiny_overrides
+
+FULL = 64000
+DATA = "CIFAR-10 45000 train / 5000 val / 10000 test from test fixture"
+# (model, recipe, seed, status, final test error %, iterations)
+RUNS = [
+    ("plain20", "p20", 0, "FINISHED", 15.0, FULL),
+    ("resnet20", "r20", 0, "FINISHED", 10.0, FULL),
+    ("resnet20", "r20", 1, "FINISHED", 12.0, FULL),
+    ("resnet20", "r20", 2, "FAILED", 50.0, FULL),
+    ("resnet20", "r20short", 0, "FINISHED", 30.0, 500),  # a shortened schedule next to the full one
+    ("resnet56", "r56", 0, "FINISHED", 9.0, FULL),
+    ("resnet56", "r56", 1, "FINISHED", 8.0, FULL),
+    ("resnet110", "r110", 0, "FINISHED", 6.5, FULL),
+    ("resnet110", "r110", 1, "FINISHED", 6.7, FULL),
+    ("resnet110", "r110", 2, "FINISHED", 6.6, FULL),
+]
+
+
+def _curve(final: float, seed: int, iterations: int, every: int) -> list[tuple[int, float]]:
+    """A decreasing error curve that ends at `final` on step = iterations."""
+    steps = list(range(every, iterations + 1, every))
+    return [(s, final + (40.0 + seed) * (1 - s / iterations)) for s in steps]
+
+
+def log_runs(experiment: str = "cifar10") -> dict:
+    """The RUNS through the MLflow client as train.py would log them; returns the histories."""
+    client = mlflow.MlflowClient()
+    exp_id = client.create_experiment(experiment)
+    histories = {}
+    for model, recipe, seed, status, final, iterations in RUNS:
+        shortcut = "None" if model.startswith("plain") else "A"
+        tags = {"reproduce.model": model, "reproduce.study": "cifar10", "reproduce.recipe": recipe,
+                "reproduce.seed": str(seed), "reproduce.git_commit": "abc123", "reproduce.git_dirty": "false",
+                "reproduce.torch": "2.14.1", "reproduce.cuda": "None", "reproduce.host": "testhost",
+                "reproduce.gpu": "none", "reproduce.world_size": "1", "reproduce.launcher": "python",
+                "reproduce.slurm_job_id": "", "reproduce.data_fingerprint": "f00d", "reproduce.data": DATA,
+                "reproduce.eval_protocol": "single", "reproduce.run_dir": f"/runs/{model}-s{seed}-{recipe}"}
+        params = {"model.name": model, "model.shortcut": shortcut, "model.variant": "v1", "seed": seed,
+                  "data.dataset": "cifar10", "eval.protocol": "single", "schedule.iterations": iterations}
+        run = client.create_run(exp_id, tags=tags, run_name=f"{model}-s{seed}")
+        done = iterations if status == "FINISHED" else iterations // 2
+        train = [(s, v) for s, v in _curve(final + 5, seed, iterations, iterations // 10) if s <= done]
+        test = [(s, v) for s, v in _curve(final, seed, iterations, iterations // 5) if s <= done]
+        now = int(time.time() * 1000)
+        metrics = [Metric("train_top1_err", v, now, s) for s, v in train]
+        metrics += [Metric(k, v, now, s) for k in ("test_top1_err", "val_top1_err") for s, v in test]
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("mlflow.user", "test")])
+        client.set_terminated(run.info.run_id, status)
+        histories[(model, recipe, seed)] = {"train": train, "test": test, "run_id": run.info.run_id}
+    return histories
+
+
+def _row(table: pd.DataFrame, model: str) -> pd.Series:
+    (index,) = table.index[table.model == model]
+    return table.loc[index]
+
+
+def check_table(out: Path) -> pd.DataFrame:
+    table = pd.read_csv(out / "table.csv", keep_default_na=False)
+    assert list(table.model) == ["plain20", "resnet20", "resnet56", "resnet110"]
+    r20, r56, r110, p20 = (_row(table, m) for m in ("resnet20", "resnet56", "resnet110", "plain20"))
+    # ResNet-20: seeds 0 and 1 only; the FAILED seed 2 and the 500-iteration recipe stay out.
+    assert r20.n == 2 and float(r20["mean"]) == pytest.approx(11.0) and float(r20["std"]) == pytest.approx(math.sqrt(2))
+    assert float(r20.best) == 10.0 and r20.seeds == "0 1" and r20.iterations == FULL
+    assert float(r20.reference) == 8.75 and float(r20["diff"]) == pytest.approx(2.25)
+    assert r20.within == "yes (ours ±2 std)"  # 2.25 <= 2 * 1.414
+    assert float(r56["mean"]) == pytest.approx(8.5) and float(r56["std"]) == pytest.approx(math.sqrt(0.5))
+    assert r56.within == "no (ours ±2 std)"  # 1.53 > 2 * 0.707
+    # ResNet-110: compared with the paper's mean and std over 5 runs, 6.61 ± 0.16 (best 6.43).
+    assert float(r110["mean"]) == pytest.approx(6.6) and r110.n == 3
+    assert float(r110.reference) == 6.61 and float(r110.reference_std) == 0.16 and float(r110.reference_best) == 6.43
+    assert r110.within == "yes (paper ±2 std)" and r110.reference_source == "Table 6"
+    assert p20.n == 1 and p20.reference == "" and p20["std"] == ""  # Table 6 has no plain nets
+    assert set(table.protocol) == {"single"} and set(table.data) == {DATA}
+    md = (out / "table.md").read_text()
+    assert "1 FAILED" in md and "1 other recipe" in md and "r20short" in md
+    assert "| ResNet-110 A | single | test_top1_err | 6.61 ± 0.16 (best 6.43) | Table 6 | 6.60 ± 0.10 | 3 |" in md
+    prov = pd.read_csv(out / "provenance.csv", keep_default_na=False)
+    assert len(prov) == len(RUNS) and set(prov.git_commit) == {"abc123"} and set(prov.host) == {"testhost"}
+    assert (prov.used == "table").sum() == 8 and "FAILED" in set(prov.used)
+    return table
+
+
+def test_report_from_local_store(tmp_path):
+    histories = log_runs()
+    out = tmp_path / "out"
+    assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
+    check_table(out)
+    assert (out / "fig6.png").stat().st_size > 10_000 and not (out / "fig7.png").exists()
+    md = (out / "table.md").read_text()
+    assert "reproduce report --study cifar10 --out" in md and "sqlite:///" in md and "## Provenance" in md
+
+
+def test_figure_lines_are_the_runs_metrics():
+    histories = log_runs()
+    runs = report.load_mlflow_runs("cifar10", "cifar10")
+    fig = analyze.depth_curves(report.select_runs(runs, "cifar10").main, "cifar10")
+    plain, resnets = fig.axes
+    lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
+    assert {line.get_gid() for line in plain.get_lines()} == {"plain-20|train", "plain-20|test_top1_err"}
+    # One line per depth = the mean over the seeds of the tabulated recipe.
+    for name, model, recipe, seeds in [("plain-20", "plain20", "p20", [0]), ("ResNet-20 A", "resnet20", "r20", [0, 1]),
+                                       ("ResNet-110 A", "resnet110", "r110", [0, 1, 2])]:
+        for kind, gid in (("train", f"{name}|train"), ("test", f"{name}|test_top1_err")):
+            series = [histories[(model, recipe, s)][kind] for s in seeds]
+            x, y = lines[gid].get_data()
+            assert list(x) == [s for s, _ in series[0]]
+            assert list(y) == pytest.approx([sum(v[i][1] for v in series) / len(series) for i in range(len(x))])
+    assert lines["ResNet-20 A|test_top1_err"].get_color() == lines["plain-20|test_top1_err"].get_color()
+    assert lines["ResNet-20 A|train"].get_linestyle() == "--" and lines["ResNet-20 A|test_top1_err"].get_linewidth() > 2
+
+
+def test_report_from_export_matches_mlflow(tmp_path, monkeypatch):
+    log_runs()
+    export = tmp_path / "runs.json"
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "a"), "--export", str(export)]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")  # the export needs no store
+    assert report.main(["--from-export", str(export), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "table.csv").read_text() == (tmp_path / "b" / "table.csv").read_text()
+    assert (tmp_path / "a" / "provenance.csv").read_text() == (tmp_path / "b" / "provenance.csv").read_text()
+    check_table(tmp_path / "b")
+    assert "the export" in (tmp_path / "b" / "table.md").read_text()
+
+
+def test_imagenet_rows_use_the_protocols_reference():
+    paper = report.load_paper()
+    ref = report.paper_reference(paper, ("resnet34", "B", "v1", "tencrop"), "test_top5_err")
+    assert ref["reference"] == 7.46 and ref["reference_source"] == "Table 3"
+    ref = report.paper_reference(paper, ("plain34", "", "v1", "tencrop"), "test_top1_err")
+    assert ref["reference"] == 28.54 and ref["reference_source"] == "Table 2, Table 3"
+    ref = report.paper_reference(paper, ("resnet34", "", "v1", "tencrop"), "test_top1_err")
+    assert ref["reference"] == 25.03  # no shortcut given: the paper's default row (A) comes first
+    assert report.paper_reference(paper, ("resnet50", "B", "v1.5", "center224"), "test_top1_err")["reference"] == 23.85
+    assert math.isnan(report.paper_reference(paper, ("resnet20", "A", "v1", "tencrop"), "test_top1_err")["reference"])
+
+
+def test_report_without_runs_fails_clearly(tmp_path, capsys):
+    assert report.main(["--study", "imagenet", "--out", str(tmp_path / "o")]) == 1
+    assert "no imagenet runs" in capsys.readouterr().err
+    assert report.main([]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.read().decode().strip() == "OK":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only the server's processes
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_report_from_mlflow_server(tmp_path, mlflow_server):
+    log_runs()
+    assert mlflow.get_tracking_uri() == mlflow_server
+    out = tmp_path / "out"
+    assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
+    check_table(out)
+    assert mlflow_server in (out / "table.md").read_text()
+
+
+def test_sweep_dry_run_prints_the_grid(capsys):
+    assert sweep.main(["--configs", "a.yaml", "b.yaml", "--seeds", "0", "1", "optim.lr=0.05", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "reproduce train --config a.yaml seed=0 optim.lr=0.05", "reproduce train --config b.yaml seed=0 optim.lr=0.05",
+        "reproduce train --config a.yaml seed=1 optim.lr=0.05", "reproduce train --config b.yaml seed=1 optim.lr=0.05"]
+
+
+def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
+    from reproduce import train
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        if argv[1].endswith("plain20.yaml") and argv[2] == "seed=0":
+            raise RuntimeError("boom")
+        return 3 if argv[2] == "seed=1" and argv[1].endswith("resnet20.yaml") else 0
+
+    monkeypatch.setattr(train, "main", fake_main)
+    configs = [str(REPO / "configs" / "cifar10" / f"{m}.yaml") for m in ("plain20", "resnet20")]
+    assert sweep.main(["--configs", *configs, "--seeds", "0", "1"]) == 1
+    assert len(calls) == 4
+    err = capsys.readouterr().err
+    assert "FAILED (RuntimeError: boom)" in err and "FAILED (3)" in err and err.count("FAILED") == 2
+    assert sweep.main(["--configs", "nope.yaml", "--seeds", "0"]) == 2
+
+
+def test_sweep_then_report_end_to_end(tmp_path, cifar_tar):
+    config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")
+    assert sweep.main(["--configs", config, "--seeds", "0", "1", *tiny_overrides(cifar_tar, iterations=4)]) == 0
+    out = tmp_path / "out"
+    assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv", keep_default_na=False)
+    assert list(table.model) == ["resnet20"] and list(table.n) == [2] and list(table.iterations) == [4]
+    runs = {r.data.tags["reproduce.seed"] + r.data.params["model.name"]: r
+            for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    finals = {key: run.data.metrics["test_top1_err"] for key, run in runs.items()}
+    assert float(_row(table, "resnet20")["mean"]) == pytest.approx((finals["0resnet20"] + finals["1resnet20"]) / 2)
+    assert _row(table, "resnet20").data == next(iter(runs.values())).data.tags["reproduce.data"]
