@@ -111,6 +111,8 @@ def responses(run_id: str, split: str = "test", images: int | None = None, data_
     if not found:
         raise FileNotFoundError(f"run {run_id} has no checkpoint (reproduce.run_dir = {run_dir!r})")
     state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    if state.get("mlflow_run_id") != run_id:  # a run directory reused by another run
+        raise ValueError(f"{found[-1]} belongs to MLflow run {state.get('mlflow_run_id')}, not {run_id}")
     raw = state["config"]
     if data_path is not None:  # the data moved since training
         raw = {**raw, "data": {**raw["data"], "path": data_path}}
@@ -128,7 +130,7 @@ def responses(run_id: str, split: str = "test", images: int | None = None, data_
     stds = layer_response_stds(model, loader)
 
     result = {"run_id": run_id, "model": cfg.model.name, "checkpoint": found[-1].name, "iteration": state["iteration"],
-              "split": split, "images": n, "definition": DEFINITION, "layers": list(stds),
+              "iterations": cfg.schedule.iterations, "split": split, "images": n, "definition": DEFINITION, "layers": list(stds),
               "std": list(stds.values()), "std_sorted": sorted(stds.values(), reverse=True)}
     now = int(time.time() * 1000)
     metrics = [Metric("response_std", value, now, step) for step, value in enumerate(stds.values(), start=1)]
@@ -154,8 +156,14 @@ def depth_curves(groups, study: str):
     from reproduce.report import depth_of, display_name
 
     eval_key = "test_top1_err" if study == "cifar10" else "val_top1_err"
-    if study == "imagenet":  # Fig. 4 shows the 18- and 34-layer nets
+    if study == "imagenet":  # Fig. 4 shows the 18- and 34-layer nets, with option A shortcuts
         groups = [g for g in groups if depth_of(g.key[0]) <= 34]
+    # One line per network (a colour is a depth): of several shortcut options, the paper's A.
+    preference = {"A": 0, "": 1, "B": 2, "C": 3}
+    best = {}
+    for g in sorted(groups, key=lambda g: preference.get(g.key[1], 4)):
+        best.setdefault(g.key[0], g)
+    groups = list(best.values())
     depths = sorted({depth_of(g.key[0]) for g in groups})
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -240,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     shown = ", ".join(f"{v:.3f}" for v in result["std"])
+    if result["iteration"] < result["iterations"]:
+        print(f"warning: the newest checkpoint is at iteration {result['iteration']} of {result['iterations']}: "
+              "the run has not finished", file=sys.stderr)
     print(f"{result['model']} ({result['checkpoint']}, {result['images']} {args.split} images): "
           f"{len(result['std'])} layers, std {shown}; logged to run {args.run} as response_std and layer_responses.json")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

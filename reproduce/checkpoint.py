@@ -60,7 +60,7 @@ def load_latest(run_dir: Path) -> dict[str, Any] | None:
     found = list_checkpoints(run_dir)
     if not found:
         return None
-    log.info("resuming from %s", found[-1])
+    log.info("found checkpoint %s", found[-1])
     return torch.load(found[-1], map_location="cpu", weights_only=True)
 
 

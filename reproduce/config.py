@@ -174,10 +174,11 @@ class Config(Section):
     def recipe_hash(self) -> str:
         """Hash of everything that defines the experiment except the seed: runs that share it
         are repeats of one recipe, and the report groups them."""
-        recipe = self.model_dump(mode="json", exclude={"seed": True, "run": True})
+        recipe = self.model_dump(mode="json", exclude={"seed": True, "run": True, "experiment": True})
         for key in ("path", "workers"):  # where the data lies and how fast it loads do not change the result
             recipe["data"].pop(key)
-        recipe["eval"].pop("batch_size")
+        for key in ("batch_size", "every"):  # nor do the evaluation's batch and cadence (it draws no randomness)
+            recipe["eval"].pop(key)
         recipe["numerics"] = {k: getattr(self.run, k) for k in ("amp", "deterministic")}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -302,9 +302,9 @@ def _md_rows(table: pd.DataFrame, data_ids: dict | None) -> str:
         paper = _num(r.reference) + (f" ± {_num(r.reference_std)} (best {_num(r.reference_best)})"
                                      if not math.isnan(r.reference_std) else "")
         data = data_ids.get(r.data, r.data) if data_ids else f"recipe {r.recipe}"
-        cells = [display_name((r.model, r.shortcut)), r.protocol, r.metric, paper, r.reference_source or "–",
-                 _num(r["mean"]) + (f" ± {_num(r['std'])}" if r.n > 1 else " (1 run)"), str(r.n), _num(r.best), _num(r['diff'], 2), r.within or "–",
-                 str(r.iterations), data]
+        ours = _num(r["mean"]) + (f" ± {_num(r['std'])}" if r.n > 1 else " (1 run)")
+        cells = [display_name((r.model, r.shortcut)), r.protocol, r.metric, paper, r.reference_source or "–", ours,
+                 str(r.n), _num(r.best), _num(r["diff"]), r.within or "–", str(r.iterations), data]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -330,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        study, experiment, runs = args.study or doc["study"], doc["experiment"], doc["runs"]
+        if args.study and args.study != doc["study"]:
+            print(f"error: {args.from_export} holds {doc['study']} runs, not {args.study}", file=sys.stderr)
+            return 2
+        study, experiment, runs = doc["study"], doc["experiment"], doc["runs"]
         source = f"the export {args.from_export} (MLflow experiment `{experiment}`, exported {doc['exported_at']})"
     else:
         if not args.study:
@@ -370,3 +373,7 @@ def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, c
     prov.to_csv(out / "provenance.csv", index=False)
     (out / "table.md").write_text(markdown(study, table, other, selection, prov, list(figures), command, source))
     return ["table.md", "table.csv", "provenance.csv", *figures]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

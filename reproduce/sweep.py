@@ -76,3 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for command, code in failed:
         print(f"  FAILED ({code}): {command}", file=sys.stderr)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,8 @@ What a run holds (the report reads these names):
   params   the resolved config, flattened (`optim.lr`, `model.name`, ...)
   tags     reproduce.model / study / recipe / seed / git_commit / git_dirty / torch /
            cuda / host / gpu / world_size / launcher / slurm_job_id / data_fingerprint /
-           data / eval_protocol / run_dir
+           data / eval_protocol / run_dir (of the first segment; a resumed run adds
+           reproduce.resumes, reproduce.resume<N>, and reproduce.mixed_commits when the code changed)
   metrics  by iteration: train_loss, train_top1_err (%), lr, images_per_sec;
            by evaluation: val_top1_err, val_top5_err, val_loss, test_top1_err, test_top5_err
            (CIFAR: the test split is evaluated with the validation split, for Fig. 6;
@@ -81,11 +82,19 @@ class Tracker:
             "reproduce.run_dir": str(cfg.run_dir().resolve()),
         }
         mlflow.set_experiment(cfg.experiment)
+        system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() != "false"
         if resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=True)
-            mlflow.set_tags(tags)
+            run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system)
+            # The tags of the first segment stay; each resumed segment adds where and from what it ran.
+            old = run.data.tags
+            segments = int(old.get("reproduce.resumes", "0")) + 1
+            mlflow.set_tags({"reproduce.resumes": str(segments),
+                             f"reproduce.resume{segments}": f"{commit}{'+dirty' if dirty else ''} on {tags['reproduce.host']} "
+                             f"({tags['reproduce.launcher']}, world size {self.info.world_size})"})
+            if commit != old.get("reproduce.git_commit") or dirty:
+                mlflow.set_tag("reproduce.mixed_commits", "true")
         else:
-            run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=system)
             mlflow.log_params(cfg.flat())
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
         self.run_id = run.info.run_id

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, info, data)
+    except NonFiniteLoss as err:  # the run is FAILED and its last checkpoint kept; no traceback needed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown(info)
 

@@ -74,7 +74,7 @@ BROKEN = [
     (["model.name=ResNet56"], "unknown model 'ResNet56'"),
     (["model.shortcut=D"], "model.shortcut = 'D'"),
     (["model.name=plain20", "model.shortcut=A"], "plain"),
-    (["model.name=resnet50"], "model: resnet50 has bottleneck blocks, where the paper uses projections; use shortcut B or C"),
+    (["model.name=resnet50"], "model: resnet50 has bottleneck blocks"),
     (["model.name=resnet50", "model.shortcut=B"], "config error: model resnet50 is a network for imagenet but data.dataset is cifar10; use imagenet"),
     (["model.variant=v1.5"], "v1.5"),
     (["schedule.iterations=0"], "schedule.iterations = 0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,10 +44,10 @@ def _curve(final: float, seed: int, iterations: int, every: int) -> list[tuple[i
     return [(s, final + (40.0 + seed) * (1 - s / iterations)) for s in steps]
 
 
-def log_runs(experiment: str = "cifar10") -> dict:
+def log_runs(client: mlflow.MlflowClient | None = None) -> dict:
     """The RUNS through the MLflow client as train.py would log them; returns the histories."""
-    client = mlflow.MlflowClient()
-    exp_id = client.create_experiment(experiment)
+    client = client or mlflow.MlflowClient()
+    exp_id = client.create_experiment("cifar10")
     histories = {}
     for model, recipe, seed, status, final, iterations in RUNS:
         shortcut = "None" if model.startswith("plain") else "A"
@@ -69,6 +70,21 @@ def log_runs(experiment: str = "cifar10") -> dict:
                          tags=[RunTag("mlflow.user", "test")])
         client.set_terminated(run.info.run_id, status)
         histories[(model, recipe, seed)] = {"train": train, "test": test, "run_id": run.info.run_id}
+    return histories
+
+
+@pytest.fixture(scope="module")
+def seeded_store(tmp_path_factory) -> tuple[Path, dict]:
+    """The RUNS logged once into an sqlite store (creating a store takes seconds)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    return path, log_runs(mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}"))
+
+
+@pytest.fixture
+def store(seeded_store, tmp_path) -> dict:
+    """A copy of the seeded store where this test's MLFLOW_TRACKING_URI (conftest) points."""
+    path, histories = seeded_store
+    shutil.copy(path, tmp_path / "mlflow.db")
     return histories
 
 
@@ -103,8 +119,7 @@ def check_table(out: Path) -> pd.DataFrame:
     return table
 
 
-def test_report_from_local_store(tmp_path):
-    histories = log_runs()
+def test_report_from_local_store(tmp_path, store):
     out = tmp_path / "out"
     assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
     check_table(out)
@@ -113,8 +128,8 @@ def test_report_from_local_store(tmp_path):
     assert "reproduce report --study cifar10 --out" in md and "sqlite:///" in md and "## Provenance" in md
 
 
-def test_figure_lines_are_the_runs_metrics():
-    histories = log_runs()
+def test_figure_lines_are_the_runs_metrics(store):
+    histories = store
     runs = report.load_mlflow_runs("cifar10", "cifar10")
     fig = analyze.depth_curves(report.select_runs(runs, "cifar10").main, "cifar10")
     plain, resnets = fig.axes
@@ -132,8 +147,7 @@ def test_figure_lines_are_the_runs_metrics():
     assert lines["ResNet-20 A|train"].get_linestyle() == "--" and lines["ResNet-20 A|test_top1_err"].get_linewidth() > 2
 
 
-def test_report_from_export_matches_mlflow(tmp_path, monkeypatch):
-    log_runs()
+def test_report_from_export_matches_mlflow(tmp_path, monkeypatch, store):
     export = tmp_path / "runs.json"
     assert report.main(["--study", "cifar10", "--out", str(tmp_path / "a"), "--export", str(export)]) == 0
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")  # the export needs no store
@@ -156,7 +170,7 @@ def test_imagenet_rows_use_the_protocols_reference():
     assert math.isnan(report.paper_reference(paper, ("resnet20", "A", "v1", "tencrop"), "test_top1_err")["reference"])
 
 
-def test_report_without_runs_fails_clearly(tmp_path, capsys):
+def test_report_without_runs_fails_clearly(tmp_path, capsys, store):
     assert report.main(["--study", "imagenet", "--out", str(tmp_path / "o")]) == 1
     assert "no imagenet runs" in capsys.readouterr().err
     assert report.main([]) == 2
@@ -196,8 +210,12 @@ def mlflow_server(tmp_path, monkeypatch):
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only the server's processes
-            proc.wait()
+            pass
+        try:  # the server started in its own session: its group holds only its processes (workers too)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 @pytest.mark.slow
@@ -237,6 +255,7 @@ def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
     assert sweep.main(["--configs", "nope.yaml", "--seeds", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_sweep_then_report_end_to_end(tmp_path, cifar_tar):
     config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")
     assert sweep.main(["--configs", config, "--seeds", "0", "1", *tiny_overrides(cifar_tar, iterations=4)]) == 0

@@ -142,7 +142,7 @@ def _cifar10(cfg: Config) -> Data:
     augment = v2.Compose([normalize, v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]) if cfg.data.augment else normalize
     base = _Pairs(images, labels)
     fingerprint = _digest(arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y)
-    lossy = " (lossy JPEG copy: errors are not comparable to the paper's to the decimal)" if "jpeg" in arrays.source.lower() else ""
+    lossy = " (lossy JPEG copy: errors are not comparable to the paper's to the decimal)" if arrays.lossy else ""
     return Data(
         train=Split(base, augment, train_idx, seeded=True),
         val=Split(base, normalize, val_idx) if val_idx is not None else None,

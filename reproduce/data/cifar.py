@@ -36,6 +36,7 @@ class CifarArrays:
     test_x: np.ndarray
     test_y: np.ndarray
     source: str  # what was read, for the run's description
+    lossy: bool = False  # decoded from JPEG files: not the original CIFAR-10 pixels
 
 
 def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> CifarArrays:
@@ -74,18 +75,19 @@ def _cached(path: Path, reader) -> CifarArrays:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("REPRODUCE_CACHE", Path.home() / ".cache" / "reproduce"))
-    cache = cache_dir / f"cifar10-{key}.npz"
+    cache = cache_dir / f"cifar10-v2-{key}.npz"
     if cache.exists():
         try:
             with np.load(cache) as z:
-                return CifarArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"], str(path))
+                return CifarArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"], str(path), bool(z["lossy"]))
         except (OSError, ValueError, KeyError, EOFError):
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt from the source
     arrays = reader(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x, test_y=arrays.test_y)
+        np.savez(f, train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x, test_y=arrays.test_y,
+                 lossy=arrays.lossy)
     os.replace(tmp, cache)
     return arrays
 
@@ -109,7 +111,8 @@ def _assemble(files: dict[str, list[tuple[str, int, bytes]]], source: str) -> Ci
             raise DataError(f"{source} has no {split}/<class>/ images")
         out.append(np.stack([_decode(name, blob) for name, _, blob in items]))
         out.append(np.array([label for _, label, _ in items], np.int64))
-    return CifarArrays(out[0], out[1], out[2], out[3], source)
+    lossy = any(name.lower().endswith((".jpg", ".jpeg")) for items in files.values() for name, _, _ in items)
+    return CifarArrays(out[0], out[1], out[2], out[3], source, lossy)
 
 
 def _split_name(name: str) -> tuple[str, str] | None:

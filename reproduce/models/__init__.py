@@ -21,7 +21,7 @@ __all__ = ["MODELS", "CifarResNet", "ModelSpec", "Shortcut", "Variant", "ZeroPad
            "model_names", "model_table"]
 
 # builder(depth, residual, shortcut, variant, num_classes) -> network
-Builder = Callable[[int, bool, "Shortcut | None", Variant, int], nn.Module]
+Builder = Callable[[int, bool, Shortcut | None, Variant, int], nn.Module]
 
 
 @dataclass(frozen=True)

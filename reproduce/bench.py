@@ -1,0 +1,110 @@
+"""Overhead benchmark: images/s of the full training loop (train.py: MLflow, progress bar,
+checkpoints, evaluation bookkeeping) against a bare loop with the same model, data, batch
+and numerics, measured side by side in one process. The goal is a ratio of at least 0.95.
+
+  reproduce bench [--config configs/cifar10/resnet20.yaml] [--iterations 200] [key=value ...]
+
+Both loops run `iterations` steps from the same start and the first `--warmup` steps of
+each are not timed. The bare loop runs twice (before and after), and the
+full loop is compared with their mean, so drift of the machine's speed cancels out.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="reproduce bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "cifar10" / "resnet20.yaml"))
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
+    """Images/s of forward, backward and step only: no tracking, no progress, no checkpoints."""
+    from reproduce.data import train_loader
+    from reproduce.engine import autocast
+    from reproduce.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
+    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    model.to(info.device, memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    step = torch.compile(model) if cfg.run.compile else model
+    start = None
+    for it, (images, labels) in zip(range(iterations), train_loader(data, cfg, info, 0)):
+        if it == warmup:
+            _sync(info.device)
+            start = time.perf_counter()
+        images = images.to(info.device, non_blocking=True).contiguous(memory_format=fmt)
+        labels = labels.to(info.device, non_blocking=True)
+        with autocast(info.device, cfg.run.amp):
+            logits = step(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(info.device)
+    return (iterations - warmup) * cfg.optim.batch_size / (time.perf_counter() - start)
+
+
+def full_loop(args, run_dir: Path) -> float:
+    """Images/s of train.py itself, from the images_per_sec it logged after the warm-up."""
+    import mlflow
+
+    from reproduce import train
+
+    overrides = [*args.overrides, f"schedule.iterations={args.iterations}", "schedule.milestones=[]",
+                 f"run.log_every={args.warmup}", f"eval.every={args.iterations}", f"run.checkpoint_every={args.iterations // 2}",
+                 f"run.dir={run_dir}", "experiment=bench"]
+    code = train.main(["--config", args.config, *overrides])
+    if code != 0:
+        raise SystemExit(code)
+    run = mlflow.search_runs(experiment_names=["bench"], order_by=["attributes.start_time DESC"], max_results=1,
+                             output_format="list")[0]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "images_per_sec")
+    windows = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > args.warmup]
+    # Each window's speed weighs by its length: the harmonic mean of equal-length windows.
+    return len(windows) / sum(1 / v for v in windows)
+
+
+def main(argv=None) -> int:
+    import tempfile
+
+    from reproduce import distributed
+    from reproduce.config import load_config
+    from reproduce.data import build_data
+
+    args = parse_args(argv)
+    if args.iterations < 2 * args.warmup or args.iterations % args.warmup:
+        raise SystemExit("error: --iterations must be a multiple of --warmup and at least twice it")
+    cfg = load_config(args.config, args.overrides)
+    info = distributed.setup(cfg.run.device)
+    data = build_data(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        before = bare_loop(cfg, data, info, args.iterations, args.warmup)
+        full = full_loop(args, Path(tmp) / "run")
+        after = bare_loop(cfg, data, info, args.iterations, args.warmup)
+    bare = (before + after) / 2
+    device = torch.cuda.get_device_name() if info.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{cfg.model.name}, global batch {cfg.optim.batch_size}, {args.iterations - args.warmup} timed iterations, {device}")
+    print(f"bare loop   {before:9.1f} / {after:9.1f} images/s (before / after)")
+    print(f"train.py    {full:9.1f} images/s (MLflow, progress, checkpoints)")
+    print(f"ratio       {full / bare:9.3f}  (goal >= 0.95)")
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
