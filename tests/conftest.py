@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,6 +24,11 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real data lives in ../shared/data; see its README)")
     return path
+
+
+# One thread per process: the suite also runs 2-process DDP jobs and shares 2 cores; with
+# two threads each, a process waiting for the other core's work spins and runs 10-100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -162,13 +162,13 @@ def test_two_nodes_with_c10d_rendezvous(cifar_tar, tmp_path):
 
 @pytest.mark.slow
 def test_resnet20_learns_real_cifar10(tmp_path):
-    """A few hundred iterations on the real CIFAR-10 images (lossy JPEG copies) are far
-    better than chance (90% error) on the 10,000 test images."""
+    """200 iterations (half an epoch) on the real CIFAR-10 images (lossy JPEG copies) are
+    far better than chance (90% error) on 2,000 test images spread over the test split."""
     archive = shared_file("cifar10-jpeg.tar.gz")
-    overrides = [f"data.path={archive}", "data.workers=0", "optim.batch_size=64", "schedule.iterations=300",
-                 "schedule.milestones=[200]", "eval.every=1000", "run.checkpoint_every=1000", "run.progress=false",
-                 "run.log_every=50", "run.device=cpu", "run.channels_last=true"]
+    overrides = [f"data.path={archive}", "data.workers=0", "optim.batch_size=128", "schedule.iterations=200",
+                 "schedule.milestones=[]", "eval.every=1000", "eval.max_images=2000", "run.checkpoint_every=1000",
+                 "run.progress=false", "run.log_every=50", "run.device=cpu"]
     assert train.main(["--config", str(CIFAR), *overrides]) == 0
     (run,) = _runs()
-    assert run.data.metrics["test_top1_err"] < 65.0, run.data.metrics
+    assert run.data.metrics["test_top1_err"] < 75.0, run.data.metrics
     assert "lossy JPEG" in run.data.tags["reproduce.data"]
