@@ -1,17 +1,26 @@
-"""Checkpoints: complete, atomic, rotated, found automatically on start.
+"""Checkpoints: complete, atomic, checksummed, rotated, found automatically on start.
 
 A checkpoint holds everything a resumed run needs to continue exactly as if it had not
-stopped: the unwrapped model, the optimizer, the AMP scaler, the iteration (which also
-fixes the data position: the input order is a pure function of seed and iteration), every
-RNG state, the MLflow run id, the resolved config and the git commit. It is written to a
-temporary file, fsync'ed and renamed, so a crash mid-write never replaces a good file.
-Files are read with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+stopped: the unwrapped model, the optimizer, the iteration (which also fixes the data
+position: the input order is a pure function of seed and iteration), every RNG state, the
+MLflow run id, the resolved config and the git commit.
+
+On disk: `ckpt-<iteration>.pt` (a plain torch.save file) and `ckpt-<iteration>.pt.sha256`
+(its digest). Each is written to a temporary file, fsync'ed and renamed, digest first, so
+a crash mid-write never replaces a good checkpoint. On resume a checkpoint whose digest is
+missing or wrong (truncated, bit-flipped) is set aside as `*.corrupt` (never deleted) and
+the previous one is used. Files are read with `torch.load(weights_only=True)`: a
+checkpoint file from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import io
 import logging
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,16 @@ log = logging.getLogger("reproduce.checkpoint")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
+class RunDirBusy(RuntimeError):
+    """Another live job holds the run directory."""
+
+
 def path_for(run_dir: Path, iteration: int) -> Path:
     return Path(run_dir) / f"ckpt-{iteration:08d}.pt"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in `run_dir`, oldest first."""
+    """Checkpoints in `run_dir`, oldest first (set-aside `.corrupt` files are not listed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -35,33 +48,50 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` atomically as ckpt-<iteration>.pt, then drop all but the newest `keep`."""
+    """Write `state` atomically as ckpt-<iteration>.pt with its digest, then drop all but the
+    newest `keep` checkpoints."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    blob = buffer.getbuffer()
     final = path_for(run_dir, iteration)
-    fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(run_dir)
+    _atomic_write(final.with_name(final.name + ".sha256"), hashlib.sha256(blob).hexdigest().encode() + b"\n")
+    _atomic_write(final, blob)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return final
 
 
-def load_latest(run_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint in `run_dir`, or None when there is none."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        return None
-    log.info("found checkpoint %s", found[-1])
-    return torch.load(found[-1], map_location="cpu", weights_only=True)
+def verify(path: Path) -> str | None:
+    """None if `path` matches its digest, else what is wrong with it."""
+    digest_file = path.with_name(path.name + ".sha256")
+    if not digest_file.exists():
+        return "its .sha256 digest file is missing"
+    expected = digest_file.read_text().strip()
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    return None if actual == expected else f"sha256 {actual[:12]}... does not match the recorded {expected[:12]}..."
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint in `run_dir`, or None. Damaged ones are renamed to
+    `*.corrupt` with a warning, and the next older one is tried. Call on one rank only."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log.warning("checkpoint %s is damaged (%s); set aside as %s, using the previous one", path, problem, aside.name)
+    return None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Tensors and plain containers only (weights_only): loading cannot run code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    log.info("resuming from %s (iteration %d)", path, state["iteration"])
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,9 +107,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` for the life of the process (released by the OS
+    when it exits, however it exits). Raises RunDirBusy naming the holder when another job
+    has it, so two jobs never write the same checkpoints."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
     try:
-        os.fsync(fd)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirBusy(f"run directory {run_dir} is in use by {holder}; wait for it, stop it, or set run.dir "
+                         "(or seed) to start a separate run") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _atomic_write(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
     finally:
-        os.close(fd)
+        os.close(dir_fd)

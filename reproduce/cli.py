@@ -9,6 +9,7 @@
                                        tables, figures and provenance beside the paper's numbers
   reproduce analyze responses --run ID Fig. 7: std of the layer responses of a trained run
   reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
+  reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench"])
+    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "sync"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -38,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         return train.main(rest)
     if command == "check":
         return _check(rest)
+    if command == "sync":
+        from pathlib import Path
+
+        from reproduce.tracking import TrackingUnreachable, sync
+
+        if len(rest) != 1:
+            print("usage: reproduce sync RUN_DIR", file=sys.stderr)
+            return 2
+        try:
+            return sync(Path(rest[0]))
+        except TrackingUnreachable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     import importlib
 
     return importlib.import_module(f"reproduce.{command}").main(rest)

@@ -67,13 +67,22 @@ class DataConfig(Section):
         "null = torchvision download into ./data. ImageNet: a folder with train/ and val/.",
     )
     synthetic: bool = Field(False, description="random tensors of the dataset's shapes (benchmarks only)")
-    loader: Literal["torchvision"] = "torchvision"
+    loader: Literal["torchvision", "ffcv", "gpu"] = Field(
+        "torchvision",
+        description="torchvision: DataLoader worker processes decoding with PIL; ffcv: the .beton files that "
+        "`reproduce prepare` wrote into data.path; gpu: CIFAR-10 held on the device and augmented there per batch",
+    )
     val_split: int = Field(0, ge=0, description="images held out of train as the validation split")
     workers: int = Field(4, ge=0, description="loader worker processes per rank")
     augment: bool = Field(True, description="the paper's training augmentation")
     scale: tuple[int, int] = Field((256, 480), description="ImageNet: shorter side drawn uniformly from [lo, hi] (§3.4)")
     crop: int = Field(224, gt=0, description="ImageNet: training / test crop size in pixels")
     lighting: float = Field(0.1, ge=0, description="ImageNet: std of AlexNet PCA colour augmentation (0 = off)")
+    train_crop: Literal["scale", "random_resized"] = Field(
+        "scale",
+        description="ImageNet training crop: scale = the paper's (shorter side uniform in data.scale, random crop); "
+        "random_resized = Inception-style RandomResizedCrop (area 8-100%, aspect 3/4-4/3) to data.crop",
+    )
     normalize: Normalize = Normalize.PIXEL_MEAN
 
     @field_validator("scale")
@@ -89,6 +98,14 @@ class DataConfig(Section):
         if path is not None and not path.exists():
             raise ValueError(f"no such file or folder; point data.path at the dataset or set it to null")
         return path
+
+    @model_validator(mode="after")
+    def _loader_fits(self) -> "DataConfig":
+        if self.loader == "gpu" and self.dataset != "cifar10":
+            raise ValueError("data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv or torchvision")
+        if self.loader == "ffcv" and self.path is None and not self.synthetic:
+            raise ValueError("data.loader=ffcv needs data.path=DIR, a folder written by `reproduce prepare`")
+        return self
 
 
 class OptimConfig(Section):
@@ -146,6 +163,8 @@ class RunConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     deterministic: bool = Field(False, description="deterministic kernels (bitwise-repeatable on CPU)")
     progress: bool = Field(True, description="progress bar on rank 0")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer than this for the others fails, "
+                                        "naming the stalled rank, instead of hanging")
 
 
 class Config(Section):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,55 @@ def _quiet_other_ranks(info: DistInfo) -> None:
     """Only rank 0 talks: other ranks log warnings and errors only."""
     logging.basicConfig(format=f"[rank {info.rank}] %(levelname)s %(message)s" if info.distributed else "%(message)s")
     logging.getLogger("reproduce").setLevel(logging.INFO if info.is_main else logging.WARNING)
+
+
+class Stalled(RuntimeError):
+    """A collective failed or timed out because another rank stopped answering."""
+
+
+HEARTBEAT = "reproduce/heartbeat/{}"
+
+
+def heartbeat(info: DistInfo, iteration: int) -> None:
+    """Record in the job's key-value store that this rank reached `iteration` (cheap: one
+    small message), so that a rank left waiting can name the one that stalled."""
+    if info.distributed:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(HEARTBEAT.format(info.rank), f"{iteration} {time.time():.1f} {socket.gethostname()} {os.getpid()}")
+        except Exception:  # the heartbeat is diagnostics only; it must never stop training
+            pass
+
+
+def looks_like_lost_peer(err: BaseException) -> bool:
+    """A collective that timed out or lost its connection (not a bug in our own code)."""
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL"))
+
+
+def describe_stall(info: DistInfo, iteration: int, err: BaseException) -> str:
+    """One line naming the ranks that fell behind, from their last heartbeats."""
+    seen = {}
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        for rank in range(info.world_size):
+            key = HEARTBEAT.format(rank)
+            if store.check([key]):
+                seen[rank] = store.get(key).decode().split()
+    except Exception:
+        pass
+    now = time.time()
+    if seen:
+        last = min(int(v[0]) for v in seen.values())
+        behind = [r for r in range(info.world_size) if r not in seen or int(seen[r][0]) == last]
+        if len(behind) < info.world_size:
+            who = ", ".join(f"rank {r}" + (f" (pid {seen[r][3]} on {seen[r][2]}, last at iteration {seen[r][0]}, "
+                                          f"{now - float(seen[r][1]):.0f} s ago)" if r in seen else " (never reported)")
+                            for r in behind)
+            return f"{who} stopped answering; rank {info.rank} gave up at iteration {iteration}: {str(err).splitlines()[0][:160]}"
+    return f"a collective failed at iteration {iteration} on rank {info.rank} (another rank stalled or died): " \
+           f"{str(err).splitlines()[0][:160]}"
 
 
 def broadcast_object(obj, info: DistInfo):

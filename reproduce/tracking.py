@@ -15,6 +15,11 @@ What a run holds (the report reads these names):
            (CIFAR: the test split is evaluated with the validation split, for Fig. 6;
            the last value, at step = iterations, is the final result under eval.protocol)
   artifacts config.yaml, final_metrics.json
+
+Robustness: metrics go through a background sender that never blocks training; while
+the server is away they queue and are retried, and whatever is still unsent when the job
+ends is written to <run dir>/unsent-metrics.json with a one-line hint (`reproduce sync`).
+A resumed run does not log again the steps its first segment already logged.
 """
 from __future__ import annotations
 
@@ -22,8 +27,13 @@ import json
 import logging
 import os
 import platform
+import queue
 import socket
 import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -33,6 +43,16 @@ from reproduce.distributed import DistInfo
 
 log = logging.getLogger("reproduce.tracking")
 REPO = Path(__file__).resolve().parent.parent
+UNSENT = "unsent-metrics.json"
+RETRY_EVERY_S = 5.0
+# Our sender retries on its own schedule; MLflow's own HTTP retries (minutes by default)
+# would only make a dead server look like a hung job.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+class TrackingUnreachable(RuntimeError):
+    """The configured tracking server does not answer; the message is one line."""
 
 
 def git_state() -> tuple[str, bool]:
@@ -46,13 +66,37 @@ def git_state() -> tuple[str, bool]:
         return "unknown", False
 
 
+def check_reachable(timeout_s: float = 10.0) -> None:
+    """Raise TrackingUnreachable when MLFLOW_TRACKING_URI names a server that does not answer."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
+            if reply.status == 200:
+                return
+            reason = f"HTTP {reply.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise TrackingUnreachable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
+                              "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db")
+
+
 class Tracker:
     """MLflow for rank 0; every method is a no-op on other ranks."""
 
-    def __init__(self, info: DistInfo):
+    def __init__(self, info: DistInfo, run_dir: Path, flush_timeout_s: float = 60.0):
         self.active = info.is_main
-        self.info = info
+        self.info, self.run_dir, self.flush_timeout_s = info, Path(run_dir), flush_timeout_s
         self.run_id: str | None = None
+        self._logged_upto: dict[str, int] = {}  # key -> last step the run already holds (resume)
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list = []  # metrics the server has not accepted yet (sender thread only)
+        self._stop = threading.Event()
+        self._sender: threading.Thread | None = None
+        self._warned = False
 
     def start(self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None) -> str | None:
         if not self.active:
@@ -79,7 +123,7 @@ class Tracker:
             "reproduce.data_fingerprint": data_fingerprint,
             "reproduce.data": data_description,
             "reproduce.eval_protocol": cfg.eval.protocol.value,
-            "reproduce.run_dir": str(cfg.run_dir().resolve()),
+            "reproduce.run_dir": str(self.run_dir.resolve()),
         }
         mlflow.set_experiment(cfg.experiment)
         system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() != "false"
@@ -93,33 +137,139 @@ class Tracker:
                              f"({tags['reproduce.launcher']}, world size {self.info.world_size})"})
             if commit != old.get("reproduce.git_commit") or dirty:
                 mlflow.set_tag("reproduce.mixed_commits", "true")
+            client = mlflow.MlflowClient()
+            for key in run.data.metrics:  # steps logged after the checkpoint by the stopped segment
+                self._logged_upto[key] = max(m.step for m in client.get_metric_history(run.info.run_id, key))
         else:
             run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=system)
             mlflow.log_params(cfg.flat())
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
         self.run_id = run.info.run_id
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._sender.start()
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active and self.run_id:
-            import mlflow
-
-            # Asynchronous: the training loop never waits on the tracking store.
-            mlflow.log_metrics(metrics, step=step, synchronous=False)
+        """Queue metrics; returns at once. Steps the run already holds are skipped: after an
+        exact resume they would repeat the same values."""
+        if not (self.active and self.run_id):
+            return
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_upto.get(k, -1)}
+        if fresh:
+            self._queue.put((step, int(time.time() * 1000), fresh))
 
     def log_final(self, metrics: dict[str, float]) -> None:
-        if self.active and self.run_id:
+        if not (self.active and self.run_id):
+            return
+        text = json.dumps(metrics, indent=2, sort_keys=True)
+        (self.run_dir / "final_metrics.json").write_text(text)
+        try:
             import mlflow
 
-            mlflow.log_text(json.dumps(metrics, indent=2, sort_keys=True), "final_metrics.json")
+            mlflow.log_text(text, "final_metrics.json")
+        except Exception as err:  # the server may be away; the file in the run dir stays
+            log.warning("could not store final_metrics.json in MLflow (%s); it is in %s", _short(err), self.run_dir)
 
     def end(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED."""
-        if self.active and self.run_id:
-            import mlflow
+        """status: FINISHED, FAILED or KILLED. Waits up to flush_timeout_s for queued metrics."""
+        if not (self.active and self.run_id):
+            return
+        import mlflow
 
+        self._stop.set()
+        self._sender.join(self.flush_timeout_s + RETRY_EVERY_S)
+        ended = False
+        if not self._pending and self._queue.empty():
             try:
-                mlflow.flush_async_logging()
-            finally:
                 mlflow.end_run(status=status)
-            self.run_id = None
+                ended = True
+            except Exception as err:
+                log.warning("could not mark the MLflow run %s (%s)", status, _short(err))
+        if not ended:
+            self._write_unsent(status)
+            try:
+                mlflow.end_run(status=status)  # stops the system-metrics thread; may fail again
+            except Exception:
+                pass
+        self.run_id = None
+
+    # -- the background sender ------------------------------------------------------------
+    def _send_loop(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        client = MlflowClient()
+        deadline = None
+        while True:
+            try:
+                while True:
+                    step, ts, values = self._queue.get(timeout=0.5 if not self._pending else 0.01)
+                    self._pending += [Metric(k, v, ts, step) for k, v in values.items()]
+            except queue.Empty:
+                pass
+            if self._pending:
+                try:
+                    for i in range(0, len(self._pending), 1000):  # MLflow's batch limit
+                        client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+                    self._pending = []
+                    if self._warned:
+                        log.warning("MLflow is reachable again; queued metrics sent")
+                        self._warned = False
+                except Exception as err:
+                    if not self._warned:
+                        log.warning("MLflow unreachable (%s); training goes on, metrics are queued", _short(err))
+                        self._warned = True
+                    if self._stop.is_set():
+                        time.sleep(1.0)  # ending: keep trying until the flush deadline
+                    elif not self._stop.wait(RETRY_EVERY_S):
+                        continue
+            if self._stop.is_set():
+                deadline = deadline or time.monotonic() + self.flush_timeout_s
+                if (not self._pending and self._queue.empty()) or time.monotonic() > deadline:
+                    return
+
+    def _write_unsent(self, status: str) -> None:
+        """Everything the server never got, with the status the run should end with."""
+        while not self._queue.empty():
+            step, ts, values = self._queue.get()
+            from mlflow.entities import Metric
+
+            self._pending += [Metric(k, v, ts, step) for k, v in values.items()]
+        import mlflow
+
+        path = self.run_dir / UNSENT
+        previous = json.loads(path.read_text())["metrics"] if path.exists() else []
+        record = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id, "status": status,
+                  "metrics": previous + [[m.key, m.value, m.timestamp, m.step] for m in self._pending]}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+        log.warning("MLflow did not take %d metrics and the final status %s; they are in %s: send them with "
+                    "`reproduce sync %s` once the server is back", len(self._pending), status, path, self.run_dir)
+
+
+def sync(run_dir: Path) -> int:
+    """`reproduce sync RUN_DIR`: send what a job could not (unsent-metrics.json) and set the
+    run's final status. Safe to repeat: the file is removed only after success."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    path = Path(run_dir) / UNSENT
+    if not path.exists():
+        print(f"nothing to send: {path} does not exist")
+        return 0
+    record = json.loads(path.read_text())
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", record["tracking_uri"]))
+    check_reachable()
+    client = mlflow.MlflowClient()
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(record["run_id"], metrics=metrics[i:i + 1000])
+    client.set_terminated(record["run_id"], status=record["status"])
+    path.unlink()
+    print(f"sent {len(metrics)} metrics to run {record['run_id']} and marked it {record['status']}")
+    return 0
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__

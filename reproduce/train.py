@@ -36,7 +36,7 @@ from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import DataError, build_data, eval_loader, train_loader
 from reproduce.engine import autocast, evaluate, lr_at
 from reproduce.models import build_model
-from reproduce.tracking import Tracker, git_state
+from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable, git_state
 
 log = logging.getLogger("reproduce.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -63,23 +63,43 @@ def main(argv: list[str] | None = None) -> int:
     _, _, _, world_size = distributed.launch_env()
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
-        info = distributed.setup(cfg.run.device)
+        info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        # Everything that can be refused is checked before any training: data, the run
+        # directory's lock, the tracking server. Rank 0's verdict is every rank's.
         data = build_data(cfg)
-    except DataError as err:
+        lock = _agreed(lambda: checkpoint.lock_run_dir(cfg.run_dir()), info)
+        _agreed(check_reachable, info)
+    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable) as err:
         print(f"error: {err}", file=sys.stderr)
         distributed.teardown(info)
         return 2
     try:
         return train(cfg, info, data)
-    except NonFiniteLoss as err:  # the run is FAILED and its last checkpoint kept; no traceback needed
+    except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its last checkpoint kept
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         distributed.teardown(info)
+        if lock is not None:
+            lock.close()
+
+
+def _agreed(check, info: distributed.DistInfo):
+    """Run `check` on rank 0; if it raises, raise the same one-line error on every rank."""
+    result, problem = None, None
+    if info.is_main:
+        try:
+            result = check()
+        except (checkpoint.RunDirBusy, TrackingUnreachable) as err:
+            problem = (type(err).__name__, str(err))
+    problem = distributed.broadcast_object(problem, info)
+    if problem:
+        raise {"RunDirBusy": checkpoint.RunDirBusy, "TrackingUnreachable": TrackingUnreachable}[problem[0]](problem[1])
+    return result
 
 
 def train(cfg: Config, info: distributed.DistInfo, data) -> int:
@@ -100,9 +120,10 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
     torch.manual_seed(cfg.seed * 1000 + info.rank)
 
     run_dir = cfg.run_dir()
-    state = checkpoint.load_latest(run_dir)
+    latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
     start, run_id = 0, None
-    if state is not None:
+    if latest is not None:
+        state = checkpoint.load(latest)
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -117,7 +138,7 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
     if cfg.run.compile:
         model = torch.compile(model)
 
-    tracker = Tracker(info)
+    tracker = Tracker(info, run_dir)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id), info)
     if info.is_main:
         _write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -140,7 +161,12 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
     stop = _StopFlag()
     status = "FAILED"
     try:
-        _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop)
+        try:
+            _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop)
+        except RuntimeError as err:
+            if info.distributed and distributed.looks_like_lost_peer(err):
+                raise distributed.Stalled(distributed.describe_stall(info, stop.iteration, err)) from err
+            raise
         final = _final_eval(cfg, info, data, unwrapped, tracker)
         save(iterations)
         tracker.log_final(final)
@@ -205,6 +231,9 @@ def _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, st
         if done % cfg.run.checkpoint_every == 0 and done < iterations:
             save(done)
             window_start = time.perf_counter()
+        stop.iteration = done
+        if info.distributed and done % STOP_CHECK_EVERY == 0:
+            distributed.heartbeat(info, done)
         if (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested, info):
             save(done)
             bar.close()
@@ -237,6 +266,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.iteration = 0  # the last completed iteration, for error messages
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame) -> None:
