@@ -35,6 +35,10 @@ class RunDirBusy(RuntimeError):
     """Another live job holds the run directory."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line."""
+
+
 def path_for(run_dir: Path, iteration: int) -> Path:
     return Path(run_dir) / f"ckpt-{iteration:08d}.pt"
 
@@ -89,7 +93,11 @@ def find_latest(run_dir: Path) -> Path | None:
 
 def load(path: Path) -> dict[str, Any]:
     """Tensors and plain containers only (weights_only): loading cannot run code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
+                              "move it out of the run directory to start over from the previous one") from None
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return state
 

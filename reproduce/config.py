@@ -163,6 +163,8 @@ class RunConfig(Section):
     compile: bool = Field(False, description="torch.compile the model")
     deterministic: bool = Field(False, description="deterministic kernels (bitwise-repeatable on CPU)")
     progress: bool = Field(True, description="progress bar on rank 0")
+    tracking_flush_s: float = Field(60.0, ge=0, description="at the end, how long to wait for an unreachable MLflow "
+                                    "server before writing unsent metrics to the run directory")
     collective_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer than this for the others fails, "
                                         "naming the stalled rank, instead of hanging")
 

@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, info, data)
-    except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its last checkpoint kept
+    except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except checkpoint.CheckpointError as err:  # refused before training, like bad input
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         distributed.teardown(info)
         if lock is not None:
@@ -138,7 +141,7 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
     if cfg.run.compile:
         model = torch.compile(model)
 
-    tracker = Tracker(info, run_dir)
+    tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id), info)
     if info.is_main:
         _write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -149,6 +152,9 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
                  iterations / per_epoch, run_dir, run_id, f"; resuming at iteration {start}" if start else "")
 
     def save(done: int) -> None:
+        if not all(torch.isfinite(p).all() for p in unwrapped.parameters()):  # never save a broken model
+            raise NonFiniteLoss(f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, cfg.optim.lr, cfg.schedule):g});"
+                                " stopping without writing a checkpoint")
         if info.is_main:
             checkpoint.save(run_dir, done, {
                 "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,

@@ -152,5 +152,6 @@ def _read_tar(archive: Path) -> CifarArrays:
     except DataError:
         raise
     except Exception as err:  # tarfile, gzip and zlib raise several types for a damaged archive
-        raise DataError(f"cannot read archive {archive}: {err or type(err).__name__} (truncated or not a tar file?)") from None
+        reason = "the file is empty" if archive.stat().st_size == 0 else (str(err).splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot read archive {archive}: {reason} (truncated or not a tar file?)") from None
     return _assemble(files, str(archive))
