@@ -24,11 +24,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=os.environ.get("REPRODUCE_CIFAR10"),
                         help="CIFAR-10 source (batches folder, image tree or .tar.gz); default $REPRODUCE_CIFAR10, else download")
     parser.add_argument("--models", nargs="+", default=["plain20", "plain56", "resnet20", "resnet56"])
-    parser.add_argument("--iterations", type=int, default=500, help="per model (paper: 64000); lr /10 at 50%% and 75%%")
+    parser.add_argument("--iterations", type=int, default=150, help="per model (paper: 64000); lr /10 at 50%% and 75%%")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--experiment", default="cifar10-quick")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run, e.g. data.workers=2")
-    return parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # may follow --models
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.iterations
     common = [
         f"experiment={args.experiment}", f"seed={args.seed}", f"schedule.iterations={n}",
-        f"schedule.milestones=[{n // 2},{3 * n // 4}]", f"eval.every={max(1, n // 5)}", f"run.checkpoint_every={n}",
+        f"schedule.milestones=[{n // 2},{3 * n // 4}]", f"eval.every={n}", f"run.checkpoint_every={max(1, n // 3)}",
         "eval.batch_size=500", "data.workers=0", "run.log_every=" + str(max(1, n // 50)),
     ]
     if args.data:
