@@ -62,6 +62,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
             _srun_rendezvous_env()
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
+            store=_store(rank, world, timeout_s),
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -70,6 +71,18 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     info = DistInfo(rank, local_rank, world, dev, launcher, os.environ.get("SLURM_JOB_ID"))
     _quiet_other_ranks(info)
     return info
+
+
+def _store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The job's key-value store, with keys private to this attempt. torchrun hosts one store
+    for the whole job and keeps it across `--max-restarts`: without the attempt prefix, the
+    restarted processes would find the dead ones' addresses in it and fail to connect."""
+    env = os.environ
+    agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size=None if agent_hosts_it else world,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"reproduce/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _srun_rendezvous_env() -> None:
@@ -129,9 +142,10 @@ def describe_stall(info: DistInfo, iteration: int, err: BaseException) -> str:
     except Exception:
         pass
     now = time.time()
-    if seen:
-        last = min(int(v[0]) for v in seen.values())
-        behind = [r for r in range(info.world_size) if r not in seen or int(seen[r][0]) == last]
+    others = [r for r in range(info.world_size) if r != info.rank]  # this rank is alive: it is the one asking
+    if seen and others:
+        last = min((int(seen[r][0]) for r in others if r in seen), default=-1)
+        behind = [r for r in others if r not in seen or int(seen[r][0]) == last]
         if len(behind) < info.world_size:
             who = ", ".join(f"rank {r}" + (f" (pid {seen[r][3]} on {seen[r][2]}, last at iteration {seen[r][0]}, "
                                           f"{now - float(seen[r][1]):.0f} s ago)" if r in seen else " (never reported)")

@@ -130,7 +130,8 @@ def test_stalled_rank_fails_the_job_naming_it(cifar_tar, tmp_path):
         proc.kill()
     assert proc.returncode != 0
     assert time.monotonic() - stalled_at < 200  # the timeout (20 s) plus torchrun's shutdown grace, not forever
-    line = next(l for l in out.splitlines() if "stopped answering" in l)
+    line = next((l for l in out.splitlines() if "stopped answering" in l), None)
+    assert line, out
     assert f"rank 1 (pid {victim.pid} on" in line, line
     (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
     assert run.info.status == "FAILED"
