@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop = _StopFlag()  # from the start: a stop request during setup must not be lost (SLURM preemption)
+    try:
+        return _main(args, stop)
+    finally:
+        stop.restore()
+
+
+def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
     _, _, _, world_size = distributed.launch_env()
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
@@ -67,24 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    lock = None
     try:
         # Everything that can be refused is checked before any training: data, the run
         # directory's lock, the tracking server. Rank 0's verdict is every rank's.
         data = build_data(cfg)
         lock = _agreed(lambda: checkpoint.lock_run_dir(cfg.run_dir()), info)
         _agreed(check_reachable, info)
-    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        distributed.teardown(info)
+        if distributed.any_rank(stop.requested, info):
+            log.warning("stop requested before training started; nothing to save, exiting")
+            return 128 + signal.SIGTERM
+        return train(cfg, info, data, stop)
+    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, checkpoint.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)  # refused before training: bad input
         return 2
-    try:
-        return train(cfg, info, data)
     except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except checkpoint.CheckpointError as err:  # refused before training, like bad input
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         distributed.teardown(info)
         if lock is not None:
@@ -105,7 +112,7 @@ def _agreed(check, info: distributed.DistInfo):
     return result
 
 
-def train(cfg: Config, info: distributed.DistInfo, data) -> int:
+def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> int:
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -164,7 +171,6 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
             }, keep=cfg.run.keep_checkpoints)
         distributed.barrier(info)  # no rank runs ahead of a checkpoint that may be needed to resume
 
-    stop = _StopFlag()
     status = "FAILED"
     try:
         try:
@@ -185,7 +191,6 @@ def train(cfg: Config, info: distributed.DistInfo, data) -> int:
         log.warning("stopped on request; resume by starting the same command again")
         return 128 + signal.SIGTERM
     finally:
-        stop.restore()
         tracker.end(status)
 
 
