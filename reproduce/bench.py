@@ -5,12 +5,13 @@ and numerics, measured side by side in one process. The goal is a ratio of at le
   reproduce bench [--config configs/cifar10/resnet20.yaml] [--iterations 200] [key=value ...]
 
 Both loops run `iterations` steps from the same start and the first `--warmup` steps of
-each are not timed. The bare loop runs twice (before and after), and the
-full loop is compared with their mean, so drift of the machine's speed cancels out.
+each are not timed. They alternate (bare, full, bare, full, ..., bare: `--rounds` full runs)
+and the medians are compared, so drift of the machine's speed largely cancels out.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def parse_args(argv):
     parser.add_argument("--config", default=str(REPO / "configs" / "cifar10" / "resnet20.yaml"))
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="full-loop runs, each between two bare-loop runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 
@@ -59,7 +61,7 @@ def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
     return (iterations - warmup) * cfg.optim.batch_size / (time.perf_counter() - start)
 
 
-def full_loop(args, run_dir: Path) -> float:
+def full_loop(args, run_dir: Path, round_: int) -> float:
     """Images/s of train.py itself, from the images_per_sec it logged after the warm-up."""
     import mlflow
 
@@ -67,7 +69,7 @@ def full_loop(args, run_dir: Path) -> float:
 
     overrides = [*args.overrides, f"schedule.iterations={args.iterations}", "schedule.milestones=[]",
                  f"run.log_every={args.warmup}", f"eval.every={args.iterations}", f"run.checkpoint_every={args.iterations // 2}",
-                 f"run.dir={run_dir}", "experiment=bench"]
+                 f"run.dir={run_dir}", "experiment=bench", f"seed={round_}"]
     code = train.main(["--config", args.config, *overrides])
     if code != 0:
         raise SystemExit(code)
@@ -92,16 +94,16 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = distributed.setup(cfg.run.device)
     data = build_data(cfg)
+    bare, full = [bare_loop(cfg, data, info, args.iterations, args.warmup)], []
     with tempfile.TemporaryDirectory() as tmp:
-        before = bare_loop(cfg, data, info, args.iterations, args.warmup)
-        full = full_loop(args, Path(tmp) / "run")
-        after = bare_loop(cfg, data, info, args.iterations, args.warmup)
-    bare = (before + after) / 2
+        for round_ in range(args.rounds):
+            full.append(full_loop(args, Path(tmp) / f"run{round_}", round_))
+            bare.append(bare_loop(cfg, data, info, args.iterations, args.warmup))
     device = torch.cuda.get_device_name() if info.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{cfg.model.name}, global batch {cfg.optim.batch_size}, {args.iterations - args.warmup} timed iterations, {device}")
-    print(f"bare loop   {before:9.1f} / {after:9.1f} images/s (before / after)")
-    print(f"train.py    {full:9.1f} images/s (MLflow, progress, checkpoints)")
-    print(f"ratio       {full / bare:9.3f}  (goal >= 0.95)")
+    print(f"bare loop   median {statistics.median(bare):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})")
+    print(f"train.py    median {statistics.median(full):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in full)})")
+    print(f"ratio       {statistics.median(full) / statistics.median(bare):.3f}  (goal >= 0.95)")
     return 0
 
 
