@@ -45,8 +45,13 @@ def run_suite(extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
         report = Path(tmp) / "junit.xml"
         subprocess.run([sys.executable, "-m", "pytest", str(SUITE), "-p", "no:cacheprovider", "-q",
                         f"--junitxml={report}", *extra], cwd=REPO)
-        results: dict[str, list] = {}
-        for case in ET.parse(report).getroot().iter("testcase"):
+        return read_junit(report)
+
+
+def read_junit(report: Path) -> dict[str, list[tuple[str, str, float]]]:
+    results: dict[str, list] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        if case.get("classname", "").endswith("test_faults"):
             name = case.get("name", "")
             base, _, param = name.partition("[")
             outcome = "passed"
@@ -57,7 +62,7 @@ def run_suite(extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
     return results
 
 
-def render(stmts, results, command: str) -> str:
+def render(stmts, results, command: str, junit_command: str = "") -> str:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
@@ -85,7 +90,7 @@ def render(stmts, results, command: str) -> str:
         "FFCV loader's own checks (tests/test_ffcv.py).",
         "",
         "## Provenance",
-        f"- command: `{command}`",
+        f"- command: `{command}`" + (f" (from the JUnit report of: `{junit_command}`)" if junit_command else ""),
         f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
         f"- host: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -97,10 +102,12 @@ def render(stmts, results, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
+    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py, "
+                        "instead of running the suite again")
     args, extra = parser.parse_known_args(argv)
     command = "python -m reproduce.reliability" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
-    results = run_suite(extra)
-    text = render(statements(), results, command)
+    results = read_junit(args.from_junit) if args.from_junit else run_suite(extra)
+    text = render(statements(), results, command, "python -m pytest --junitxml=FILE" if args.from_junit else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text)
