@@ -294,7 +294,7 @@ def test_tracking_server_dies_mid_run(returns, cifar_tar, tmp_path):
             server = _start_server(store, port)
             out, _ = job.communicate(timeout=300)
             assert job.returncode == 0, out
-        mlflow.set_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # read at each call; the autouse fixture restores it
         (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
         assert run.info.status == "FINISHED"
         assert _steps(run.info.run_id, "train_loss") == list(range(1, iterations + 1))
