@@ -5,9 +5,9 @@ on a shortened schedule, each logged to MLflow, then one comparison table.
   reproduce study --data ../shared/data/cifar10-jpeg.tar.gz     (or set REPRODUCE_CIFAR10)
 
 With no --data and no REPRODUCE_CIFAR10, CIFAR-10 is downloaded by torchvision into ./data.
-It shows the paper's Fig. 6 effect in miniature: the deeper plain net trains worse than the
-shallower one, while the deeper ResNet does not. The full recipe is one flag away
-(--iterations 64000), but that is a GPU job.
+At the default 150 iterations it shows the left half of the paper's Fig. 6: the deeper plain
+net is far worse than the shallower one (results/quick-study.md). That deeper ResNets do better
+needs a longer schedule (--iterations N; the paper's is 64000, a GPU job).
 """
 from __future__ import annotations
 
