@@ -4,11 +4,13 @@
   reproduce train --config FILE [k=v]  train one configured network (also: python reproduce/train.py)
   reproduce study [--data PATH]        the quick plain-versus-residual depth study on CIFAR-10 (CPU, minutes)
   reproduce check FILE... [k=v]        validate configs without running them
+  reproduce prepare cifar10|imagenet --source PATH --out DIR   write the FFCV .beton files of data.loader=ffcv
   reproduce sweep --configs F... --seeds S... [k=v]   a configs x seeds grid, one run after another
   reproduce report --study cifar10|imagenet [--experiment N] [--out DIR] [--export F | --from-export F]
                                        tables, figures and provenance beside the paper's numbers
   reproduce analyze responses --run ID Fig. 7: std of the layer responses of a trained run
   reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
+  reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
   reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "sync"])
+    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "bench-loaders", "prepare", "sync"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     import importlib
 
-    return importlib.import_module(f"reproduce.{command}").main(rest)
+    return importlib.import_module(f"reproduce.{command.replace('-', '_')}").main(rest)
 
 
 def _check(argv: list[str]) -> int:

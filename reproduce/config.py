@@ -73,7 +73,8 @@ class DataConfig(Section):
         "`reproduce prepare` wrote into data.path; gpu: CIFAR-10 held on the device and augmented there per batch",
     )
     val_split: int = Field(0, ge=0, description="images held out of train as the validation split")
-    workers: int = Field(4, ge=0, description="loader worker processes per rank")
+    workers: int = Field(4, ge=0, description="per rank: DataLoader worker processes (torchvision), decoding threads "
+                         "(ffcv, at least 1); unused by gpu")
     augment: bool = Field(True, description="the paper's training augmentation")
     scale: tuple[int, int] = Field((256, 480), description="ImageNet: shorter side drawn uniformly from [lo, hi] (§3.4)")
     crop: int = Field(224, gt=0, description="ImageNet: training / test crop size in pixels")

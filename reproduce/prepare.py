@@ -1,0 +1,320 @@
+"""`reproduce prepare`: write the FFCV .beton files that `data.loader=ffcv` reads.
+
+  reproduce prepare cifar10 --source ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10-ffcv
+  reproduce prepare imagenet --source /data/imagenet --out /data/imagenet-ffcv
+  reproduce train --config configs/cifar10/resnet56.yaml data.loader=ffcv data.path=data/cifar10-ffcv
+
+CIFAR-10 (--source: anything data.path accepts; none = torchvision's download into ./data)
+becomes train.beton (the training images less the fixed validation hold-out that the other
+loaders use, --val-split, default the paper's 5000), val.beton (the hold-out; absent with
+--val-split 0) and test.beton, as raw pixels. ImageNet-style folders (--source with
+train/<wnid>/* and val/<wnid>/*) become train.beton and val.beton, each image scaled down to
+at most --max-side pixels on its longer side and stored as a JPEG of --jpeg-quality with
+probability --compress-probability, raw otherwise: FFCV's ResNet-50 setting (500, 90, 0.5).
+
+Beside each file, <split>.manifest.json: images per class, a checksum of the source (CIFAR:
+of its decoded pixels and labels, equal to the torchvision loader's data fingerprint;
+ImageNet: of the listing, path and size of every file), the writer's settings, the FFCV
+version, the file's size and sha256 and, for CIFAR-10, the training split's normalisation
+statistics. The loader checks a file against its manifest and the manifest against the
+config before training starts.
+
+The same source prepared twice gives byte-identical files: FFCV's writer runs as one process
+(its parallel writer lays out pages in whichever order its processes finish); ImageNet
+images are decoded and scaled in --workers processes ahead of it, and whether an image is
+stored as JPEG is drawn from its index.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import _thread
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from reproduce.data.cifar import CLASSES, DataError
+
+CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
+IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
+MAX_SIDE_LIMIT = 1024  # a raw image must fit in one page
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce prepare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="cifar10|imagenet")
+    cifar = sub.add_parser("cifar10", help="CIFAR-10 -> train/val/test .beton (raw pixels)")
+    cifar.add_argument("--source", type=Path, default=None,
+                       help="cifar-10-batches-py folder, image tree or .tar.gz (default: torchvision download into ./data)")
+    cifar.add_argument("--val-split", type=int, default=5000, help="training images held out as val.beton (the paper: 5000)")
+    imagenet = sub.add_parser("imagenet", help="ImageNet-style folders -> train/val .beton (JPEG/raw mix)")
+    imagenet.add_argument("--source", type=Path, required=True, help="a folder with train/<class>/* and val/<class>/*")
+    imagenet.add_argument("--max-side", type=int, default=500, help="longer side in pixels at most (FFCV's ResNet-50: 500)")
+    imagenet.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the compressed images (FFCV's: 90)")
+    imagenet.add_argument("--compress-probability", type=float, default=0.5,
+                          help="share of images stored as JPEG, the rest raw (FFCV's: 0.5)")
+    imagenet.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding the source images")
+    for p in (cifar, imagenet):
+        p.add_argument("--out", type=Path, required=True, help="folder for the .beton files and manifests")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dataset == "cifar10":
+            written = prepare_cifar10(args.source, args.out, args.val_split)
+        else:
+            written = prepare_imagenet(args.source, args.out, args.max_side, args.jpeg_quality,
+                                       args.compress_probability, args.workers)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        manifest = json.loads(_ffcv().manifest_path(path).read_text())
+        print(f"wrote {path}: {manifest['images']:,} images, {manifest['bytes'] / 1e6:,.1f} MB")
+    print(f"train with: data.loader=ffcv data.path={args.out}")
+    return 0
+
+
+def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> list[Path]:
+    import torch
+
+    from reproduce.data import _digest, cifar_split, cifar_stats
+    from reproduce.data.cifar import load_cifar10
+
+    manifest_path = _ffcv().manifest_path
+    arrays = load_cifar10(source)
+    train_idx, val_idx = cifar_split(len(arrays.train_x), val_split)
+    train_images = torch.from_numpy(arrays.train_x[train_idx]).permute(0, 3, 1, 2)
+    normalization = {}
+    for kind in ("pixel_mean", "channel"):  # both, so that data.normalize can be either
+        mean, std = cifar_stats(train_images, kind)
+        normalization[kind] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+    common = {"dataset": "cifar10", "classes": list(CLASSES), "source": str(source) if source else "torchvision download",
+              "source_digest": _digest(arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y),
+              "lossy": arrays.lossy, "val_split": val_split, "normalization": normalization}
+    writer = {"write_mode": "raw", "max_side": None, "jpeg_quality": None, "compress_probability": 0.0,
+              "page_size": CIFAR_PAGE}
+    splits = [("train", arrays.train_x[train_idx], arrays.train_y[train_idx]),
+              ("val", arrays.train_x[val_idx], arrays.train_y[val_idx]) if val_idx is not None else None,
+              ("test", arrays.test_x, arrays.test_y)]
+    out.mkdir(parents=True, exist_ok=True)
+    if val_idx is None:
+        for stale in (out / "val.beton", manifest_path(out / "val.beton")):
+            stale.unlink(missing_ok=True)  # a val.beton of an earlier preparation would not match
+    written = []
+    for name, images, labels in filter(None, splits):
+        written.append(_write(out / f"{name}.beton", _Arrays(images, labels), labels, writer, {**common, "split": name}))
+    return written
+
+
+def prepare_imagenet(source: Path, out: Path, max_side: int = 500, jpeg_quality: int = 90,
+                     compress_probability: float = 0.5, workers: int = 1) -> list[Path]:
+    from reproduce.data.imagenet import image_folder
+
+    if not 32 <= max_side <= MAX_SIDE_LIMIT:
+        raise DataError(f"--max-side {max_side} must be between 32 and {MAX_SIDE_LIMIT} (a raw image must fit one FFCV page)")
+    if not 1 <= jpeg_quality <= 100 or not 0 <= compress_probability <= 1:
+        raise DataError("--jpeg-quality must be in 1..100 and --compress-probability in [0, 1]")
+    if source.is_file():
+        raise DataError(f"{source} is a file; extract it first (tar -xzf {source} -C DIR) and pass DIR with train/ and val/")
+    folders = {split: image_folder(source, split, None) for split in ("train", "val")}
+    if folders["train"].classes != folders["val"].classes:
+        raise DataError(f"{source}: train/ and val/ have different class folders")
+    writer = {"write_mode": "proportion", "max_side": max_side, "jpeg_quality": jpeg_quality,
+              "compress_probability": compress_probability, "page_size": IMAGENET_PAGE}
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, folder in folders.items():
+        paths = [p for p, _ in folder.samples]
+        labels = np.array([label for _, label in folder.samples], np.int64)
+        listing = "".join(f"{Path(p).relative_to(source)}\t{Path(p).stat().st_size}\n" for p in paths)
+        meta = {"dataset": "imagenet", "split": split, "classes": folder.classes, "source": str(source),
+                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        images = _Decoded(paths, labels, max_side, workers)
+        written.append(_write(out / f"{split}.beton", images, labels, writer, meta))
+    return written
+
+
+def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -> Path:
+    """Write `dataset` to `beton` (atomically: a temporary file, then rename) and its manifest."""
+    ffcv_io = _ffcv()  # first: it imports FFCV and keeps torch's thread count
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+
+    print(f"writing {beton} ({len(dataset):,} images)", file=sys.stderr)
+    tmp = beton.with_name(f".{beton.name}.{os.getpid()}.tmp")
+    image_field = RGBImageField(write_mode=writer["write_mode"], max_resolution=writer["max_side"],
+                                jpeg_quality=writer["jpeg_quality"] or 90, compress_probability=writer["compress_probability"])
+    fields = {"image": image_field, "label": IntField()}
+    try:
+        # One writer process: FFCV's pages then follow the image order, so the bytes are repeatable.
+        with _WriterWatch(beton):
+            DatasetWriter(str(tmp), fields, page_size=writer["page_size"], num_workers=1).from_indexed_dataset(dataset)
+        failed = getattr(dataset, "failures", None)
+        if failed is not None and failed.value:
+            example = dataset.first_failure.value.decode(errors="replace")
+            raise DataError(f"{failed.value} images of {meta['split']} could not be decoded, e.g. {example}")
+        modes = Reader(str(tmp)).metadata["f0"]["mode"]
+        counts = np.bincount(labels, minlength=len(meta["classes"]))
+        manifest = {"format": ffcv_io.MANIFEST_FORMAT, **meta, "file": beton.name, "images": len(dataset),
+                    "counts": dict(zip(meta["classes"], counts.tolist())),
+                    "writer": {**writer, "stored_jpeg": int((modes == 0).sum())}, "ffcv": ffcv_io.ffcv_version(),
+                    "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        ffcv_io.manifest_path(beton).unlink(missing_ok=True)  # never a new file beside an old manifest
+        os.replace(tmp, beton)
+        manifest_tmp = tmp.with_suffix(".json")
+        manifest_tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n")
+        os.replace(manifest_tmp, ffcv_io.manifest_path(beton))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return beton
+
+
+def _ffcv():
+    """reproduce.data.ffcv_loaders (which imports FFCV), or DataError saying how to install it."""
+    try:
+        from reproduce.data import ffcv_loaders
+    except ImportError as err:
+        raise DataError(f"reproduce prepare needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
+                        "pkg-config, then pip install -e '.[ffcv]'") from None
+    return ffcv_loaders
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(partial(f.read, 1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Arrays:
+    """(HWC uint8 image, label) pairs from arrays, for FFCV's writer."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return np.ascontiguousarray(self.images[index]), int(self.labels[index])
+
+
+class _Decoded:
+    """(HWC uint8 image scaled to max_side, label) for FFCV's writer, which asks for the images
+    in order from its one process: a pool of `workers` processes decodes ahead of it. An image
+    that cannot be decoded is counted in `failures` (and written as a 1x1 placeholder, so that
+    the writer finishes); the caller then refuses the file."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, max_side: int, workers: int):
+        self.paths, self.labels, self.max_side, self.workers = paths, labels, max_side, max(1, workers)
+        self.failures = multiprocessing.Value("l", 0)  # shared with the writer's process
+        self.first_failure = multiprocessing.Array("c", 1000)
+        self._stream, self._next, self._pool = None, -1, None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if index != self._next:  # first call in the writer's process (or out of order): start decoding here
+            self._close()
+            load = partial(_load_scaled, max_side=self.max_side)
+            if self.workers > 1:
+                self._pool = multiprocessing.Pool(self.workers, initializer=_quiet_opencv)
+                self._stream = self._pool.imap(load, self.paths[index:], chunksize=4)
+            else:
+                self._stream = map(load, self.paths[index:])
+        image = next(self._stream)
+        self._next = index + 1
+        if index == len(self.paths) - 1:
+            self._close()
+        if isinstance(image, str):
+            with self.failures.get_lock():
+                if not self.failures.value:
+                    self.first_failure.value = image.encode()[:999]
+                self.failures.value += 1
+            image = np.zeros((1, 1, 3), np.uint8)
+        # FFCV's write_mode="proportion" decides JPEG or raw with the np.random.rand() that follows
+        # this call: seeding here makes that choice a function of the image's index alone.
+        np.random.seed(index % 2**32)
+        return image, int(self.labels[index])
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+        self._pool, self._stream = None, None
+
+
+def _quiet_opencv() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def _load_scaled(path: str, max_side: int) -> np.ndarray | str:
+    """The image as HWC uint8 RGB, scaled down as FFCV's writer does; or the error as text."""
+    from ffcv.fields.rgb_image import resizer
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except Exception as err:  # PIL raises many types for a bad file
+        return f"{path}: {err}"
+    return np.ascontiguousarray(resizer(pixels, max_side))
+
+
+class _WriterWatch:
+    """FFCV's writer waits forever for a worker process that has died: this watch interrupts
+    it when a child process of this one has ended with an error, and turns that into DataError."""
+
+    def __init__(self, beton: Path):
+        self.beton, self.done, self.fired = beton, threading.Event(), False
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.5):
+            if _a_child_failed():
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self):
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.done.set()
+        if self.fired and kind is KeyboardInterrupt:
+            print(file=sys.stderr)  # ends FFCV's progress bar's line
+            raise DataError(f"FFCV's writer process died while writing {self.beton} (its traceback is above)") from None
+        return False
+
+
+def _a_child_failed() -> bool:
+    """Whether a child has exited with an error, looked up without reaping it (WNOWAIT), so
+    that multiprocessing still finds its children's exit codes."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            ended = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            continue
+        if ended is not None and not (ended.si_code == os.CLD_EXITED and ended.si_status == 0):
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
