@@ -2,9 +2,10 @@
 
   python -m reproduce.reliability [--out results/reliability.md] [pytest args...]
 
-Every test in tests/test_faults.py states in its docstring the fault, how it is injected,
-what the suite does and what is lost; this script runs the tests for real (pytest with a
-JUnit report) and puts each statement beside the test's outcome and duration.
+Every test of tests/test_faults.py, and the .beton tests of tests/test_ffcv.py, states in its
+docstring the fault, how it is injected, what the suite does and what is lost; this script
+runs those tests for real (pytest with a JUnit report) and puts each statement beside the
+test's outcome and duration.
 """
 from __future__ import annotations
 
@@ -20,30 +21,41 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SUITE = REPO / "tests" / "test_faults.py"
+SUITES = (REPO / "tests" / "test_faults.py", REPO / "tests" / "test_ffcv.py")
 FIELDS = ("Fault", "Injected", "Suite", "Lost")
 
 
 def statements() -> dict[str, dict[str, str]]:
-    """test name -> {Fault, Injected, Suite, Lost} from the docstrings of the suite."""
+    """test name -> {Fault, Injected, Suite, Lost} from the docstrings of the suites: every
+    test of test_faults.py, and those of the other files whose docstring names a Fault."""
     out = {}
-    for node in ast.parse(SUITE.read_text()).body:
-        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-            doc = ast.get_docstring(node) or ""
+    for suite in SUITES:
+        for node in ast.parse(suite.read_text()).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
             fields = {}
-            for line in doc.splitlines():
+            for line in (ast.get_docstring(node) or "").splitlines():
                 key, _, text = line.partition(":")
                 if key.strip() in FIELDS:
                     fields[key.strip()] = text.strip()
-            out[node.name] = fields
+            if suite == SUITES[0] or "Fault" in fields:
+                out[f"{suite.stem}::{node.name}"] = fields
     return out
 
 
-def run_suite(extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
-    """test name -> [(case id, outcome, seconds)] from a real pytest run."""
+def node_ids(stmts: dict) -> list[str]:
+    """pytest node ids of the documented tests: whole files where every test is one."""
+    whole = [s for s in SUITES if sum(k.startswith(s.stem + "::") for k in stmts) ==
+             sum(isinstance(n, ast.FunctionDef) and n.name.startswith("test_") for n in ast.parse(s.read_text()).body)]
+    return [str(s) for s in whole] + [str(REPO / "tests" / f"{k.split('::')[0]}.py") + "::" + k.split("::")[1]
+                                      for k in stmts if not any(k.startswith(s.stem + "::") for s in whole)]
+
+
+def run_suite(stmts: dict, extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
+    """"file::test" -> [(case id, outcome, seconds)] from a real pytest run."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        subprocess.run([sys.executable, "-m", "pytest", str(SUITE), "-p", "no:cacheprovider", "-q",
+        subprocess.run([sys.executable, "-m", "pytest", *node_ids(stmts), "-p", "no:cacheprovider", "-q",
                         f"--junitxml={report}", *extra], cwd=REPO)
         return read_junit(report)
 
@@ -51,9 +63,10 @@ def run_suite(extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
 def read_junit(report: Path) -> dict[str, list[tuple[str, str, float]]]:
     results: dict[str, list] = {}
     for case in ET.parse(report).getroot().iter("testcase"):
-        if case.get("classname", "").endswith("test_faults"):
-            name = case.get("name", "")
-            base, _, param = name.partition("[")
+        module = case.get("classname", "").rpartition(".")[2]
+        if module in {s.stem for s in SUITES}:
+            base, _, param = case.get("name", "").partition("[")
+            base = f"{module}::{base}"
             outcome = "passed"
             for tag in ("failure", "error", "skipped"):
                 if case.find(tag) is not None:
@@ -69,9 +82,10 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
     lines = [
         "# Reliability: faults injected for real, and what was lost",
         "",
-        "Each row is a test of `tests/test_faults.py` that injects the fault into real processes",
-        "(torchrun jobs with gloo, a real `mlflow server`, real files) on CPU. The goal: never lose more",
-        "than the work since the last checkpoint, never a silently wrong result, never a hung job.",
+        "Each row is a test of `tests/test_faults.py` (or, for FFCV files, `tests/test_ffcv.py`) that",
+        "injects the fault into real processes (torchrun jobs with gloo, a real `mlflow server`, real",
+        "files) on CPU. The goal: never lose more than the work since the last checkpoint, never a",
+        "silently wrong result, never a hung job.",
         "",
         "| fault | injected | what the suite did | lost | result |",
         "| --- | --- | --- | --- | --- |",
@@ -86,9 +100,6 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
         lines.append(f"| {' | '.join(row)} | {outcome} |")
     lines += [
         "",
-        "Not covered here: a .beton written with other settings than the config expects is refused by the",
-        "FFCV loader's own checks (tests/test_ffcv.py).",
-        "",
         "## Provenance",
         f"- command: `{command}`" + (f" (from the JUnit report of: `{junit_command}`)" if junit_command else ""),
         f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
@@ -102,12 +113,13 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
-    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py, "
+    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py and tests/test_ffcv.py, "
                         "instead of running the suite again")
     args, extra = parser.parse_known_args(argv)
     command = "python -m reproduce.reliability" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
-    results = read_junit(args.from_junit) if args.from_junit else run_suite(extra)
-    text = render(statements(), results, command, "python -m pytest --junitxml=FILE" if args.from_junit else "")
+    stmts = statements()
+    results = read_junit(args.from_junit) if args.from_junit else run_suite(stmts, extra)
+    text = render(stmts, results, command, "python -m pytest --junitxml=FILE" if args.from_junit else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(text)

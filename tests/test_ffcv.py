@@ -243,6 +243,10 @@ def _damage(prepared: Path, tmp_path: Path, how: str) -> Path:
     ("no manifest", r"train.manifest.json not found"),
 ])
 def test_damaged_files_are_refused_in_one_line(prepared, cifar_tree, tmp_path, capsys, how, message):
+    """Fault: a .beton that is truncated, has a damaged header, is missing, or has lost its manifest.
+    Injected: the prepared train.beton cut in half, its first 64 bytes zeroed, or the file or its manifest deleted.
+    Suite: one line naming the file and how to prepare it again, exit status 2, before training (no hang inside FFCV).
+    Lost: nothing."""
     broken = _damage(prepared, tmp_path, how)
     with pytest.raises(DataError, match=message):
         build_data(ffcv_config(cifar_tree, broken))
@@ -256,12 +260,20 @@ def test_damaged_files_are_refused_in_one_line(prepared, cifar_tree, tmp_path, c
     ({"data.val_split": 30}, r"prepared with a validation split of 40 images but the config asks for data.val_split=30"),
 ])
 def test_files_prepared_otherwise_are_refused(prepared, cifar_tree, overrides, message):
+    """Fault: a .beton written with other settings than the config expects.
+    Injected: files prepared with a 40-image validation split, config asking for data.val_split=30.
+    Suite: refused before training, naming both settings and the prepare flag that fixes it.
+    Lost: nothing."""
     with pytest.raises(DataError, match=message):
         build_data(ffcv_config(cifar_tree, prepared, **overrides))
 
 
 @pytest.mark.timeout(120)
 def test_cifar_files_are_refused_for_imagenet(prepared):
+    """Fault: .beton files of another dataset than the config's.
+    Injected: CIFAR-10 files given to the ImageNet ResNet-18 config (data.loader=ffcv).
+    Suite: refused before training: "holds cifar10 but data.dataset is imagenet".
+    Lost: nothing."""
     cfg = load_config(IMAGENET, [f"data.path={prepared}", "data.loader=ffcv"])
     with pytest.raises(DataError, match="holds cifar10 but data.dataset is imagenet"):
         build_data(cfg)
@@ -281,6 +293,10 @@ class _Boom(Operation):
 
 @pytest.mark.timeout(120)
 def test_error_in_ffcv_thread_is_raised_not_hung(prepared):
+    """Fault: an exception inside FFCV's reader thread (FFCV's own iterator then waits forever).
+    Injected: a pipeline step that raises ValueError in FFCV's thread.
+    Suite: the training side gets DataError naming the file and the error, within the test's timeout.
+    Lost: nothing beyond the work since the last checkpoint (the run fails and keeps it)."""
     loader = Loader(str(prepared / "train.beton"), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, seed=0,
                     pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), _Boom()], "label": [IntDecoder(), ToTensor()]})
     with pytest.raises(DataError, match="FFCV failed reading train.beton: ValueError: boom"):
@@ -414,7 +430,10 @@ def test_imagenet_decoder_flips_half_and_crops_within_the_image(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_writer_process_failure_is_an_error_not_a_hang(cifar_tree, tmp_path, monkeypatch, capsys, cache_env):
-    """FFCV's writer waits forever for a dead worker process; prepare notices and says so."""
+    """Fault: FFCV's writer process dies while preparing (FFCV's writer then waits forever).
+    Injected: the image source raising ValueError inside the writer's process.
+    Suite: `reproduce prepare` exits 2 with "FFCV's writer process died while writing ..."; no .beton or temporary file left.
+    Lost: nothing."""
     def broken(self, index):
         raise ValueError("cannot read this image")
 
@@ -427,6 +446,10 @@ def test_writer_process_failure_is_an_error_not_a_hang(cifar_tree, tmp_path, mon
 
 @pytest.mark.timeout(120)
 def test_undecodable_source_image_is_refused(tmp_path, capsys):
+    """Fault: a source image that cannot be decoded while preparing .beton files.
+    Injected: train/a/broken.jpg holding bytes that are not a JPEG.
+    Suite: `reproduce prepare` exits 2 naming the file; no train.beton is left behind.
+    Lost: nothing (no half-written file replaces a good one)."""
     from PIL import Image
 
     for split in ("train", "val"):
