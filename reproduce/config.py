@@ -97,7 +97,7 @@ class DataConfig(Section):
     @classmethod
     def _exists(cls, path: Path | None) -> Path | None:
         if path is not None and not path.exists():
-            raise ValueError(f"no such file or folder; point data.path at the dataset or set it to null")
+            raise ValueError("no such file or folder; point data.path at the dataset or set it to null")
         return path
 
     @model_validator(mode="after")

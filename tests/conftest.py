@@ -83,6 +83,35 @@ def tiny_overrides(data: Path, iterations: int = 6, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def stop_and_resume_matches_straight(data: Path, tmp_path: Path, monkeypatch, **extra) -> None:
+    """8 iterations straight against 4, SIGTERM (as a scheduler's, during the 4th iteration),
+    resume 4 more: asserts the exit statuses and bitwise-identical final weights."""
+    import signal
+
+    from reproduce import checkpoint, train
+
+    config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")
+    straight = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, **extra})
+    assert train.main(["--config", config, *straight]) == 0
+    resumed = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100, **extra})
+    real_lr_at = train.lr_at
+
+    def lr_then_sigterm(iteration, *args):
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(iteration, *args)
+
+    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    assert train.main(["--config", config, *resumed]) == 128 + signal.SIGTERM
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "resumed")] == ["ckpt-00000004.pt"]
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert train.main(["--config", config, *resumed]) == 0
+    a, b = (torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True)["model"] for d in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m reproduce.cli ARGS` in a fresh process, as a user would run it."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}

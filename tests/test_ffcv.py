@@ -34,7 +34,7 @@ from reproduce.config import load_config  # noqa: E402
 from reproduce.data import DataError, build_data, cifar_split, eval_loader, train_loader  # noqa: E402
 from reproduce.data.cifar import load_cifar10  # noqa: E402
 from reproduce.data.ffcv_loaders import iterate  # noqa: E402
-from tests.conftest import CLASSES, REPO, shared_file, tiny_overrides  # noqa: E402
+from tests.conftest import CLASSES, REPO, shared_file, stop_and_resume_matches_straight, tiny_overrides  # noqa: E402
 from tests.test_gpu_loader import check_uniform_crops_and_flips, dist, make_marker_tree, marker, marker_config, read_offsets  # noqa: E402
 
 # numba's finalizers raise a harmless KeyError when FFCV's compiled functions are collected.
@@ -308,27 +308,8 @@ def test_error_in_ffcv_thread_is_raised_not_hung(prepared):
 def test_training_and_resume_through_ffcv(prepared, cifar_tree, tmp_path, monkeypatch):
     """train.main end to end on the prepared files; a run stopped mid-epoch and resumed ends
     with the same weights as one that ran straight."""
-    import signal
-
-    from reproduce import checkpoint
-
-    extra = {"data.loader": "ffcv", "data.path": prepared, "optim.batch_size": 64, "run.checkpoint_every": 100}
-    straight = tiny_overrides(cifar_tree, iterations=8, **{"run.dir": tmp_path / "straight", **extra})
-    assert train.main(["--config", str(CIFAR), *straight]) == 0
-    resumed = tiny_overrides(cifar_tree, iterations=8, **{"run.dir": tmp_path / "resumed", **extra})
-    real_lr_at = train.lr_at
-
-    def lr_then_sigterm(iteration, *args):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(iteration, *args)
-
-    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
-    assert train.main(["--config", str(CIFAR), *resumed]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
-    assert train.main(["--config", str(CIFAR), *resumed]) == 0
-    a, b = (torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True)["model"] for d in ("straight", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stop_and_resume_matches_straight(cifar_tree, tmp_path, monkeypatch, **{"data.loader": "ffcv", "data.path": prepared,
+                                                                            "optim.batch_size": 64})
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ path's augmentation semantics and evaluation batches, TrainBatches' order and sh
 exact resume, and a real training run through train.main."""
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from reproduce import checkpoint, train
+from reproduce import train
 from reproduce.config import load_config
 from reproduce.data import TrainBatches, build_data, eval_loader, train_loader
 from reproduce.data.gpu import PAD, pad_crop_flip
 from reproduce.distributed import DistInfo
-from tests.conftest import CLASSES, REPO, tiny_overrides
+from tests.conftest import CLASSES, REPO, stop_and_resume_matches_straight, tiny_overrides
 
 CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
 
@@ -144,23 +142,7 @@ def test_train_runs_end_to_end(cifar_tar):
 @pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_identical(cifar_tar, tmp_path, monkeypatch):
     """As test_train's, with data.loader=gpu and epochs of 3 iterations, stopped mid-epoch."""
-    extra = {"data.loader": "gpu", "optim.batch_size": 64, "run.checkpoint_every": 100}
-    straight = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", **extra})
-    assert train.main(["--config", str(CIFAR), *straight]) == 0
-    resumed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "resumed", **extra})
-    real_lr_at = train.lr_at
-
-    def lr_then_sigterm(iteration, *args):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(iteration, *args)
-
-    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
-    assert train.main(["--config", str(CIFAR), *resumed]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
-    assert train.main(["--config", str(CIFAR), *resumed]) == 0
-    a, b = (torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True)["model"] for d in ("straight", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stop_and_resume_matches_straight(cifar_tar, tmp_path, monkeypatch, **{"data.loader": "gpu", "optim.batch_size": 64})
 
 
 def test_gpu_loader_is_refused_for_imagenet():
