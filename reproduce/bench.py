@@ -61,8 +61,8 @@ def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
     return (iterations - warmup) * cfg.optim.batch_size / (time.perf_counter() - start)
 
 
-def full_loop(args, run_dir: Path, round_: int) -> float:
-    """Images/s of train.py itself, from the images_per_sec it logged after the warm-up."""
+def full_loop(args, run_dir: Path, round_: int) -> tuple[float, str]:
+    """(images/s of train.py itself, from the images_per_sec it logged after the warm-up; its MLflow run id)."""
     import mlflow
 
     from reproduce import train
@@ -78,7 +78,7 @@ def full_loop(args, run_dir: Path, round_: int) -> float:
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "images_per_sec")
     windows = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > args.warmup]
     # Each window's speed weighs by its length: the harmonic mean of equal-length windows.
-    return len(windows) / sum(1 / v for v in windows)
+    return len(windows) / sum(1 / v for v in windows), run.info.run_id
 
 
 def main(argv=None) -> int:
@@ -94,16 +94,21 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = distributed.setup(cfg.run.device)
     data = build_data(cfg)
-    bare, full = [bare_loop(cfg, data, info, args.iterations, args.warmup)], []
+    bare, full, run_ids = [bare_loop(cfg, data, info, args.iterations, args.warmup)], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            full.append(full_loop(args, Path(tmp) / f"run{round_}", round_))
+            speed, run_id = full_loop(args, Path(tmp) / f"run{round_}", round_)
+            full.append(speed)
+            run_ids.append(run_id)
             bare.append(bare_loop(cfg, data, info, args.iterations, args.warmup))
     device = torch.cuda.get_device_name() if info.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{cfg.model.name}, global batch {cfg.optim.batch_size}, {args.iterations - args.warmup} timed iterations, {device}")
     print(f"bare loop   median {statistics.median(bare):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})")
     print(f"train.py    median {statistics.median(full):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in full)})")
     print(f"ratio       {statistics.median(full) / statistics.median(bare):.3f}  (goal >= 0.95)")
+    import mlflow
+
+    print(f"MLflow runs of train.py (experiment 'bench', {mlflow.get_tracking_uri()}): {', '.join(run_ids)}")
     return 0
 
 

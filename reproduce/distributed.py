@@ -96,7 +96,7 @@ def _srun_rendezvous_env() -> None:
         except (OSError, subprocess.CalledProcessError, IndexError):
             os.environ["MASTER_ADDR"] = nodes.split(",")[0]
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+        os.environ["MASTER_PORT"] = str(12000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)  # below the ephemeral range
 
 
 def _quiet_other_ranks(info: DistInfo) -> None:

@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import _thread
 from functools import partial
 from pathlib import Path
 
@@ -275,38 +274,69 @@ def _load_scaled(path: str, max_side: int) -> np.ndarray | str:
     return np.ascontiguousarray(resizer(pixels, max_side))
 
 
+class _WriterDied(Exception):
+    """Raised in the writing thread by _WriterWatch."""
+
+
 class _WriterWatch:
-    """FFCV's writer waits forever for a worker process that has died: this watch interrupts
-    it when a child process of this one has ended with an error, and turns that into DataError."""
+    """FFCV's writer waits forever for a worker process that has died. This watch looks for a
+    child process started after it (FFCV's worker) that has ended with an error, then raises
+    _WriterDied in the writing thread (an asynchronous exception: SIGINT, and so
+    _thread.interrupt_main, is ignored in a process started in the background), and turns
+    that into DataError."""
 
     def __init__(self, beton: Path):
-        self.beton, self.done, self.fired = beton, threading.Event(), False
+        self.beton, self.fired, self.done, self.lock = beton, False, False, threading.Lock()
+        self.writer = threading.get_ident()
 
     def _watch(self) -> None:
-        while not self.done.wait(0.5):
-            if _a_child_failed():
-                self.fired = True
-                _thread.interrupt_main()
-                return
+        while True:
+            threading.Event().wait(0.5)
+            with self.lock:
+                if self.done:
+                    return
+                if _a_child_failed(self.before):
+                    self.fired = True
+                    _async_raise(self.writer, _WriterDied)
+                    return
 
     def __enter__(self):
+        import psutil
+
+        self.before = {child.pid for child in psutil.Process().children()}
         threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, kind, value, tb):
-        self.done.set()
-        if self.fired and kind is KeyboardInterrupt:
+        try:
+            with self.lock:
+                self.done = True
+                if self.fired:
+                    _async_raise(self.writer, None)  # not delivered yet: cancel it, DataError follows
+        except _WriterDied:  # delivered just now
+            pass
+        if self.fired:
             print(file=sys.stderr)  # ends FFCV's progress bar's line
             raise DataError(f"FFCV's writer process died while writing {self.beton} (its traceback is above)") from None
         return False
 
 
-def _a_child_failed() -> bool:
-    """Whether a child has exited with an error, looked up without reaping it (WNOWAIT), so
-    that multiprocessing still finds its children's exit codes."""
+def _async_raise(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raise `exception` in the thread `thread_id` at its next bytecode; None cancels a pending one."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exception) if exception else None)
+
+
+def _a_child_failed(before: set[int]) -> bool:
+    """Whether a child process not in `before` has exited with an error, looked up without
+    reaping it (WNOWAIT), so that multiprocessing still finds its children's exit codes."""
     import psutil
 
     for child in psutil.Process().children():
+        if child.pid in before:
+            continue
         try:
             ended = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:

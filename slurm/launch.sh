@@ -28,7 +28,7 @@
 #   REPRODUCE_WORKDIR         working directory of the training: runs/ and, with
 #                             MLFLOW_TRACKING_URI unset, mlflow.db (default: the submit directory)
 #   MLFLOW_TRACKING_URI       where the runs are logged (a server for many jobs: see README)
-#   REPRODUCE_RDZV_PORT       rendezvous port on the first node (default: 20000 + job id % 20000)
+#   REPRODUCE_RDZV_PORT       rendezvous port on the first node (default: 12000 + job id % 20000: below the ephemeral range 32768-60999)
 #   REPRODUCE_SRUN_ARGS       more srun flags, space-separated (e.g. "--cpu-bind=none")
 #   REPRODUCE_STATUS_DIR      shared folder where the ranks leave their exit status
 #                             (default: <repo>/slurm/logs/.status; removed after the step)
@@ -69,7 +69,7 @@ else
     head=$(hostname)
 fi
 # Several jobs may share a head node: the port comes from the (unique) job id.
-port=${REPRODUCE_RDZV_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
+port=${REPRODUCE_RDZV_PORT:-$(( 12000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 
 overrides=("$@")
 [[ -z ${REPRODUCE_DATA:-} ]] || overrides+=("data.path=$REPRODUCE_DATA")

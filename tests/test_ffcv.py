@@ -10,10 +10,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from reproduce import prepare, train  # noqa: E402
 from reproduce.config import load_config  # noqa: E402
 from reproduce.data import DataError, build_data, cifar_split, eval_loader, train_loader  # noqa: E402
 from reproduce.data.cifar import load_cifar10  # noqa: E402
-from reproduce.data.ffcv_loaders import iterate  # noqa: E402
+from reproduce.data.ffcv_loaders import _Epoch, iterate  # noqa: E402
 from tests.conftest import CLASSES, REPO, shared_file, stop_and_resume_matches_straight, tiny_overrides  # noqa: E402
 from tests.test_gpu_loader import check_uniform_crops_and_flips, dist, make_marker_tree, marker, marker_config, read_offsets  # noqa: E402
 
@@ -166,6 +168,23 @@ def test_order_shards_and_resume(prepared, cifar_tree):
         assert torch.equal(torch.cat([ranks[0][it][0], ranks[1][it][0]]), single[it][0])
     resumed = list(train_loader(data, cfg, dist(), 4))
     assert len(resumed) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(single[4:], resumed))
+
+
+@pytest.mark.timeout(120)
+def test_no_reader_thread_outlives_its_pass(prepared, cifar_tree):
+    """A pass of train_batches stops without taking FFCV's end-of-epoch marker, and a training
+    loop may stop a pass early: either way FFCV's reader thread, which holds the batch buffers
+    (about 150 MB for an ImageNet batch of 256), must end with its pass instead of waiting forever."""
+    cfg = ffcv_config(cifar_tree, prepared, **{"optim.batch_size": 64, "schedule.iterations": 8, "schedule.milestones": "[4]"})
+    data = build_data(cfg)
+    for _ in train_loader(data, cfg, dist(), 0):  # three passes: epochs of 3 iterations
+        pass
+    stopped = train_loader(data, cfg, dist(), 0)
+    next(stopped)
+    stopped.close()
+    for _ in eval_loader(data.test, cfg, dist()):
+        pass
+    assert not [t for t in threading.enumerate() if isinstance(t, _Epoch) and t.is_alive()]
 
 
 def _free_port() -> int:
@@ -419,7 +438,12 @@ def test_writer_process_failure_is_an_error_not_a_hang(cifar_tree, tmp_path, mon
         raise ValueError("cannot read this image")
 
     monkeypatch.setattr(prepare._Arrays, "__getitem__", broken)
-    assert prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(tmp_path / "out"), "--val-split", "40"]) == 2
+    # SIGINT ignored, as in a job started in the background (`cmd &`, nohup): the watch must not rely on it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(tmp_path / "out"), "--val-split", "40"]) == 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err.splitlines()
     assert any(line.startswith("error: FFCV's writer process died while writing") for line in err), err
     assert not list((tmp_path / "out").glob("*.beton")) and not list((tmp_path / "out").glob(".*tmp"))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,6 +369,21 @@ class _Epoch(EpochIterator):
         if IS_CUDA:  # as FFCV's own iterator: wait for the batch's stream
             self.current_stream.wait_stream(self.cuda_streams[slot])
         return result
+
+    def close(self):
+        """Stop the thread and wait for it to end. FFCV's own close only sets the flag: a thread
+        whose batches were not all taken, or that is putting its end-of-epoch marker into a full
+        queue, would wait forever, holding the epoch's batch buffers."""
+        self.terminate_event.set()
+        if threading.current_thread() is not self:
+            while self.is_alive():
+                try:
+                    self.output_queue.get(timeout=0.1)  # room for a put that does not look at the flag
+                except queue.Empty:
+                    pass
+        if not self.closed:
+            self.closed = True
+            self.memory_context.__exit__(None, None, None)
 
 
 def iterate(loader: Loader, order: np.ndarray, what: str):
