@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reproduce.data import ffcv_module
 from reproduce.data.cifar import CLASSES, DataError
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
@@ -180,13 +181,7 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
 
 
 def _ffcv():
-    """reproduce.data.ffcv_loaders (which imports FFCV), or DataError saying how to install it."""
-    try:
-        from reproduce.data import ffcv_loaders
-    except ImportError as err:
-        raise DataError(f"reproduce prepare needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
-                        "pkg-config, then pip install -e '.[ffcv]'") from None
-    return ffcv_loaders
+    return ffcv_module("reproduce prepare")
 
 
 def _sha256(path: Path) -> str:

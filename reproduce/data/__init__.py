@@ -122,7 +122,7 @@ def train_loader(data: Data, cfg: Config, info: DistInfo, start: int):
 
         return gpu.train_batches(data.train, cfg, info, start)
     if cfg.data.loader == "ffcv" and not cfg.data.synthetic:
-        return _ffcv().train_batches(data.train, cfg, info, start)
+        return ffcv_module().train_batches(data.train, cfg, info, start)
     batches = TrainBatches(len(data.train), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start,
                            cfg.schedule.iterations)
     return DataLoader(data.train, batch_sampler=batches, num_workers=cfg.data.workers,
@@ -137,7 +137,7 @@ def eval_loader(split: Split, cfg: Config, info: DistInfo):
 
         return gpu.eval_batches(split, cfg, info)
     if cfg.data.loader == "ffcv" and not cfg.data.synthetic:
-        return _ffcv().eval_batches(split, cfg, info)
+        return ffcv_module().eval_batches(split, cfg, info)
     share = torch.utils.data.Subset(split, eval_indices(len(split), cfg, info).tolist())
     return DataLoader(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
                       pin_memory=info.device.type == "cuda")
@@ -147,18 +147,18 @@ def build_data(cfg: Config) -> Data:
     if cfg.data.synthetic:
         return _synthetic(cfg)
     if cfg.data.loader == "ffcv":
-        return _ffcv().build_data(cfg)
+        return ffcv_module().build_data(cfg)
     if cfg.data.dataset == "cifar10":
         return _cifar10(cfg)
     return _imagenet(cfg)
 
 
-def _ffcv():
-    """reproduce.data.ffcv_loaders, or DataError saying how to install FFCV."""
+def ffcv_module(needed_by: str = "data.loader=ffcv"):
+    """reproduce.data.ffcv_loaders (importing it imports FFCV), or DataError saying how to install FFCV."""
     try:
         from reproduce.data import ffcv_loaders
     except ImportError as err:
-        raise DataError(f"data.loader=ffcv needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
+        raise DataError(f"{needed_by} needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
                         "pkg-config, then pip install -e '.[ffcv]'") from None
     return ffcv_loaders
 
