@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +33,7 @@ def parse_args(argv):
 def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
     """Images/s of forward, backward and step only: no tracking, no progress, no checkpoints."""
     from reproduce.data import train_loader
-    from reproduce.engine import autocast
+    from reproduce.engine import train_step
     from reproduce.models import build_model
 
     torch.manual_seed(cfg.seed)
@@ -49,14 +48,7 @@ def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
         if it == warmup:
             _sync(info.device)
             start = time.perf_counter()
-        images = images.to(info.device, non_blocking=True).contiguous(memory_format=fmt)
-        labels = labels.to(info.device, non_blocking=True)
-        with autocast(info.device, cfg.run.amp):
-            logits = step(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(step, optimizer, images, labels, info.device, cfg.run.amp, fmt)
     _sync(info.device)
     return (iterations - warmup) * cfg.optim.batch_size / (time.perf_counter() - start)
 

@@ -25,6 +25,21 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def train_step(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device, amp: bool, memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch: (loss, logits). train.py and the bare loop of bench.py share it,
+    so the benchmark compares the same numerics and measures only what train.py adds."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device, amp):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
     """Number of samples whose label is among the k highest scores, for each k."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices

@@ -27,14 +27,13 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import DataError, build_data, eval_loader, train_loader
-from reproduce.engine import autocast, evaluate, lr_at
+from reproduce.engine import evaluate, lr_at, train_step
 from reproduce.models import build_model
 from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable, git_state
 
@@ -207,14 +206,8 @@ def _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, st
         lr = lr_at(it, cfg.optim.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = images.to(info.device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(info.device, non_blocking=True)
-        with autocast(info.device, cfg.run.amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, images, labels, info.device, cfg.run.amp, memory_format)
         with torch.no_grad():
             wrong = logits.argmax(dim=1).ne(labels).sum()
             window += torch.stack([loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))])
