@@ -5,7 +5,7 @@
   reproduce study [--data PATH]        the quick plain-versus-residual depth study on CIFAR-10 (CPU, minutes)
   reproduce check FILE... [k=v]        validate configs without running them
   reproduce prepare cifar10|imagenet --source PATH --out DIR   write the FFCV .beton files of data.loader=ffcv
-  reproduce sweep --configs F... --seeds S... [k=v]   a configs x seeds grid, one run after another
+  reproduce sweep --configs F... --seeds S... [--parallel N] [k=v]   a configs x seeds grid, N runs at a time
   reproduce report --study cifar10|imagenet [--experiment N] [--out DIR] [--export F | --from-export F]
                                        tables, figures and provenance beside the paper's numbers
   reproduce analyze responses --run ID Fig. 7: std of the layer responses of a trained run

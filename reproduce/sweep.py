@@ -1,22 +1,31 @@
-"""Train a grid of configs x seeds on this machine, one run after another.
+"""Train a grid of configs x seeds on this machine, one run after another or several at once.
 
   reproduce sweep --configs configs/cifar10/{plain,resnet}{20,56}.yaml --seeds 0 1 2 [key=value ...]
+  reproduce sweep --configs ... --seeds 0 1 2 --parallel 4   four runs at a time (sharing the GPUs)
   reproduce sweep --configs ... --seeds 0 1 2 --dry-run      print the commands only
 
-Each run is `reproduce train --config FILE seed=S key=value ...`, called in this process.
-The grid goes seed by seed (every config for seed 0, then seed 1, ...) so that a sweep
-cut short still holds a complete depth comparison. A failed run does not stop the sweep;
-the failures are listed at the end and the exit status is 1. A run stopped on request
-(SIGTERM / Ctrl-C) stops the sweep: start the same command again to resume, since every
-finished run is found complete and every interrupted one resumes from its checkpoint.
+Each run is `reproduce train --config FILE seed=S key=value ...`: called in this process, or
+with --parallel N > 1 as N child processes at a time, each writing its output to
+`--log-dir` (default ./sweep-logs). Small networks leave most of a GPU idle, so several runs
+sharing it finish a grid sooner; with several GPUs visible each child gets the least-loaded
+one (CUDA_VISIBLE_DEVICES). The grid goes seed by seed (every config for seed 0, then seed 1,
+...) so that a sweep cut short still holds a complete depth comparison. A failed run does not
+stop the sweep; the failures are listed at the end and the exit status is 1. A stop request
+(SIGTERM / Ctrl-C) stops the sweep: running children are asked to stop too and checkpoint.
+Start the same command again to resume, since every finished run is found complete and every
+interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 log = logging.getLogger("reproduce.sweep")
 STOPPED = 128 + signal.SIGTERM  # what train.main returns when asked to stop
@@ -28,8 +37,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", required=True, metavar="FILE", help="YAML files under configs/")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="default: 0")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at a time, as child processes (default 1: in this process)")
+    parser.add_argument("--log-dir", type=Path, default=Path("sweep-logs"), help="with --parallel > 1: one log file per run here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
     args = parser.parse_args([a for a in argv if a not in overrides])
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
     args.overrides = overrides
     return args
 
@@ -56,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             return 2
 
+    failed = run_in_process(runs) if args.parallel == 1 else run_in_children(runs, args.parallel, args.log_dir)
+    if failed is None:
+        return STOPPED
+    print(f"\nsweep: {len(runs) - len(failed)} of {len(runs)} runs succeeded")
+    for command, code in failed:
+        print(f"  FAILED ({code}): {command}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
+    """Each run in turn, in this process: the failures, or None when a run was stopped on request."""
     from reproduce import train
 
     failed = []
@@ -69,13 +93,73 @@ def main(argv: list[str] | None = None) -> int:
             code = f"{type(err).__name__}: {err}"
         if code == STOPPED:
             print(f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
-            return STOPPED
+            return None
         if code != 0:
             failed.append((command, code))
-    print(f"\nsweep: {len(runs) - len(failed)} of {len(runs)} runs succeeded")
-    for command, code in failed:
-        print(f"  FAILED ({code}): {command}", file=sys.stderr)
-    return 1 if failed else 0
+    return failed
+
+
+def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list[tuple[str, object]] | None:
+    """Up to `parallel` runs at a time, each `python -m reproduce.train ...` in its own process
+    session (so a Ctrl-C reaches only this process, which then stops the children in order).
+    The failures, or None when the sweep was stopped on request."""
+    import torch
+
+    from reproduce.tracking import prepare_store
+
+    prepare_store()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    load = [0] * gpus  # children per GPU
+    pending = list(enumerate(runs, start=1))
+    active: dict[subprocess.Popen, tuple[int, str, Path, int | None]] = {}
+    failed, stopping = [], []
+
+    def stop(signum, frame):
+        if not stopping:
+            print(f"sweep: stopping on {signal.Signals(signum).name}: asking {len(active)} running runs to checkpoint and stop",
+                  file=sys.stderr, flush=True)
+        stopping.append(signum)
+        for child in active:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or active:
+            while pending and len(active) < parallel and not stopping:
+                i, run = pending.pop(0)
+                command = "reproduce train " + shlex.join(run)
+                log_path = log_dir / f"{i:03d}-{Path(run[1]).stem}-{run[2].replace('=', '')}.log"
+                env = dict(os.environ)
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))  # share the cores
+                gpu = None
+                if gpus > 1:
+                    gpu = min(range(gpus), key=load.__getitem__)
+                    load[gpu] += 1
+                    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[gpu]
+                with log_path.open("a") as out:
+                    child = subprocess.Popen([sys.executable, "-m", "reproduce.train", *run], stdout=out, stderr=subprocess.STDOUT,
+                                             env=env, start_new_session=True)
+                active[child] = (i, command, log_path, gpu)
+                print(f"== sweep {i}/{len(runs)} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
+                      f"  [log: {log_path}]", flush=True)
+            time.sleep(0.2)
+            for child in [c for c in active if c.poll() is not None]:
+                i, command, log_path, gpu = active.pop(child)
+                if gpu is not None:
+                    load[gpu] -= 1
+                code = child.returncode
+                word = "finished" if code == 0 else "stopped" if code == STOPPED else f"FAILED (exit {code})"
+                print(f"== sweep {i}/{len(runs)} {word}: {command}  [log: {log_path}]", flush=True)
+                if code not in (0, STOPPED):
+                    failed.append((command, f"exit {code}; log {log_path}"))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopping:
+        print(f"sweep stopped on request with {len(pending)} runs not started; start the same command to resume", file=sys.stderr)
+        return None
+    return failed
 
 
 if __name__ == "__main__":

@@ -84,6 +84,15 @@ def check_reachable(timeout_s: float = 10.0) -> None:
                               "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db")
 
 
+def prepare_store() -> None:
+    """Check the server, or create a local store's tables now: jobs started at the same moment
+    on a fresh sqlite store would otherwise race to create them, and all but one fail."""
+    import mlflow
+
+    check_reachable()
+    mlflow.MlflowClient().search_experiments(max_results=1)
+
+
 class Tracker:
     """MLflow for rank 0; every method is a no-op on other ranks."""
 

@@ -228,33 +228,6 @@ def test_report_from_mlflow_server(tmp_path, mlflow_server):
     assert mlflow_server in (out / "table.md").read_text()
 
 
-def test_sweep_dry_run_prints_the_grid(capsys):
-    assert sweep.main(["--configs", "a.yaml", "b.yaml", "--seeds", "0", "1", "optim.lr=0.05", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "reproduce train --config a.yaml seed=0 optim.lr=0.05", "reproduce train --config b.yaml seed=0 optim.lr=0.05",
-        "reproduce train --config a.yaml seed=1 optim.lr=0.05", "reproduce train --config b.yaml seed=1 optim.lr=0.05"]
-
-
-def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
-    from reproduce import train
-
-    calls = []
-
-    def fake_main(argv):
-        calls.append(argv)
-        if argv[1].endswith("plain20.yaml") and argv[2] == "seed=0":
-            raise RuntimeError("boom")
-        return 3 if argv[2] == "seed=1" and argv[1].endswith("resnet20.yaml") else 0
-
-    monkeypatch.setattr(train, "main", fake_main)
-    configs = [str(REPO / "configs" / "cifar10" / f"{m}.yaml") for m in ("plain20", "resnet20")]
-    assert sweep.main(["--configs", *configs, "--seeds", "0", "1"]) == 1
-    assert len(calls) == 4
-    err = capsys.readouterr().err
-    assert "FAILED (RuntimeError: boom)" in err and "FAILED (3)" in err and err.count("FAILED") == 2
-    assert sweep.main(["--configs", "nope.yaml", "--seeds", "0"]) == 2
-
-
 @pytest.mark.slow
 def test_sweep_then_report_end_to_end(tmp_path, cifar_tar):
     config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")

@@ -1,0 +1,117 @@
+"""The sweep: the configs x seeds grid, in this process or as parallel child processes."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from reproduce import sweep
+from tests.conftest import REPO, tiny_overrides
+
+CIFAR = REPO / "configs" / "cifar10"
+
+
+def test_sweep_dry_run_prints_the_grid(capsys):
+    assert sweep.main(["--configs", "a.yaml", "b.yaml", "--seeds", "0", "1", "optim.lr=0.05", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "reproduce train --config a.yaml seed=0 optim.lr=0.05", "reproduce train --config b.yaml seed=0 optim.lr=0.05",
+        "reproduce train --config a.yaml seed=1 optim.lr=0.05", "reproduce train --config b.yaml seed=1 optim.lr=0.05"]
+
+
+def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
+    from reproduce import train
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        if argv[1].endswith("plain20.yaml") and argv[2] == "seed=0":
+            raise RuntimeError("boom")
+        return 3 if argv[2] == "seed=1" and argv[1].endswith("resnet20.yaml") else 0
+
+    monkeypatch.setattr(train, "main", fake_main)
+    configs = [str(CIFAR / f"{m}.yaml") for m in ("plain20", "resnet20")]
+    assert sweep.main(["--configs", *configs, "--seeds", "0", "1"]) == 1
+    assert len(calls) == 4
+    err = capsys.readouterr().err
+    assert "FAILED (RuntimeError: boom)" in err and "FAILED (3)" in err and err.count("FAILED") == 2
+    assert sweep.main(["--configs", "nope.yaml", "--seeds", "0"]) == 2
+
+
+def test_sweep_refuses_zero_parallel(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--configs", str(CIFAR / "resnet20.yaml"), "--parallel", "0"])
+    assert exit_.value.code == 2 and "--parallel must be at least 1, got 0" in capsys.readouterr().err
+
+
+def _exploding_config(tmp_path: Path) -> Path:
+    """resnet20's config with an lr that makes the loss non-finite at once: a run that fails."""
+    raw = yaml.safe_load((CIFAR / "resnet20.yaml").read_text())
+    raw["optim"]["lr"] = 1e12
+    path = tmp_path / "exploding.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
+    """Three runs, two at a time, as child processes sharing one sqlite MLflow store: the first
+    two overlap in time, each writes its own log, and the failing one is reported, not fatal."""
+    configs = [str(CIFAR / "plain20.yaml"), str(CIFAR / "resnet20.yaml"), str(_exploding_config(tmp_path))]
+    code = sweep.main(["--configs", *configs, "--seeds", "0", "--parallel", "2", "--log-dir", str(tmp_path / "logs"),
+                       *tiny_overrides(cifar_tar, iterations=20, **{"run.log_every": 1})])
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert "sweep: 2 of 3 runs succeeded" in out and err.count("FAILED") == 1 and "exploding.yaml" in err
+    logs = sorted((tmp_path / "logs").iterdir())
+    assert [p.name for p in logs] == ["001-plain20-seed0.log", "002-resnet20-seed0.log", "003-exploding-seed0.log"]
+    assert "training loss is" in logs[2].read_text() and "final:" in logs[0].read_text()
+    runs = {r.data.params["model.name"] + r.data.params["optim.lr"]: r
+            for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "plain200.1": "FINISHED", "resnet200.1": "FINISHED", "resnet201000000000000.0": "FAILED"}
+    first, second = runs["plain200.1"].info, runs["resnet200.1"].info
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # they trained at once
+    for run in (first, second):  # every logged step of each run is there, none twice, despite the shared store
+        steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, 21))
+
+
+@pytest.mark.slow
+def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
+    """SIGTERM to the sweep mid-run: both children checkpoint and stop (KILLED), the sweep exits
+    143; the same command again resumes both into their MLflow runs and finishes them."""
+    overrides = tiny_overrides(cifar_tar, iterations=100, **{"run.checkpoint_every": 1000, "run.log_every": 10})
+    command = [sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "plain20.yaml"),
+               str(CIFAR / "resnet20.yaml"), "--parallel", "2", *overrides]
+    sweep_ = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "sweep-logs" / name for name in ("001-plain20-seed0.log", "002-resnet20-seed0.log")]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # both children have started training (their MLflow runs exist)
+        if all(p.exists() and "MLflow run" in p.read_text() for p in logs):
+            break
+        assert sweep_.poll() is None, sweep_.communicate()
+        time.sleep(0.2)
+    else:
+        pytest.fail("the children never started training")
+    sweep_.send_signal(signal.SIGTERM)
+    out, err = sweep_.communicate(timeout=120)
+    assert sweep_.returncode == 128 + signal.SIGTERM, err
+    assert "start the same command to resume" in err
+    stopped = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    assert {k: r.info.status for k, r in stopped.items()} == {"plain20": "KILLED", "resnet20": "KILLED"}
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    final = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    assert {k: (r.info.run_id, r.info.status) for k, r in final.items()} == {
+        k: (r.info.run_id, "FINISHED") for k, r in stopped.items()}
+    for path in logs:  # each log holds both attempts: the second resumed from the stop's checkpoint
+        assert "resuming at iteration" in path.read_text()
+    assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs]
