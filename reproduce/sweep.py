@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"error: {path}: {err}", file=sys.stderr)
             return 2
+    from reproduce.tracking import TrackingUnreachable, check_reachable
+
+    try:  # an unreachable server is refused once, not once per run
+        check_reachable()
+    except TrackingUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     failed = run_in_process(runs) if args.parallel == 1 else run_in_children(runs, args.parallel, args.log_dir)
     if failed is None:
@@ -105,9 +112,6 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
     The failures, or None when the sweep was stopped on request."""
     import torch
 
-    from reproduce.tracking import prepare_store
-
-    prepare_store()
     log_dir.mkdir(parents=True, exist_ok=True)
     gpus = torch.cuda.device_count()
     load = [0] * gpus  # children per GPU

@@ -85,12 +85,21 @@ def check_reachable(timeout_s: float = 10.0) -> None:
 
 
 def prepare_store() -> None:
-    """Check the server, or create a local store's tables now: jobs started at the same moment
-    on a fresh sqlite store would otherwise race to create them, and all but one fail."""
+    """Create a local sqlite store's tables under a lock shared by every process: jobs that start
+    at the same moment on a fresh store (a parallel sweep, a SLURM array) would otherwise race
+    to create them, and all but one fail. A no-op for servers and stores that exist already."""
+    import fcntl
+
     import mlflow
 
-    check_reachable()
-    mlflow.MlflowClient().search_experiments(max_results=1)
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow.MlflowClient().search_experiments(max_results=1)  # the store (and its tables) is made once per process
 
 
 class Tracker:
@@ -134,6 +143,7 @@ class Tracker:
             "reproduce.eval_protocol": cfg.eval.protocol.value,
             "reproduce.run_dir": str(self.run_dir.resolve()),
         }
+        prepare_store()
         mlflow.set_experiment(cfg.experiment)
         system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() != "false"
         if resume_run_id:

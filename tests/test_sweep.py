@@ -115,3 +115,15 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     for path in logs:  # each log holds both attempts: the second resumed from the stop's checkpoint
         assert "resuming at iteration" in path.read_text()
     assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs]
+
+
+def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert sweep.main(["--configs", str(CIFAR / "resnet20.yaml"), "--parallel", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: MLflow tracking server http://127.0.0.1:") and "unreachable" in err and "\n" not in err
