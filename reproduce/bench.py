@@ -42,7 +42,7 @@ def bare_loop(cfg, data, info, iterations: int, warmup: int) -> float:
     model.to(info.device, memory_format=fmt).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
-    step = torch.compile(model) if cfg.run.compile else model
+    step = torch.compile(model, mode=cfg.run.compile_mode) if cfg.run.compile else model
     start = None
     for it, (images, labels) in zip(range(iterations), train_loader(data, cfg, info, 0)):
         if it == warmup:

@@ -162,12 +162,22 @@ class RunConfig(Section):
     amp: bool = Field(False, description="bf16 autocast")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the model")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead replays each step's kernels as CUDA graphs "
+        "(for the small CIFAR nets, whose steps are launch-bound on a GPU; on a CPU it compiles without graphs)")
     deterministic: bool = Field(False, description="deterministic kernels (bitwise-repeatable on CPU)")
     progress: bool = Field(True, description="progress bar on rank 0")
     tracking_flush_s: float = Field(60.0, ge=0, description="at the end, how long to wait for an unreachable MLflow "
                                     "server before writing unsent metrics to the run directory")
     collective_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer than this for the others fails, "
                                         "naming the stalled rank, instead of hanging")
+
+
+    @model_validator(mode="after")
+    def _compile_mode_needs_compile(self) -> "RunConfig":
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode={self.compile_mode} has no effect while compile is false; set run.compile=true")
+        return self
 
 
 class Config(Section):

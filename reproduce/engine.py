@@ -31,6 +31,7 @@ def train_step(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, la
     so the benchmark compares the same numerics and measures only what train.py adds."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
     labels = labels.to(device, non_blocking=True)
+    torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs (compile_mode=reduce-overhead) may reuse buffers
     with autocast(device, amp):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)

@@ -145,7 +145,7 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
     model = DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else unwrapped
     if cfg.run.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.run.compile_mode)
 
     tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id), info)

@@ -92,6 +92,8 @@ BROKEN = [
     (["data.loader=dali"], "data.loader = 'dali'"),
     (["run.device=tpu"], "run.device = 'tpu'"),
     (["run.amp=maybe"], "run.amp = 'maybe'"),
+    (["run.compile=true", "run.compile_mode=reduce_overhead"], "closest valid is 'reduce-overhead'"),
+    (["run.compile_mode=reduce-overhead"], "has no effect while compile is false; set run.compile=true"),
     (["seed=-1"], "seed = -1"),
     (["experiment="], "experiment"),
     (["=0.1"], "is not key=value"),
