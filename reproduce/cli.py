@@ -11,6 +11,7 @@
   reproduce analyze responses --run ID Fig. 7: std of the layer responses of a trained run
   reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
   reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
+  reproduce bench-matrix [--models M...] training images/s over precision x channels_last x compile x input
   reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "bench-loaders", "prepare", "sync"])
+    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "bench-loaders", "bench-matrix", "prepare", "sync"])
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

@@ -1,13 +1,15 @@
-"""`reproduce bench` runs both loops and reports what it measured (the numbers themselves are
-for a quiet machine, not for a test)."""
+"""`reproduce bench` and `reproduce bench-matrix` run their loops and report what they measured
+(the numbers themselves are for a quiet machine, not for a test)."""
 from __future__ import annotations
 
 import re
 
 import mlflow
+import pandas as pd
 import pytest
 
-from reproduce import bench
+from reproduce import bench, bench_matrix
+from reproduce.models import build_model, count_macs
 
 
 @pytest.mark.slow
@@ -25,3 +27,37 @@ def test_bench_compares_train_py_with_a_bare_loop(capsys):
     (run_id,) = re.search(r"MLflow runs of train.py .*: (\w+)$", out, re.M).groups()
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["schedule.iterations"] == "8"
+
+
+def test_bench_matrix_writes_every_cell_with_its_provenance(cifar_tar, tmp_path):
+    """Two cells (channels_last off / on) on synthetic and real input: the table, its arithmetic,
+    its verdicts and the MLflow run that holds the same numbers."""
+    out = tmp_path / "bench"
+    code = bench_matrix.main(["--models", "resnet20", "--precision", "fp32", "--channels-last", "off", "on", "--compile", "off",
+                              "--cifar-data", str(cifar_tar), "--iterations", "4", "--warmup", "1", "--batch", "8",
+                              "--workers", "1", "--out", str(out)])
+    assert code == 0
+    table = pd.read_csv(out / "matrix.csv")
+    assert list(table.channels_last) == ["off", "on"] and set(table.model) == {"resnet20"} and set(table.batch) == {8}
+    assert (table[["synthetic", "real", "loader"]] > 0).all().all()
+    assert list(table.bound) == ["compute-bound" if r >= 0.9 * s else "input-bound" for r, s in zip(table.real, table.synthetic)]
+    flops = 6 * count_macs(build_model("resnet20"), 32)
+    for row in table.itertuples():
+        assert row.tflops == pytest.approx(flops * max(row.synthetic, row.real) / 1e12, rel=1e-2, abs=1e-3)
+    text = (out / "matrix.md").read_text()
+    (run_id,) = re.search(r"mlflow_run: `(\w+)`", text).groups()
+    assert "- command: `reproduce bench-matrix --models resnet20" in text and "- commit: `" in text and "- date: " in text
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for row in table.itertuples():
+        name = f"resnet20.fp32.cl-{row.channels_last}.compile-off"
+        assert run.data.metrics[f"{name}.synthetic"] == pytest.approx(row.synthetic, abs=0.06)
+        assert run.data.metrics[f"{name}.real"] == pytest.approx(row.real, abs=0.06)
+
+
+def test_bench_matrix_refuses_bad_input_in_one_line(tmp_path, capsys):
+    assert bench_matrix.main(["--models", "resnet21", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown model resnet21; `reproduce models` lists them"
+    assert bench_matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config error: data.path") and "no such file" in err and "\n" not in err
