@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from reproduce.bench import bare_loop
+from reproduce.data import DataError, build_data, train_loader
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -112,7 +113,6 @@ def loader_alone(batches, device: torch.device, iterations: int, warmup: int, ba
 def main(argv=None) -> int:
     from reproduce import distributed
     from reproduce.config import ConfigError, load_config
-    from reproduce.data import DataError, build_data, train_loader
     from reproduce.models import MODELS
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -138,13 +138,17 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    from reproduce.tracking import TrackingUnreachable, git_state, prepare_store
+    from reproduce.tracking import TrackingUnreachable, check_reachable, git_state, prepare_store
 
-    try:
-        for model in args.models:  # every cell's config is valid, and the server answers, before the first cell
-            config(model, [])
+    cache = {}  # each dataset, and each loader-alone speed, for the cells that share them
+    try:  # every config is valid, the server answers and the data loads, before the first cell
+        cfgs = [config(model, []) for model in args.models]
+        check_reachable()
+        for cfg in cfgs:
+            if not cfg.data.synthetic and _data_key(cfg) not in cache:
+                cache[_data_key(cfg)] = build_data(cfg)
         prepare_store()
-    except (ConfigError, TrackingUnreachable) as err:
+    except (ConfigError, TrackingUnreachable, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mlflow.set_experiment("bench")
@@ -160,13 +164,12 @@ def main(argv=None) -> int:
         "peak": f"{peak:.1f} TFLOP/s ({peak_what}, measured at start)", "mlflow_run": run.info.run_id,
     }
     mlflow.log_params({k: v[:500] for k, v in context.items() if k not in ("date", "mlflow_run")})
-    rows, datasets, loader_speed = [], {}, {}
+    rows = []
     status = "FAILED"
     try:
         grid = itertools.product(args.models, args.precision, args.channels_last, args.compile)
         for model, precision, channels_last, compile_mode in grid:
-            row = _cell(args, config, model, precision, channels_last, compile_mode, device, info, datasets,
-                        loader_speed, build_data, train_loader, DataError, peak)
+            row = _cell(args, config, model, precision, channels_last, compile_mode, info, cache, peak)
             rows.append(row)
             print(_one_line(row), flush=True)
             name = f"{model}.{precision}.cl-{channels_last}.compile-{compile_mode}"
@@ -185,9 +188,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cell(args, config, model, precision, channels_last, compile_mode, device, info, datasets, loader_speed,
-          build_data, train_loader, DataError, peak) -> dict:
-    """One row of the matrix: synthetic and (when data was given) real and loader-alone speeds."""
+def _cell(args, config, model, precision, channels_last, compile_mode, info, cache: dict, peak: float) -> dict:
+    """One row of the matrix: synthetic and (when data was given) real and loader-alone speeds.
+    `cache` holds the datasets (built by main) and each loader-alone speed once measured."""
+    device = info.device
     cl, amp, compiled = channels_last == "on", precision == "bf16", compile_mode != "off"
     switches = [f"run.amp={amp}", f"run.channels_last={cl}", f"run.compile={compiled}"]
     if compiled:
@@ -212,17 +216,12 @@ def _cell(args, config, model, precision, channels_last, compile_mode, device, i
             _release(device)
     real = loader = None
     if not cfg.data.synthetic:
-        key = (cfg.data.dataset, cfg.data.loader, str(cfg.data.path))
-        if key not in datasets:
-            try:
-                datasets[key] = build_data(cfg)
-            except DataError as err:
-                raise SystemExit(f"error: {err}") from None
-        data = datasets[key]
+        key = _data_key(cfg)
+        data = cache[key]
         real = _timed_cell(cfg, train_loader(data, cfg, info, 0), info, args, data.num_classes)
-        if (key, batch) not in loader_speed:
-            loader_speed[(key, batch)] = loader_alone(train_loader(data, cfg, info, 0), device, args.iterations, args.warmup, batch)
-        loader = loader_speed[(key, batch)]
+        if (key, batch) not in cache:
+            cache[(key, batch)] = loader_alone(train_loader(data, cfg, info, 0), device, args.iterations, args.warmup, batch)
+        loader = cache[(key, batch)]
     flops = train_flops_per_image(model, size)
     best = max(v for v in (synthetic, real) if v is not None)
     return {
@@ -233,6 +232,10 @@ def _cell(args, config, model, precision, channels_last, compile_mode, device, i
         "bound": "-" if real is None else "compute-bound" if real >= COMPUTE_BOUND_SHARE * synthetic else "input-bound",
         "tflops": round(flops * best / 1e12, 3), "peak_share_pct": round(100 * flops * best / 1e12 / peak, 1),
     }
+
+
+def _data_key(cfg) -> tuple:
+    return cfg.data.dataset, cfg.data.loader, str(cfg.data.path)
 
 
 def _timed_cell(cfg, batches, info, args, num_classes) -> float:

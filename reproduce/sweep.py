@@ -155,7 +155,9 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
                 code = child.returncode
                 word = "finished" if code == 0 else "stopped" if code == STOPPED else f"FAILED (exit {code})"
                 print(f"== sweep {i}/{len(runs)} {word}: {command}  [log: {log_path}]", flush=True)
-                if code not in (0, STOPPED):
+                if code == STOPPED and not stopping:  # stopped by someone else: not done, so not a success
+                    failed.append((command, f"stopped from outside the sweep; start the same command to resume; log {log_path}"))
+                elif code not in (0, STOPPED):
                     failed.append((command, f"exit {code}; log {log_path}"))
     finally:
         for signum, handler in previous.items():

@@ -87,7 +87,7 @@ def check_reachable(timeout_s: float = 10.0) -> None:
 def prepare_store() -> None:
     """Create a local sqlite store's tables under a lock shared by every process: jobs that start
     at the same moment on a fresh store (a parallel sweep, a SLURM array) would otherwise race
-    to create them, and all but one fail. A no-op for servers and stores that exist already."""
+    to create them, and all but one fail. Costs nothing for a server, one query for an existing store."""
     import fcntl
 
     import mlflow

@@ -61,3 +61,8 @@ def test_bench_matrix_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert bench_matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config error: data.path") and "no such file" in err and "\n" not in err
+    (tmp_path / "empty.tar.gz").write_bytes(b"")
+    assert bench_matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "empty.tar.gz"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "empty.tar.gz" in err and "\n" not in err, err
+    assert not list(tmp_path.glob("matrix.*"))  # refused before any cell
