@@ -15,7 +15,7 @@ from reproduce.models import build_model, count_macs
 @pytest.mark.slow
 def test_bench_compares_train_py_with_a_bare_loop(capsys):
     code = bench.main(["--iterations", "8", "--warmup", "4", "--rounds", "1", "data.synthetic=true", "data.workers=0",
-                       "optim.batch_size=8", "run.device=cpu", "run.progress=false"])
+                       "optim.batch_size=8", "run.device=cpu", "run.progress=false", "eval.max_images=64"])
     out = capsys.readouterr().out
     assert code == 0, out
     bare = re.search(r"bare loop\s+median\s+([\d.]+) images/s\s+\(runs: ([\d.]+), ([\d.]+)\)", out)
