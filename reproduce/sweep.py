@@ -11,8 +11,8 @@ sharing it finish a grid sooner; with several GPUs visible each child gets the l
 one (CUDA_VISIBLE_DEVICES). The grid goes seed by seed (every config for seed 0, then seed 1,
 ...) so that a sweep cut short still holds a complete depth comparison. A failed run does not
 stop the sweep; the failures are listed at the end and the exit status is 1. A stop request
-(SIGTERM / Ctrl-C) stops the sweep: running children are asked to stop too and checkpoint.
-Start the same command again to resume, since every finished run is found complete and every
+(SIGTERM / Ctrl-C) stops the sweep: running children are asked to stop too and checkpoint; if
+the sweep itself is killed outright, the kernel sends its children SIGTERM all the same. Start the same command again to resume, since every finished run is found complete and every
 interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
                     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[gpu]
                 with log_path.open("a") as out:
                     child = subprocess.Popen([sys.executable, "-m", "reproduce.train", *run], stdout=out, stderr=subprocess.STDOUT,
-                                             env=env, start_new_session=True)
+                                             env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies(os.getpid()))
                 active[child] = (i, command, log_path, gpu)
                 print(f"== sweep {i}/{len(runs)} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
                       f"  [log: {log_path}]", flush=True)
@@ -166,6 +166,23 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
         print(f"sweep stopped on request with {len(pending)} runs not started; start the same command to resume", file=sys.stderr)
         return None
     return failed
+
+
+def _stop_when_parent_dies(parent: int):
+    """For a child: SIGTERM (checkpoint and stop) when the sweep dies, even by SIGKILL, so no run
+    trains on unwatched, holding its run directory's lock. Linux only; elsewhere a no-op."""
+    def arm() -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return
+        if hasattr(libc, "prctl"):
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 if __name__ == "__main__":

@@ -127,3 +127,27 @@ def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys)
     assert sweep.main(["--configs", str(CIFAR / "resnet20.yaml"), "--parallel", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: MLflow tracking server http://127.0.0.1:") and "unreachable" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_children_stop_when_the_sweep_is_killed(cifar_tar, tmp_path):
+    """SIGKILL to the sweep (no chance to forward anything): its child still gets SIGTERM from the
+    kernel, checkpoints and ends its MLflow run as KILLED instead of training on unwatched."""
+    overrides = tiny_overrides(cifar_tar, iterations=1000, **{"run.checkpoint_every": 5000, "run.log_every": 10})
+    sweep_ = subprocess.Popen([sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "resnet20.yaml"),
+                               "--parallel", "2", *overrides], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sweep-logs" / "001-resnet20-seed0.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and "MLflow run" in log.read_text()):
+        assert time.monotonic() < deadline and sweep_.poll() is None, "the child never started training"
+        time.sleep(0.2)
+    sweep_.kill()
+    sweep_.wait()
+    deadline = time.monotonic() + 120
+    while mlflow.search_runs(experiment_names=["cifar10"], output_format="list")[0].info.status == "RUNNING":
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    assert run.info.status == "KILLED" and "stopped on request" in log.read_text()
+    (run_dir,) = (tmp_path / "runs" / "cifar10").iterdir()
+    assert [p.name for p in run_dir.glob("ckpt-*.pt")], "no checkpoint written on the way out"
