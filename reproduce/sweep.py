@@ -12,7 +12,8 @@ one (CUDA_VISIBLE_DEVICES). The grid goes seed by seed (every config for seed 0,
 ...) so that a sweep cut short still holds a complete depth comparison. A failed run does not
 stop the sweep; the failures are listed at the end and the exit status is 1. A stop request
 (SIGTERM / Ctrl-C) stops the sweep: running children are asked to stop too and checkpoint; if
-the sweep itself is killed outright, the kernel sends its children SIGTERM all the same. Start the same command again to resume, since every finished run is found complete and every
+the sweep itself is killed outright, the kernel sends its children SIGTERM all the same. Start
+the same command again to resume, since every finished run is found complete and every
 interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
