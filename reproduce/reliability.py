@@ -2,7 +2,8 @@
 
   python -m reproduce.reliability [--out results/reliability.md] [pytest args...]
 
-Every test of tests/test_faults.py, and the .beton tests of tests/test_ffcv.py, states in its
+Every test of tests/test_faults.py, and the fault tests of tests/test_ffcv.py (.beton files)
+and tests/test_sweep.py (parallel sweeps), states in its
 docstring the fault, how it is injected, what the suite does and what is lost; this script
 runs those tests for real (pytest with a JUnit report) and puts each statement beside the
 test's outcome and duration.
@@ -21,7 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = (REPO / "tests" / "test_faults.py", REPO / "tests" / "test_ffcv.py")
+SUITES = (REPO / "tests" / "test_faults.py", REPO / "tests" / "test_ffcv.py", REPO / "tests" / "test_sweep.py")
 FIELDS = ("Fault", "Injected", "Suite", "Lost")
 
 
@@ -82,9 +83,9 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
     lines = [
         "# Reliability: faults injected for real, and what was lost",
         "",
-        "Each row is a test of `tests/test_faults.py` (or, for FFCV files, `tests/test_ffcv.py`) that",
-        "injects the fault into real processes (torchrun jobs with gloo, a real `mlflow server`, real",
-        "files) on CPU. The goal: never lose more than the work since the last checkpoint, never a",
+        "Each row is a test of `tests/test_faults.py` (for FFCV files `tests/test_ffcv.py`, for parallel",
+        "sweeps `tests/test_sweep.py`) that injects the fault into real processes (torchrun jobs with gloo,",
+        "a real `mlflow server`, real files) on CPU. The goal: never lose more than the work since the last checkpoint, never a",
         "silently wrong result, never a hung job.",
         "",
         "| fault | injected | what the suite did | lost | result |",
@@ -113,7 +114,7 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reproduce.reliability", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
-    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py and tests/test_ffcv.py, "
+    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py, test_ffcv.py and test_sweep.py, "
                         "instead of running the suite again")
     args, extra = parser.parse_known_args(argv)
     command = "python -m reproduce.reliability" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")

@@ -85,8 +85,10 @@ def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
-    """SIGTERM to the sweep mid-run: both children checkpoint and stop (KILLED), the sweep exits
-    143; the same command again resumes both into their MLflow runs and finishes them."""
+    """Fault: a parallel sweep is preempted or cancelled (scancel, Ctrl-C, a shutdown).
+    Injected: SIGTERM to `reproduce sweep --parallel 2` while both of its child runs train.
+    Suite: the sweep asks both children to stop; each checkpoints, ends its MLflow run as KILLED, and the sweep exits 143; the same command resumes both into their own runs, which end FINISHED.
+    Lost: nothing: each run goes on from the checkpoint written at the stop."""
     overrides = tiny_overrides(cifar_tar, iterations=100, **{"run.checkpoint_every": 1000, "run.log_every": 10})
     command = [sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "plain20.yaml"),
                str(CIFAR / "resnet20.yaml"), "--parallel", "2", *overrides]
@@ -131,8 +133,10 @@ def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_children_stop_when_the_sweep_is_killed(cifar_tar, tmp_path):
-    """SIGKILL to the sweep (no chance to forward anything): its child still gets SIGTERM from the
-    kernel, checkpoints and ends its MLflow run as KILLED instead of training on unwatched."""
+    """Fault: the sweep process itself dies outright (OOM killer, kill -9), leaving its children.
+    Injected: SIGKILL to `reproduce sweep --parallel 2` while its child run trains.
+    Suite: the kernel sends the child SIGTERM (PR_SET_PDEATHSIG); it checkpoints and ends its MLflow run as KILLED instead of training on unwatched, holding its run directory's lock.
+    Lost: nothing: the run resumes from that checkpoint when the sweep is started again."""
     overrides = tiny_overrides(cifar_tar, iterations=1000, **{"run.checkpoint_every": 5000, "run.log_every": 10})
     sweep_ = subprocess.Popen([sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "resnet20.yaml"),
                                "--parallel", "2", *overrides], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
