@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import os
 import platform
@@ -89,6 +90,7 @@ def measure_peak(device: torch.device) -> tuple[float, str]:
     return rate, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
 
 
+@functools.lru_cache(maxsize=None)
 def train_flops_per_image(model_name: str, size: int) -> float:
     """3 x 2 x multiply-adds of one forward pass: forward plus a backward of twice its work."""
     from reproduce.models import build_model, count_macs
@@ -191,7 +193,9 @@ def main(argv=None) -> int:
 def _cell(args, config, model, precision, channels_last, compile_mode, info, cache: dict, peak: float) -> dict:
     """One row of the matrix: synthetic and (when data was given) real and loader-alone speeds.
     `cache` holds the datasets (built by main) and each loader-alone speed once measured."""
-    device = info.device
+    from reproduce.models import MODELS
+
+    device, spec = info.device, MODELS[model]
     cl, amp, compiled = channels_last == "on", precision == "bf16", compile_mode != "off"
     switches = [f"run.amp={amp}", f"run.channels_last={cl}", f"run.compile={compiled}"]
     if compiled:
@@ -199,8 +203,7 @@ def _cell(args, config, model, precision, channels_last, compile_mode, info, cac
     batch = args.batch or config(model, []).optim.batch_size
     while True:
         cfg = config(model, [*switches, f"optim.batch_size={batch}"])
-        size = 32 if cfg.data.dataset == "cifar10" else cfg.data.crop
-        num_classes = 10 if cfg.data.dataset == "cifar10" else 1000
+        size, num_classes = (spec.input_size if spec.family == "cifar" else cfg.data.crop), spec.num_classes
         try:
             images = torch.randn(batch, 3, size, size, device=device)
             labels = torch.randint(num_classes, (batch,), device=device)
