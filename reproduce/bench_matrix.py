@@ -140,7 +140,8 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    from reproduce.tracking import TrackingUnreachable, check_reachable, git_state, prepare_store
+    from reproduce.provenance import git_state
+    from reproduce.tracking import TrackingUnreachable, check_reachable, prepare_store
 
     cache = {}  # each dataset, and each loader-alone speed, for the cells that share them
     try:  # every config is valid, the server answers and the data loads, before the first cell
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         return 2
     mlflow.set_experiment("bench")
     run = mlflow.start_run(run_name="bench-matrix", log_system_metrics=False)
-    commit, dirty = git_state()
+    commit, dirty = git_state().commit, git_state().dirty
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),

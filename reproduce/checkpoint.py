@@ -21,11 +21,12 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from reproduce.io import atomic_write_bytes
 
 log = logging.getLogger("reproduce.checkpoint")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -60,8 +61,8 @@ def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Pat
     torch.save(state, buffer)
     blob = buffer.getbuffer()
     final = path_for(run_dir, iteration)
-    _atomic_write(final.with_name(final.name + ".sha256"), hashlib.sha256(blob).hexdigest().encode() + b"\n")
-    _atomic_write(final, blob)
+    atomic_write_bytes(final.with_name(final.name + ".sha256"), hashlib.sha256(blob).hexdigest().encode() + b"\n")
+    atomic_write_bytes(final, blob)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
@@ -91,8 +92,14 @@ def find_latest(run_dir: Path) -> Path | None:
     return None
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Tensors and plain containers only (weights_only): loading cannot run code."""
+def load(path: Path, verified: bool = False) -> dict[str, Any]:
+    """Tensors and plain containers only (weights_only): loading cannot run code. With
+    verified=False the digest is checked here (find_latest has already checked its pick)."""
+    path = Path(path)
+    if not verified:
+        problem = verify(path) if path.exists() else "it does not exist"
+        if problem:
+            raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
@@ -135,21 +142,3 @@ def lock_run_dir(run_dir: Path):
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
-
-
-def _atomic_write(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

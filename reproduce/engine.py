@@ -6,7 +6,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from reproduce.config import ScheduleConfig
+from reproduce.config import OptimConfig, ScheduleConfig
 from reproduce.distributed import DistInfo, all_reduce_sum
 
 
@@ -17,6 +17,12 @@ def lr_at(iteration: int, base_lr: float, schedule: ScheduleConfig) -> float:
         return schedule.warmup_lr
     passed = sum(iteration >= m for m in schedule.milestones)
     return base_lr * schedule.gamma**passed
+
+
+def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The paper's SGD (momentum, weight decay on every weight); the one place it is built."""
+    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                           nesterov=optim.nesterov)
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -28,8 +28,6 @@ import logging
 import os
 import platform
 import queue
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -40,36 +38,38 @@ import torch
 
 from reproduce.config import Config
 from reproduce.distributed import DistInfo
+from reproduce.io import atomic_write_json, atomic_write_text
+from reproduce.provenance import GitState, device_name, host
 
 log = logging.getLogger("reproduce.tracking")
-REPO = Path(__file__).resolve().parent.parent
 UNSENT = "unsent-metrics.json"
 RETRY_EVERY_S = 5.0
-# Our sender retries on its own schedule; MLflow's own HTTP retries (minutes by default)
-# would only make a dead server look like a hung job.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+BATCH_LIMIT = 1000  # metrics per MLflow log_batch call (the server's limit)
+
+
+def _http_settings() -> None:
+    """Our sender retries on its own schedule; MLflow's own HTTP retries (minutes by default)
+    would only make a dead server look like a hung job. Set when tracking starts, not at import;
+    a user's own values win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def log_metric_batches(client, run_id: str, metrics: list) -> None:
+    """Send `metrics` (mlflow.entities.Metric) to `run_id` in batches MLflow accepts."""
+    for first in range(0, len(metrics), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=metrics[first:first + BATCH_LIMIT])
 
 
 class TrackingUnreachable(RuntimeError):
     """The configured tracking server does not answer; the message is one line."""
 
 
-def git_state() -> tuple[str, bool]:
-    """(commit, dirty) of the checkout this code runs from; ("unknown", False) outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout
-        return commit, bool(status.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
-
-
 def check_reachable(timeout_s: float = 10.0) -> None:
     """Raise TrackingUnreachable when MLFLOW_TRACKING_URI names a server that does not answer."""
     import mlflow
 
+    _http_settings()
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
@@ -116,12 +116,14 @@ class Tracker:
         self._sender: threading.Thread | None = None
         self._warned = False
 
-    def start(self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None) -> str | None:
+    def start(self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None,
+              git: GitState) -> str | None:
         if not self.active:
             return None
         import mlflow
 
-        commit, dirty = git_state()
+        _http_settings()
+        commit, dirty = git.commit, git.dirty
         tags = {
             "reproduce.model": cfg.model.name,
             "reproduce.study": cfg.data.dataset,
@@ -131,9 +133,9 @@ class Tracker:
             "reproduce.git_dirty": str(dirty).lower(),
             "reproduce.torch": torch.__version__,
             "reproduce.cuda": str(torch.version.cuda),
-            "reproduce.host": socket.gethostname(),
+            "reproduce.host": host(),
             "reproduce.platform": platform.platform(),
-            "reproduce.gpu": torch.cuda.get_device_name() if self.info.device.type == "cuda" else "none",
+            "reproduce.gpu": device_name(self.info.device),
             "reproduce.world_size": str(self.info.world_size),
             "reproduce.launcher": self.info.launcher,
             "reproduce.slurm_job_id": self.info.slurm_job_id or "",
@@ -181,7 +183,7 @@ class Tracker:
         if not (self.active and self.run_id):
             return
         text = json.dumps(metrics, indent=2, sort_keys=True)
-        (self.run_dir / "final_metrics.json").write_text(text)
+        atomic_write_text(self.run_dir / "final_metrics.json", text)
         try:
             import mlflow
 
@@ -228,8 +230,7 @@ class Tracker:
                 pass
             if self._pending:
                 try:
-                    for i in range(0, len(self._pending), 1000):  # MLflow's batch limit
-                        client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+                    log_metric_batches(client, self.run_id, self._pending)
                     self._pending = []
                     if self._warned:
                         log.warning("MLflow is reachable again; queued metrics sent")
@@ -260,9 +261,7 @@ class Tracker:
         previous = json.loads(path.read_text())["metrics"] if path.exists() else []
         record = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id, "status": status,
                   "metrics": previous + [[m.key, m.value, m.timestamp, m.step] for m in self._pending]}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write_json(path, record)
         log.warning("MLflow did not take %d metrics and the final status %s; they are in %s: send them with "
                     "`reproduce sync %s` once the server is back", len(self._pending), status, path, self.run_dir)
 
@@ -282,8 +281,7 @@ def sync(run_dir: Path) -> int:
     check_reachable()
     client = mlflow.MlflowClient()
     metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(record["run_id"], metrics=metrics[i:i + 1000])
+    log_metric_batches(client, record["run_id"], metrics)
     client.set_terminated(record["run_id"], status=record["status"])
     path.unlink()
     print(f"sent {len(metrics)} metrics to run {record['run_id']} and marked it {record['status']}")

@@ -33,9 +33,10 @@ from tqdm import tqdm
 from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import DataError, build_data, eval_loader, train_loader
-from reproduce.engine import evaluate, lr_at, train_step
+from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
 from reproduce.models import build_model
-from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable, git_state
+from reproduce.provenance import git_state
+from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable
 
 log = logging.getLogger("reproduce.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -124,15 +125,14 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
     unwrapped = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
     memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     unwrapped.to(info.device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(unwrapped.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer = build_optimizer(unwrapped.parameters(), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
 
     run_dir = cfg.run_dir()
     latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
     start, run_id = 0, None
     if latest is not None:
-        state = checkpoint.load(latest)
+        state = checkpoint.load(latest, verified=True)
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -147,8 +147,9 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
     if cfg.run.compile:
         model = torch.compile(model, mode=cfg.run.compile_mode)
 
+    git = git_state()  # read once per run: checkpoints and MLflow record the same state
     tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
-    run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id), info)
+    run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
     if info.is_main:
         _write_text(run_dir / "config.yaml", cfg.to_yaml())
         per_epoch = len(data.train) // cfg.optim.batch_size
@@ -165,7 +166,7 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
             checkpoint.save(run_dir, done, {
                 "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
                 "rng": checkpoint.rng_state(), "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
-                "git_commit": git_state()[0],
+                "git_commit": git.commit,
                 # bf16 autocast needs no loss scaling, so there is no GradScaler state to keep.
             }, keep=cfg.run.keep_checkpoints)
         distributed.barrier(info)  # no rank runs ahead of a checkpoint that may be needed to resume
