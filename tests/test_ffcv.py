@@ -31,10 +31,11 @@ from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.transforms import ToTensor  # noqa: E402
 
-from reproduce import prepare, train  # noqa: E402
+from reproduce import train  # noqa: E402
 from reproduce.config import load_config  # noqa: E402
 from reproduce.data import DataError, build_data, cifar_split, eval_loader, train_loader  # noqa: E402
 from reproduce.data.cifar import load_cifar10  # noqa: E402
+from reproduce.data.ffcv import prepare  # noqa: E402
 from reproduce.data.ffcv_loaders import _Epoch, iterate  # noqa: E402
 from tests.conftest import CLASSES, REPO, shared_file, stop_and_resume_matches_straight, tiny_overrides  # noqa: E402
 from tests.test_gpu_loader import check_uniform_crops_and_flips, dist, make_marker_tree, marker, marker_config, read_offsets  # noqa: E402
