@@ -109,6 +109,18 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
     return state
 
 
+def contents(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, mlflow_run_id: str | None,
+             cfg, git) -> dict[str, Any]:
+    """Everything a resumed run needs, from the unwrapped model (never a DDP or compiled
+    wrapper, whose key names differ). bf16 autocast needs no loss scaling, so there is no
+    GradScaler state to keep. `cfg` is the run's Config, `git` its provenance.GitState."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+        "rng": rng_state(), "mlflow_run_id": mlflow_run_id, "config": cfg.model_dump(mode="json"),
+        "git_commit": git.commit,
+    }
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

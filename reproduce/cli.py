@@ -17,66 +17,41 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# command -> "module:function"; each function takes the command's own arguments and returns
+# the exit status. Modules are imported only when their command runs (torch, MLflow and FFCV
+# are slow to import).
+COMMANDS = {
+    "models": "reproduce.models:main",
+    "train": "reproduce.train:main",
+    "study": "reproduce.runs.study:main",
+    "check": "reproduce.config:check_main",
+    "prepare": "reproduce.data.ffcv.prepare:main",
+    "sweep": "reproduce.runs.sweep:main",
+    "report": "reproduce.report:main",
+    "analyze": "reproduce.report.responses:main",
+    "bench": "reproduce.bench.overhead:main",
+    "bench-loaders": "reproduce.bench.loaders:main",
+    "bench-matrix": "reproduce.bench.matrix:main",
+    "sync": "reproduce.tracking:sync_main",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("command", choices=["models", "train", "study", "check", "sweep", "report", "analyze", "bench", "bench-loaders", "bench-matrix", "prepare", "sync"])
+    parser.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in parser._actions[-1].choices:
-        parser.parse_args(argv[:1])  # prints the usage line and exits 2
-    if command == "models":
-        from reproduce.models import format_model_table
-
-        print(format_model_table())
-        return 0
-    if command == "train":
-        from reproduce import train
-
-        return train.main(rest)
-    if command == "check":
-        return _check(rest)
-    if command == "sync":
-        from pathlib import Path
-
-        from reproduce.tracking import TrackingUnreachable, sync
-
-        if len(rest) != 1:
-            print("usage: reproduce sync RUN_DIR", file=sys.stderr)
-            return 2
-        try:
-            return sync(Path(rest[0]))
-        except TrackingUnreachable as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    import importlib
-
-    return importlib.import_module(f"reproduce.{command.replace('-', '_')}").main(rest)
-
-
-def _check(argv: list[str]) -> int:
-    from reproduce.config import ConfigError, load_config
-
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if not files:
-        print("usage: reproduce check FILE... [key=value ...]", file=sys.stderr)
-        return 2
-    status = 0
-    for path in files:
-        try:
-            load_config(path, overrides)
-            print(f"ok    {path}")
-        except ConfigError as err:
-            print(f"error {path}: {err}", file=sys.stderr)
-            status = 2
-    return status
+    if command not in COMMANDS:
+        parser.parse_args(argv[:1])  # prints the usage line with the choices and exits 2
+    module, function = COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module), function)(rest)
 
 
 if __name__ == "__main__":

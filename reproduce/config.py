@@ -321,3 +321,24 @@ def _flatten(tree: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """`reproduce check FILE... [key=value ...]`: validate configs without running them."""
+    import sys
+
+    argv = list(argv or [])
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if not files:
+        print("usage: reproduce check FILE... [key=value ...]", file=sys.stderr)
+        return 2
+    status = 0
+    for path in files:
+        try:
+            load_config(path, overrides)
+            print(f"ok    {path}")
+        except ConfigError as err:
+            print(f"error {path}: {err}", file=sys.stderr)
+            status = 2
+    return status

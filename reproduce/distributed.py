@@ -155,6 +155,35 @@ def describe_stall(info: DistInfo, iteration: int, err: BaseException) -> str:
            f"{str(err).splitlines()[0][:160]}"
 
 
+def agree(check, info: DistInfo):
+    """Run `check()` on rank 0 only and return its result there (None elsewhere). If it raises,
+    every rank raises the same exception (same class, same one-line message), so all ranks
+    refuse bad input together instead of some waiting forever in the next collective."""
+    result, problem = None, None
+    if info.is_main:
+        try:
+            result = check()
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every rank)
+            if not info.distributed:
+                raise
+            problem = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
+    if info.distributed:
+        problem = broadcast_object(problem, info)  # exceptions pickle with their class and message
+    if problem is not None:
+        raise problem
+    return result
+
+
+def _picklable(obj) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(obj))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's value of `obj` on every rank."""
     if not info.distributed:

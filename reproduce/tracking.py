@@ -288,5 +288,20 @@ def sync(run_dir: Path) -> int:
     return 0
 
 
+def sync_main(argv: list[str] | None = None) -> int:
+    """`reproduce sync RUN_DIR`."""
+    import sys
+
+    argv = list(argv or [])
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: reproduce sync RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        return sync(Path(argv[0]))
+    except TrackingUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def _short(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__

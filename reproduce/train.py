@@ -23,8 +23,8 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
-from reproduce.data import DataError, build_data, eval_loader, train_loader
+from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
 from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
 from reproduce.models import build_model
-from reproduce.provenance import git_state
+from reproduce.io import atomic_write_text
+from reproduce.provenance import GitState, git_state
 from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable
 
 log = logging.getLogger("reproduce.train")
@@ -80,8 +81,8 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
         # Everything that can be refused is checked before any training: data, the run
         # directory's lock, the tracking server. Rank 0's verdict is every rank's.
         data = build_data(cfg)
-        lock = _agreed(lambda: checkpoint.lock_run_dir(cfg.run_dir()), info)
-        _agreed(check_reachable, info)
+        lock = distributed.agree(lambda: checkpoint.lock_run_dir(cfg.run_dir()), info)
+        distributed.agree(check_reachable, info)
         if distributed.any_rank(stop.requested, info):
             log.warning("stop requested before training started; nothing to save, exiting")
             return 128 + signal.SIGTERM
@@ -98,21 +99,38 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
             lock.close()
 
 
-def _agreed(check, info: distributed.DistInfo):
-    """Run `check` on rank 0; if it raises, raise the same one-line error on every rank."""
-    result, problem = None, None
-    if info.is_main:
-        try:
-            result = check()
-        except (checkpoint.RunDirBusy, TrackingUnreachable) as err:
-            problem = (type(err).__name__, str(err))
-    problem = distributed.broadcast_object(problem, info)
-    if problem:
-        raise {"RunDirBusy": checkpoint.RunDirBusy, "TrackingUnreachable": TrackingUnreachable}[problem[0]](problem[1])
-    return result
+@dataclass
+class Run:
+    """What the loop works on: the config, the processes, the data, the networks, the
+    optimizer and where the run is logged and saved. Built once by `train`."""
+    cfg: Config
+    info: distributed.DistInfo
+    data: Data
+    unwrapped: torch.nn.Module  # saved and loaded; never the DDP or compiled wrapper
+    model: torch.nn.Module  # what the steps call: unwrapped, wrapped in DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    tracker: Tracker
+    stop: "_StopFlag"
+    git: GitState
+    run_id: str | None
+    start: int  # the first iteration this process trains (0, or where the checkpoint left off)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.run.channels_last else torch.contiguous_format
+
+    def save(self, done: int) -> None:
+        """A checkpoint after `done` iterations (rank 0 writes; every rank waits for it)."""
+        if not all(torch.isfinite(p).all() for p in self.unwrapped.parameters()):  # never save a broken model
+            raise NonFiniteLoss(f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, self.cfg.optim.lr, self.cfg.schedule):g});"
+                                " stopping without writing a checkpoint")
+        if self.info.is_main:
+            state = checkpoint.contents(self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git)
+            checkpoint.save(self.cfg.run_dir(), done, state, keep=self.cfg.run.keep_checkpoints)
+        distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
 
 
-def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> int:
+def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag") -> int:
     if cfg.run.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -132,7 +150,7 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
     latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
     start, run_id = 0, None
     if latest is not None:
-        state = checkpoint.load(latest, verified=True)
+        state = checkpoint.load(latest, verified=True)  # rank 0's find_latest checked the digest
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -147,40 +165,27 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
     if cfg.run.compile:
         model = torch.compile(model, mode=cfg.run.compile_mode)
 
-    git = git_state()  # read once per run: checkpoints and MLflow record the same state
+    git = git_state()  # read once per run: the checkpoints and MLflow record the same state
     tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
+    run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start)
     if info.is_main:
-        _write_text(run_dir / "config.yaml", cfg.to_yaml())
-        per_epoch = len(data.train) // cfg.optim.batch_size
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         log.info("%s on %s", cfg.model.name, data.description)
         log.info("global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
                  cfg.optim.batch_size, info.world_size, cfg.optim.batch_size // info.world_size, iterations,
-                 iterations / per_epoch, run_dir, run_id, f"; resuming at iteration {start}" if start else "")
-
-    def save(done: int) -> None:
-        if not all(torch.isfinite(p).all() for p in unwrapped.parameters()):  # never save a broken model
-            raise NonFiniteLoss(f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, cfg.optim.lr, cfg.schedule):g});"
-                                " stopping without writing a checkpoint")
-        if info.is_main:
-            checkpoint.save(run_dir, done, {
-                "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done,
-                "rng": checkpoint.rng_state(), "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json"),
-                "git_commit": git.commit,
-                # bf16 autocast needs no loss scaling, so there is no GradScaler state to keep.
-            }, keep=cfg.run.keep_checkpoints)
-        distributed.barrier(info)  # no rank runs ahead of a checkpoint that may be needed to resume
+                 iterations / (len(data.train) // cfg.optim.batch_size), run_dir, run_id, f"; resuming at iteration {start}" if start else "")
 
     status = "FAILED"
     try:
         try:
-            _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop)
+            _loop(run)
         except RuntimeError as err:
             if info.distributed and distributed.looks_like_lost_peer(err):
                 raise distributed.Stalled(distributed.describe_stall(info, stop.iteration, err)) from err
             raise
-        final = _final_eval(cfg, info, data, unwrapped, tracker)
-        save(iterations)
+        final = _final_eval(run)
+        run.save(iterations)
         tracker.log_final(final)
         status = "FINISHED"
         if info.is_main:
@@ -194,21 +199,21 @@ def train(cfg: Config, info: distributed.DistInfo, data, stop: "_StopFlag") -> i
         tracker.end(status)
 
 
-def _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, stop) -> None:
+def _loop(run: Run) -> None:
+    cfg, info, stop = run.cfg, run.info, run.stop
     iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    per_epoch = len(data.train) // global_batch
-    bar = tqdm(total=iterations, initial=start, disable=not (info.is_main and cfg.run.progress),
+    per_epoch = len(run.data.train) // global_batch
+    bar = tqdm(total=iterations, initial=run.start, disable=not (info.is_main and cfg.run.progress),
                dynamic_ncols=True, mininterval=1.0, unit="it")
     window = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, wrong, images (this rank)
     window_start, window_iters = time.perf_counter(), 0
-    model.train()
-    for it, (images, labels) in zip(range(start, iterations), train_loader(data, cfg, info, start)):
+    run.model.train()
+    for it, (images, labels) in zip(range(run.start, iterations), train_loader(run.data, cfg, info, run.start)):
         lr = lr_at(it, cfg.optim.lr, cfg.schedule)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         labels = labels.to(info.device, non_blocking=True)
-        loss, logits = train_step(model, optimizer, images, labels, info.device, cfg.run.amp, memory_format)
+        loss, logits = train_step(run.model, run.optimizer, images, labels, info.device, cfg.run.amp, run.memory_format)
         with torch.no_grad():
             wrong = logits.argmax(dim=1).ne(labels).sum()
             window += torch.stack([loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))])
@@ -224,45 +229,47 @@ def _loop(cfg, info, data, model, unwrapped, optimizer, tracker, start, save, st
             speed = window_iters * global_batch / (time.perf_counter() - window_start)
             metrics = {"train_loss": mean_loss, "train_top1_err": 100.0 * wrong_sum / seen, "lr": lr,
                        "images_per_sec": speed, "epoch": done / per_epoch}
-            tracker.log_metrics(metrics, step=done)
+            run.tracker.log_metrics(metrics, step=done)
             bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{metrics['train_top1_err']:.1f}%", img_s=f"{speed:.0f}",
                             epoch=f"{done / per_epoch:.1f}", refresh=False)
             window.zero_()
             window_start, window_iters = time.perf_counter(), 0
 
         if done % cfg.eval.every == 0 and done < iterations:
-            tracker.log_metrics(_periodic_eval(cfg, info, data, model), step=done)
+            run.tracker.log_metrics(_periodic_eval(run, run.model), step=done)
             window_start = time.perf_counter()  # evaluation time is not training speed
         if done % cfg.run.checkpoint_every == 0 and done < iterations:
-            save(done)
+            run.save(done)
             window_start = time.perf_counter()
         stop.iteration = done
         if info.distributed and done % STOP_CHECK_EVERY == 0:
             distributed.heartbeat(info, done)
         if (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested, info):
-            save(done)
+            run.save(done)
             bar.close()
             raise Stopped()
     bar.close()
 
 
-def _periodic_eval(cfg, info, data, model) -> dict[str, float]:
+def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
     """Validation error; for CIFAR also the test error (Fig. 6 plots test error curves)."""
+    cfg, data = run.cfg, run.data
     out = {}
     splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset == "cifar10" else [])
     for name, split in splits:
         if split is not None:
-            result = evaluate(model, eval_loader(split, cfg, info), info, cfg.run.amp, cfg.run.channels_last)
+            result = evaluate(model, eval_loader(split, cfg, run.info), run.info, cfg.run.amp, cfg.run.channels_last)
             out.update({f"{name}_{k}": v for k, v in result.items()})
     return out
 
 
-def _final_eval(cfg, info, data, model, tracker) -> dict[str, float]:
-    final = _periodic_eval(cfg, info, data, model)
+def _final_eval(run: Run) -> dict[str, float]:
+    cfg = run.cfg
+    final = _periodic_eval(run, run.unwrapped)
     if cfg.data.dataset != "cifar10":  # the test split (ImageNet val) under the configured protocol
-        result = evaluate(model, eval_loader(data.test, cfg, info), info, cfg.run.amp, cfg.run.channels_last)
+        result = evaluate(run.unwrapped, eval_loader(run.data.test, cfg, run.info), run.info, cfg.run.amp, cfg.run.channels_last)
         final.update({f"test_{k}": v for k, v in result.items()})
-    tracker.log_metrics(final, step=cfg.schedule.iterations)
+    run.tracker.log_metrics(final, step=cfg.schedule.iterations)
     return final
 
 
@@ -280,14 +287,6 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mlflow
 
-from reproduce import study
+from reproduce.runs import study
 
 
 def test_study_trains_each_model_and_prints_the_table(cifar_tar, capsys):

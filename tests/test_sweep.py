@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from reproduce import sweep
+from reproduce.runs import sweep
 from tests.conftest import REPO, tiny_overrides
 
 CIFAR = REPO / "configs" / "cifar10"

@@ -140,3 +140,13 @@ def format_model_table() -> str:
                      f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e9:>11.3f}G")
     lines.append("params in millions; mult-adds (convolutions + FC) of one image at the input size shown, in 1e9")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`reproduce models`: the registry as a table."""
+    import argparse
+
+    argparse.ArgumentParser(prog="reproduce models", description="every registered network: parameters and "
+                            "multiply-adds at the paper's input size").parse_args(argv)
+    print(format_model_table())
+    return 0

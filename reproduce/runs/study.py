@@ -16,7 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "cifar10"
+from reproduce import provenance
+
+CONFIGS = provenance.CONFIGS / "cifar10"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

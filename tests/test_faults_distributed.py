@@ -1,0 +1,76 @@
+"""Faults of a multi-process job: a rank killed, a rank that stalls.
+
+Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
+go into results/reliability.md (tools/reliability.py)."""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+
+from reproduce import checkpoint
+from tests.conftest import tiny_overrides
+from tests.faults import _same_weights, _steps, _torchrun, _wait_for, _worker
+
+
+# --- 1. a rank killed ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint(cifar_tar, tmp_path):
+    """Fault: a training process dies (SIGKILL, OOM killer, node failure).
+    Injected: SIGKILL to rank 1 of a 2-process torchrun job (--max-restarts 2) after its first checkpoint.
+    Suite: torchrun restarts both ranks; they resume from the newest checkpoint into the same MLflow run.
+    Lost: the iterations since the last checkpoint, recomputed identically; final weights equal an uninterrupted run's."""
+    iterations = 40
+    straight = tiny_overrides(cifar_tar, iterations, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 10,
+                                                        "eval.every": 20})
+    proc = _torchrun(straight)
+    assert proc.wait(300) == 0, proc.stdout.read()
+
+    faulty = tiny_overrides(cifar_tar, iterations, **{"run.dir": tmp_path / "faulty", "run.checkpoint_every": 10,
+                                                      "eval.every": 20})
+    proc = _torchrun(faulty, "--max-restarts", "2")
+    _wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "faulty"), 240, "the first checkpoint")
+    victim = _wait_for(lambda: _worker(proc, 1), 30, "rank 1")
+    victim.kill()
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    faulty_runs = [r for r in runs if r.data.tags["reproduce.run_dir"] == str((tmp_path / "faulty").resolve())]
+    assert len(faulty_runs) == 1 and faulty_runs[0].info.status == "FINISHED"
+    assert faulty_runs[0].data.tags.get("reproduce.resumes") == "1"  # it really restarted
+    assert _steps(faulty_runs[0].info.run_id, "train_loss") == list(range(1, iterations + 1))  # no step twice
+    assert _same_weights(tmp_path / "straight", tmp_path / "faulty")
+
+# --- 2. a rank that stalls ----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stalled_rank_fails_the_job_naming_it(cifar_tar, tmp_path):
+    """Fault: a process hangs (stuck I/O, a frozen GPU, a debugger attached).
+    Injected: SIGSTOP to rank 1 of a 2-process torchrun job after its first checkpoint; run.collective_timeout_s=20.
+    Suite: rank 0 gives up after the timeout with one line naming rank 1 (pid, host, last iteration); the run is FAILED.
+    Lost: nothing before the last checkpoint, which stays intact; the job ends instead of hanging."""
+    overrides = tiny_overrides(cifar_tar, 2000, **{"run.dir": tmp_path / "stall", "run.checkpoint_every": 10,
+                                                   "eval.every": 5000, "run.collective_timeout_s": 20})
+    proc = _torchrun(overrides)
+    victim = None
+    try:
+        _wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "stall"), 240, "the first checkpoint")
+        victim = _wait_for(lambda: _worker(proc, 1), 30, "rank 1")
+        victim.suspend()
+        stalled_at = time.monotonic()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if victim is not None and victim.is_running():
+            victim.kill()
+        proc.kill()
+    assert proc.returncode != 0
+    assert time.monotonic() - stalled_at < 200  # the timeout (20 s) plus torchrun's shutdown grace, not forever
+    line = next((l for l in out.splitlines() if "stopped answering" in l), None)
+    assert line, out
+    assert f"rank 1 (pid {victim.pid} on" in line, line
+    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    assert run.info.status == "FAILED"
+    for path in checkpoint.list_checkpoints(tmp_path / "stall"):
+        assert checkpoint.verify(path) is None
