@@ -8,13 +8,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from reproduce import bench, bench_matrix
+from reproduce.bench import matrix, overhead
 from reproduce.models import build_model, count_macs
 
 
 @pytest.mark.slow
 def test_bench_compares_train_py_with_a_bare_loop(capsys):
-    code = bench.main(["--iterations", "8", "--warmup", "4", "--rounds", "1", "data.synthetic=true", "data.workers=0",
+    code = overhead.main(["--iterations", "8", "--warmup", "4", "--rounds", "1", "data.synthetic=true", "data.workers=0",
                        "optim.batch_size=8", "run.device=cpu", "run.progress=false", "eval.max_images=64"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -33,7 +33,7 @@ def test_bench_matrix_writes_every_cell_with_its_provenance(cifar_tar, tmp_path)
     """Two cells (channels_last off / on) on synthetic and real input: the table, its arithmetic,
     its verdicts and the MLflow run that holds the same numbers."""
     out = tmp_path / "bench"
-    code = bench_matrix.main(["--models", "resnet20", "--precision", "fp32", "--channels-last", "off", "on", "--compile", "off",
+    code = matrix.main(["--models", "resnet20", "--precision", "fp32", "--channels-last", "off", "on", "--compile", "off",
                               "--cifar-data", str(cifar_tar), "--iterations", "4", "--warmup", "1", "--batch", "8",
                               "--workers", "1", "--out", str(out)])
     assert code == 0
@@ -56,13 +56,13 @@ def test_bench_matrix_writes_every_cell_with_its_provenance(cifar_tar, tmp_path)
 
 
 def test_bench_matrix_refuses_bad_input_in_one_line(tmp_path, capsys):
-    assert bench_matrix.main(["--models", "resnet21", "--out", str(tmp_path)]) == 2
+    assert matrix.main(["--models", "resnet21", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown model resnet21; `reproduce models` lists them"
-    assert bench_matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)]) == 2
+    assert matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: config error: data.path") and "no such file" in err and "\n" not in err
     (tmp_path / "empty.tar.gz").write_bytes(b"")
-    assert bench_matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "empty.tar.gz"), "--out", str(tmp_path)]) == 2
+    assert matrix.main(["--models", "resnet20", "--cifar-data", str(tmp_path / "empty.tar.gz"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "empty.tar.gz" in err and "\n" not in err, err
     assert not list(tmp_path.glob("matrix.*"))  # refused before any cell

@@ -18,7 +18,11 @@ import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param, RunTag
 
-from reproduce import analyze, report, sweep
+from reproduce import report
+from reproduce.report.figures import depth_curves
+from reproduce.report.runs import load_mlflow_runs, select_runs
+from reproduce.report.tables import load_paper, paper_reference
+from reproduce.runs import sweep
 from tests.conftest import REPO, tiny_overrides
 
 FULL = 64000
@@ -130,8 +134,8 @@ def test_report_from_local_store(tmp_path, store):
 
 def test_figure_lines_are_the_runs_metrics(store):
     histories = store
-    runs = report.load_mlflow_runs("cifar10", "cifar10")
-    fig = analyze.depth_curves(report.select_runs(runs, "cifar10").main, "cifar10")
+    runs = load_mlflow_runs("cifar10", "cifar10")
+    fig = depth_curves(select_runs(runs, "cifar10").main, "cifar10")
     plain, resnets = fig.axes
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
     assert {line.get_gid() for line in plain.get_lines()} == {"plain-20|train", "plain-20|test_top1_err"}
@@ -159,15 +163,15 @@ def test_report_from_export_matches_mlflow(tmp_path, monkeypatch, store):
 
 
 def test_imagenet_rows_use_the_protocols_reference():
-    paper = report.load_paper()
-    ref = report.paper_reference(paper, ("resnet34", "B", "v1", "tencrop"), "test_top5_err")
+    paper = load_paper()
+    ref = paper_reference(paper, ("resnet34", "B", "v1", "tencrop"), "test_top5_err")
     assert ref["reference"] == 7.46 and ref["reference_source"] == "Table 3"
-    ref = report.paper_reference(paper, ("plain34", "", "v1", "tencrop"), "test_top1_err")
+    ref = paper_reference(paper, ("plain34", "", "v1", "tencrop"), "test_top1_err")
     assert ref["reference"] == 28.54 and ref["reference_source"] == "Table 2, Table 3"
-    ref = report.paper_reference(paper, ("resnet34", "", "v1", "tencrop"), "test_top1_err")
+    ref = paper_reference(paper, ("resnet34", "", "v1", "tencrop"), "test_top1_err")
     assert ref["reference"] == 25.03  # no shortcut given: the paper's default row (A) comes first
-    assert report.paper_reference(paper, ("resnet50", "B", "v1.5", "center224"), "test_top1_err")["reference"] == 23.85
-    assert math.isnan(report.paper_reference(paper, ("resnet20", "A", "v1", "tencrop"), "test_top1_err")["reference"])
+    assert paper_reference(paper, ("resnet50", "B", "v1.5", "center224"), "test_top1_err")["reference"] == 23.85
+    assert math.isnan(paper_reference(paper, ("resnet20", "A", "v1", "tencrop"), "test_top1_err")["reference"])
 
 
 def test_report_without_runs_fails_clearly(tmp_path, capsys, store):

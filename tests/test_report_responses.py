@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from reproduce import analyze, checkpoint, report, train
+from reproduce import checkpoint, report, train
+from reproduce.report import responses
+from reproduce.report.figures import response_figure
+from reproduce.report.runs import load_mlflow_runs, select_runs
 from reproduce.config import Config
 from reproduce.data import build_data
 from reproduce.models import build_model
@@ -47,7 +50,7 @@ def test_plain_net_responses_match_an_independent_computation(tmp_path, cifar_ta
     assert train.main(["--config", str(REPO / "configs" / "cifar10" / "plain20.yaml"), *tiny_overrides(cifar_tar)]) == 0
     (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
     run_id = run.info.run_id
-    assert analyze.main(["responses", "--run", run_id, "--batch-size", "25"]) == 0  # several batches: sums merge
+    assert responses.main(["responses", "--run", run_id, "--batch-size", "25"]) == 0  # several batches: sums merge
 
     client = mlflow.MlflowClient()
     logged = sorted(client.get_metric_history(run_id, "response_std"), key=lambda m: m.step)
@@ -71,7 +74,7 @@ def test_plain_net_responses_match_an_independent_computation(tmp_path, cifar_ta
     out = tmp_path / "report"
     assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
     assert (out / "fig7.png").stat().st_size > 10_000 and "fig7.png" in (out / "table.md").read_text()
-    fig = analyze.response_figure(report.select_runs(report.load_mlflow_runs("cifar10", "cifar10"), "cifar10").main)
+    fig = response_figure(select_runs(load_mlflow_runs("cifar10", "cifar10"), "cifar10").main)
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
     assert list(lines["plain-20|original"].get_ydata()) == [m.value for m in logged]
     assert list(lines["plain-20|sorted"].get_ydata()) == sorted((m.value for m in logged), reverse=True)
@@ -82,10 +85,10 @@ def test_only_bns_after_3x3_convs_count():
     BNs are not layers; the 16 3x3 convs are."""
     torch.manual_seed(0)
     model = build_model("resnet18", "B")
-    stds = analyze.layer_response_stds(model, [torch.randn(2, 3, 64, 64)])
+    stds = responses.layer_response_stds(model, [torch.randn(2, 3, 64, 64)])
     assert len(stds) == 16 and all(v > 0 for v in stds.values())
 
 
 def test_unknown_run_is_a_clear_error(capsys):
-    assert analyze.main(["responses", "--run", "0" * 32]) == 2
+    assert responses.main(["responses", "--run", "0" * 32]) == 2
     assert "error" in capsys.readouterr().err

@@ -1,12 +1,15 @@
 """Run the fault-injection suite and write results/reliability.md from what happened.
 
-  python -m reproduce.reliability [--out results/reliability.md] [pytest args...]
+  python tools/reliability.py [--out results/reliability.md] [--from-junit FILE] [pytest args...]
 
-Every test of tests/test_faults.py, and the fault tests of tests/test_ffcv.py (.beton files)
+Every test of tests/test_faults*.py, and the fault tests of tests/test_ffcv.py (.beton files)
 and tests/test_sweep.py (parallel sweeps), states in its
 docstring the fault, how it is injected, what the suite does and what is lost; this script
 runs those tests for real (pytest with a JUnit report) and puts each statement beside the
 test's outcome and duration.
+
+This script is not part of the installed package; it uses the checkout's `reproduce`
+(its provenance and atomic writes), found from the script's own location.
 """
 from __future__ import annotations
 
@@ -21,33 +24,40 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SUITES = (REPO / "tests" / "test_faults.py", REPO / "tests" / "test_ffcv.py", REPO / "tests" / "test_sweep.py")
+REPO = Path(__file__).resolve().parent.parent  # this checkout (tools/..): tests/, results/, reproduce/
 FIELDS = ("Fault", "Injected", "Suite", "Lost")
+COMMAND = "python tools/reliability.py"
+
+
+# Every test of a test_faults*.py file is a fault test (test_faults.py, or the files it was
+# split into); test_ffcv.py and test_sweep.py hold some among others, known by their docstrings.
+FAULT_SUITES = tuple(sorted((REPO / "tests").glob("test_faults*.py")))
+SUITES = (*FAULT_SUITES, REPO / "tests" / "test_ffcv.py", REPO / "tests" / "test_sweep.py")
+
+
+def _tests(suite: Path) -> list[ast.FunctionDef]:
+    return [n for n in ast.parse(suite.read_text()).body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
 
 
 def statements() -> dict[str, dict[str, str]]:
     """test name -> {Fault, Injected, Suite, Lost} from the docstrings of the suites: every
-    test of test_faults.py, and those of the other files whose docstring names a Fault."""
+    test of the test_faults*.py files, and those of the other files whose docstring names a Fault."""
     out = {}
     for suite in SUITES:
-        for node in ast.parse(suite.read_text()).body:
-            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
-                continue
+        for node in _tests(suite):
             fields = {}
             for line in (ast.get_docstring(node) or "").splitlines():
                 key, _, text = line.partition(":")
                 if key.strip() in FIELDS:
                     fields[key.strip()] = text.strip()
-            if suite == SUITES[0] or "Fault" in fields:
+            if suite in FAULT_SUITES or "Fault" in fields:
                 out[f"{suite.stem}::{node.name}"] = fields
     return out
 
 
 def node_ids(stmts: dict) -> list[str]:
     """pytest node ids of the documented tests: whole files where every test is one."""
-    whole = [s for s in SUITES if sum(k.startswith(s.stem + "::") for k in stmts) ==
-             sum(isinstance(n, ast.FunctionDef) and n.name.startswith("test_") for n in ast.parse(s.read_text()).body)]
+    whole = [s for s in SUITES if sum(k.startswith(s.stem + "::") for k in stmts) == len(_tests(s))]
     return [str(s) for s in whole] + [str(REPO / "tests" / f"{k.split('::')[0]}.py") + "::" + k.split("::")[1]
                                       for k in stmts if not any(k.startswith(s.stem + "::") for s in whole)]
 
@@ -63,9 +73,10 @@ def run_suite(stmts: dict, extra: list[str]) -> dict[str, list[tuple[str, str, f
 
 def read_junit(report: Path) -> dict[str, list[tuple[str, str, float]]]:
     results: dict[str, list] = {}
+    stems = {s.stem for s in SUITES}
     for case in ET.parse(report).getroot().iter("testcase"):
         module = case.get("classname", "").rpartition(".")[2]
-        if module in {s.stem for s in SUITES}:
+        if module in stems:
             base, _, param = case.get("name", "").partition("[")
             base = f"{module}::{base}"
             outcome = "passed"
@@ -77,13 +88,12 @@ def read_junit(report: Path) -> dict[str, list[tuple[str, str, float]]]:
 
 
 def render(stmts, results, command: str, junit_command: str = "") -> str:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+    git = _reproduce().provenance.git_state(REPO)
+    faults = ", ".join(f"`tests/{s.name}`" for s in FAULT_SUITES)
     lines = [
         "# Reliability: faults injected for real, and what was lost",
         "",
-        "Each row is a test of `tests/test_faults.py` (for FFCV files `tests/test_ffcv.py`, for parallel",
+        f"Each row is a test of {faults} (for FFCV files `tests/test_ffcv.py`, for parallel",
         "sweeps `tests/test_sweep.py`) that injects the fault into real processes (torchrun jobs with gloo,",
         "a real `mlflow server`, real files) on CPU. The goal: never lose more than the work since the last checkpoint, never a",
         "silently wrong result, never a hung job.",
@@ -103,7 +113,7 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
         "",
         "## Provenance",
         f"- command: `{command}`" + (f" (from the JUnit report of: `{junit_command}`)" if junit_command else ""),
-        f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
+        f"- commit: {git.commit}{' (with uncommitted changes)' if git.dirty else ''}",
         f"- host: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
@@ -111,20 +121,28 @@ def render(stmts, results, command: str, junit_command: str = "") -> str:
     return "\n".join(lines)
 
 
+def _reproduce():
+    """The checkout's `reproduce` package (provenance, io), put on sys.path on first use: the
+    script runs from tools/, which is what `python tools/reliability.py` puts there."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import reproduce.io
+    import reproduce.provenance
+
+    return reproduce
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reproduce.reliability", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
-    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults.py, test_ffcv.py and test_sweep.py, "
-                        "instead of running the suite again")
+    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults*.py, test_ffcv.py "
+                        "and test_sweep.py, instead of running the suite again")
     args, extra = parser.parse_known_args(argv)
-    command = "python -m reproduce.reliability" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    command = COMMAND + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     stmts = statements()
     results = read_junit(args.from_junit) if args.from_junit else run_suite(stmts, extra)
     text = render(stmts, results, command, "python -m pytest --junitxml=FILE" if args.from_junit else "")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    _reproduce().io.atomic_write_text(args.out, text)
     print(text)
     failed = [n for n, cases in results.items() for _, o, _ in cases if o in ("FAILED", "ERROR")]
     return 1 if failed else 0

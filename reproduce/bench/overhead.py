@@ -12,45 +12,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from reproduce.bench.harness import bare_loop
+from reproduce.provenance import CONFIGS
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="reproduce bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "cifar10" / "resnet20.yaml"))
+    parser.add_argument("--config", default=str(CONFIGS / "cifar10" / "resnet20.yaml"))
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="full-loop runs, each between two bare-loop runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
-
-
-def bare_loop(cfg, batches, info, iterations: int, warmup: int, num_classes: int) -> float:
-    """Images/s of forward, backward and step only over `batches`: no tracking, no progress,
-    no checkpoints. The first `warmup` steps (compilation, autotuning) are not timed."""
-    from reproduce.engine import train_step
-    from reproduce.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=num_classes)
-    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    model.to(info.device, memory_format=fmt).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
-    step = torch.compile(model, mode=cfg.run.compile_mode) if cfg.run.compile else model
-    start = None
-    for it, (images, labels) in zip(range(iterations), batches):
-        if it == warmup:
-            _sync(info.device)
-            start = time.perf_counter()
-        train_step(step, optimizer, images, labels, info.device, cfg.run.amp, fmt)
-    _sync(info.device)
-    return (iterations - warmup) * cfg.optim.batch_size / (time.perf_counter() - start)
 
 
 def full_loop(args, run_dir: Path, round_: int) -> tuple[float, str]:
@@ -86,6 +63,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     info = distributed.setup(cfg.run.device)
     data = build_data(cfg)
+
     def bare() -> float:
         return bare_loop(cfg, train_loader(data, cfg, info, 0), info, args.iterations, args.warmup, data.num_classes)
 
@@ -106,7 +84,3 @@ def main(argv=None) -> int:
     print(f"MLflow runs of train.py (experiment 'bench', {mlflow.get_tracking_uri()}): {', '.join(run_ids)}")
     return 0
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

@@ -1,8 +1,8 @@
 """Loader benchmark: training images/s of data.loader=ffcv against data.loader=torchvision
 (DataLoader worker processes, PIL decode) on the same real JPEGs, side by side in one run.
 
-  python -m reproduce.bench_loaders [--source ../shared/data/imagenette-224-val.tar.gz] [--workers 2]
-                                    [--batch 64] [--epochs 4] [--rounds 2] [--crop random_resized --size 160]
+  reproduce bench-loaders [--source ../shared/data/imagenette-224-val.tar.gz] [--workers 2]
+                          [--batch 64] [--epochs 4] [--rounds 2] [--crop random_resized --size 160]
 
 The JPEGs (Imagenette val, 3,925 images of 224 x 224) are unpacked into a temporary folder
 and prepared by `reproduce prepare imagenet` three ways: all JPEG (quality 90: the same kind
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from reproduce.provenance import CONFIGS, REPO
+
 VARIANTS = {"ffcv-jpg": 1.0, "ffcv-mix": 0.5, "ffcv-raw": 0.0}  # --compress-probability of each preparation
 
 
@@ -86,8 +87,8 @@ def measure(cfg, epochs: int) -> list[float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from reproduce import prepare
     from reproduce.config import load_config
+    from reproduce.data.ffcv import prepare
 
     if not args.source.exists():
         print(f"error: {args.source} not found (see ../shared/data/README.md)", file=sys.stderr)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         base = [f"data.workers={args.workers}", f"optim.batch_size={args.batch}", f"data.crop={args.size}",
                 f"data.train_crop={args.crop}", f"schedule.iterations={args.epochs * (n // args.batch)}",
                 "schedule.milestones=[]", "run.device=cpu"]
-        configs = {"torchvision": load_config(REPO / "configs/imagenet/resnet18.yaml", base + [f"data.path={tree}"])}
+        configs = {"torchvision": load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}"])}
         for name in variants:
             out = Path(tmp) / name
             prepared_at = time.perf_counter()
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
                 return 2
             print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, "
                   f"{(out / 'train.beton').stat().st_size / 1e6:.0f} MB", file=sys.stderr)
-            configs[name] = load_config(REPO / "configs/imagenet/resnet18.yaml",
+            configs[name] = load_config(CONFIGS / "imagenet" / "resnet18.yaml",
                                         base + [f"data.path={out}", "data.loader=ffcv"])
         results = {name: [] for name in configs}
         for round_ in range(args.rounds):

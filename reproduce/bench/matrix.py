@@ -5,8 +5,8 @@ torch.compile and input, each cell beside the share of the device's measured bf1
   reproduce bench-matrix --cifar-data ../shared/data/cifar10-jpeg.tar.gz --imagenet-data DIR
   reproduce bench-matrix --models resnet50 --precision bf16 --channels-last on --compile off default
 
-Every cell runs the bare training step of `reproduce bench` (engine.train_step: forward,
-backward, SGD step) for --iterations steps, the first --warmup untimed (compilation,
+Every cell runs the bare training step of `reproduce bench` (bench/harness.py: engine.train_step,
+forward, backward, SGD step) for --iterations steps, the first --warmup untimed (compilation,
 autotuning), at the paper's batch (128 CIFAR, 256 ImageNet; halved until it fits) on:
   synthetic  one fixed random batch already on the device: the model's speed alone;
   real       the configured loader (--cifar-loader gpu|ffcv|torchvision on --cifar-data,
@@ -33,17 +33,16 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from reproduce.bench import bare_loop
+from reproduce.bench.harness import bare_loop, loader_alone, measure_peak, release
 from reproduce.data import DataError, build_data, train_loader
+from reproduce.io import atomic_write_text
+from reproduce.provenance import CONFIGS, RESULTS, git_state
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "configs"
 COMPUTE_BOUND_SHARE = 0.9  # real input at >= 90% of the synthetic speed: the loader keeps up
 
 
@@ -64,30 +63,12 @@ def parse_args(argv):
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every cell's config")
     args = parser.parse_args(argv)
     if not 0 <= args.warmup < args.iterations:
         parser.error("--warmup must be at least 0 and below --iterations")
     return args
-
-
-def measure_peak(device: torch.device) -> tuple[float, str]:
-    """(TFLOP/s, what was measured): a square bf16 matrix product on a GPU, fp32 on a CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 1.0:
-        a @ b
-        reps += 1
-        if reps % 10 == 0:
-            _sync(device)
-    _sync(device)
-    rate = 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-    return rate, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,18 +79,6 @@ def train_flops_per_image(model_name: str, size: int) -> float:
     with torch.device("meta"):
         model = build_model(model_name)
     return 6.0 * count_macs(model, size)
-
-
-def loader_alone(batches, device: torch.device, iterations: int, warmup: int, batch: int) -> float:
-    """Images/s of the loader by itself: each batch moved to the device, nothing else."""
-    start = None
-    for it, (images, labels) in zip(range(iterations), batches):
-        if it == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    _sync(device)
-    return (iterations - warmup) * batch / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -140,7 +109,6 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    from reproduce.provenance import git_state
     from reproduce.tracking import TrackingUnreachable, check_reachable, prepare_store
 
     cache = {}  # each dataset, and each loader-alone speed, for the cells that share them
@@ -156,11 +124,11 @@ def main(argv=None) -> int:
         return 2
     mlflow.set_experiment("bench")
     run = mlflow.start_run(run_name="bench-matrix", log_system_metrics=False)
-    commit, dirty = git_state().commit, git_state().dirty
+    git = git_state()
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "commit": git.commit + (" (with uncommitted changes)" if git.dirty else ""),
         "host": socket.gethostname(), "device": _device_name(device), "driver": _driver(device),
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
         "cpus": str(os.cpu_count()), "python": platform.python_version(),
@@ -217,7 +185,7 @@ def _cell(args, config, model, precision, channels_last, compile_mode, info, cac
             print(f"  {model}: out of memory, trying batch {batch}", flush=True)
         finally:
             images = labels = None
-            _release(device)
+            release(device)
     real = loader = None
     if not cfg.data.synthetic:
         key = _data_key(cfg)
@@ -247,14 +215,13 @@ def _timed_cell(cfg, batches, info, args, num_classes) -> float:
         return bare_loop(cfg, batches, info, args.iterations, args.warmup, num_classes)
     finally:
         torch._dynamo.reset()  # the next cell compiles its own graphs, not on top of this one's
-        _release(info.device)
+        release(info.device)
 
 
 def write_tables(rows: list[dict], context: dict, out: Path) -> None:
-    """matrix.csv and matrix.md in `out`, each written whole to a temporary file and renamed."""
-    out.mkdir(parents=True, exist_ok=True)
+    """matrix.csv and matrix.md in `out`, each written atomically (io.atomic_write_text)."""
     frame = pd.DataFrame(rows)
-    _atomic_write(out / "matrix.csv", frame.to_csv(index=False))
+    atomic_write_text(out / "matrix.csv", frame.to_csv(index=False))
     head = ["# Training throughput matrix (`reproduce bench-matrix`)", ""]
     head += [f"- {k}: {'`' + v + '`' if k in ('command', 'commit', 'mlflow_run') else v}" for k, v in context.items()]
     head += ["", "images/s of the bare training step (forward, backward, SGD step; no tracking). synthetic: a fixed "
@@ -264,22 +231,13 @@ def write_tables(rows: list[dict], context: dict, out: Path) -> None:
     shown = frame.fillna("-")
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.itertuples(index=False)]
-    _atomic_write(out / "matrix.md", "\n".join(head + lines) + "\n")
+    atomic_write_text(out / "matrix.md", "\n".join(head + lines) + "\n")
 
 
 def _one_line(row: dict) -> str:
     real = "" if row["real"] is None else f", real {row['real']:.0f} ({row['bound']}), loader alone {row['loader']:.0f}"
     return (f"{row['model']:<10} {row['precision']} cl={row['channels_last']:<3} compile={row['compile']:<16} batch {row['batch']:>3}: "
             f"synthetic {row['synthetic']:.0f} images/s{real}; {row['tflops']:.1f} TFLOP/s = {row['peak_share_pct']:.1f}% of peak")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _device_name(device: torch.device) -> str:
@@ -298,16 +256,6 @@ def _driver(device: torch.device) -> str:
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown (nvidia-smi failed)"
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

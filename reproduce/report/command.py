@@ -1,0 +1,104 @@
+"""Rebuild the paper's tables and depth-curve figures from the stored runs.
+
+  reproduce report --study cifar10                       runs of MLflow experiment `cifar10`
+  reproduce report --study imagenet --experiment NAME --out DIR
+  reproduce report --study cifar10 --export runs.json    also save the runs for an offline rebuild
+  reproduce report --from-export runs.json               rebuild without MLflow
+
+Writes into results/<study>/ (relative to the working directory) or --out:
+  table.md / table.csv   ours (mean ± std over seeds) next to results/paper.csv, per model
+  provenance.csv         every run read: status, why it is in or out, commit, host, GPU, data
+  fig6.png (CIFAR-10) or fig4.png (ImageNet); fig7.png when `reproduce analyze responses` ran
+
+Which runs make the table (the same rule for MLflow and for an export):
+  * only FINISHED runs with a final test error; RUNNING, KILLED and FAILED runs are counted
+    in a footnote;
+  * runs sharing the `reproduce.recipe` tag (the config minus seed and housekeeping) are
+    repeats of one recipe; per model (name, shortcut, variant, protocol) the recipe with the
+    most finished runs is tabulated (ties: the longer schedule, then the newest run); the
+    other recipes (e.g. a shortened schedule) are listed separately, not mixed in;
+  * one run per seed: a repeated seed keeps its newest run.
+The export is one JSON file (its format: reproduce/report/runs.py).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from reproduce.io import atomic_write_bytes, atomic_write_text
+from reproduce.report.figures import depth_curves, png, response_figure
+from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, read_export, select_runs, write_export
+from reproduce.report.tables import PAPER_CSV, build_table, load_paper, markdown, provenance
+
+
+# ---------------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", choices=sorted(FINAL_METRICS), help="required unless --from-export names it")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
+    parser.add_argument("--out", type=Path, help="output folder (default results/<study>)")
+    parser.add_argument("--from-export", type=Path, metavar="FILE", help="read the runs from an export, not MLflow")
+    parser.add_argument("--export", type=Path, metavar="FILE", help="also write the runs read to FILE (JSON)")
+    parser.add_argument("--paper", type=Path, default=PAPER_CSV, help="reference numbers (default results/paper.csv)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.from_export:
+        try:
+            doc = read_export(args.from_export)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.study and args.study != doc["study"]:
+            print(f"error: {args.from_export} holds {doc['study']} runs, not {args.study}", file=sys.stderr)
+            return 2
+        study, experiment, runs = doc["study"], doc["experiment"], doc["runs"]
+        source = f"the export {args.from_export} (MLflow experiment `{experiment}`, exported {doc['exported_at']})"
+    else:
+        if not args.study:
+            print("error: --study is required (or --from-export FILE)", file=sys.stderr)
+            return 2
+        import mlflow
+
+        study, experiment = args.study, args.experiment or args.study
+        runs = load_mlflow_runs(experiment, study)
+        source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
+    if args.export:
+        write_export(args.export, runs, study, experiment)
+    if not runs:
+        print(f"error: no {study} runs in {source}", file=sys.stderr)
+        return 1
+    out = args.out or Path("results") / study
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_report(runs, study, out, load_paper(args.paper), "reproduce report " + shlex.join(argv), source)
+    print("wrote " + ", ".join(str(out / name) for name in written))
+    return 0
+
+
+def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, command: str, source: str) -> list[str]:
+    """table.md, table.csv, provenance.csv and the figures in `out`, each written atomically."""
+    selection = select_runs(runs, study)
+    table = build_table(selection.main, study, paper)
+    other = build_table(selection.other, study, paper)
+    prov = provenance(runs, selection)
+    figures = {("fig6.png" if study == "cifar10" else "fig4.png"): depth_curves(selection.main, study)}
+    fig7 = response_figure(selection.main) if study == "cifar10" else None
+    if fig7 is not None:
+        figures["fig7.png"] = fig7
+    for name, fig in figures.items():
+        atomic_write_bytes(out / name, png(fig, dpi=120))
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
+    atomic_write_text(out / "provenance.csv", prov.to_csv(index=False))
+    atomic_write_text(out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source))
+    return ["table.md", "table.csv", "provenance.csv", *figures]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
