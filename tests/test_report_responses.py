@@ -92,3 +92,26 @@ def test_only_bns_after_3x3_convs_count():
 def test_unknown_run_is_a_clear_error(capsys):
     assert responses.main(["responses", "--run", "0" * 32]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_not_analysed(cifar_tar, capsys):
+    """The newest checkpoint fails its sha256: it is set aside and the previous one is measured;
+    with none intact left, a one-line error."""
+    assert train.main(["--config", str(REPO / "configs" / "cifar10" / "resnet20.yaml"), *tiny_overrides(cifar_tar)]) == 0
+    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    run_dir = Path(run.data.tags["reproduce.run_dir"])
+    first, newest = checkpoint.list_checkpoints(run_dir)
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte: torch.load might still read it
+    newest.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert responses.main(["responses", "--run", run.info.run_id, "--images", "20"]) == 0
+    captured = capsys.readouterr()
+    assert f"({first.name}, 20 test images)" in captured.out
+    assert "warning: the newest checkpoint is at iteration 3 of 6" in captured.err
+    assert newest.with_name(newest.name + ".corrupt").exists() and checkpoint.list_checkpoints(run_dir) == [first]
+
+    first.with_name(first.name + ".sha256").unlink()
+    assert responses.main(["responses", "--run", run.info.run_id]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: run {run.info.run_id} has no checkpoint (reproduce.run_dir = {str(run_dir)!r})"
