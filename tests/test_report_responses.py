@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from reproduce import checkpoint, report, train
-from reproduce.report import responses
-from reproduce.report.figures import response_figure
-from reproduce.report.runs import load_mlflow_runs, select_runs
 from reproduce.config import Config
 from reproduce.data import build_data
 from reproduce.models import build_model
+from reproduce.report import responses
+from reproduce.report.figures import response_figure
+from reproduce.report.runs import load_mlflow_runs, select_runs
 from tests.conftest import REPO, tiny_overrides
 
 

@@ -135,8 +135,8 @@ def _reproduce():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
-    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults*.py, test_ffcv.py "
-                        "and test_sweep.py, instead of running the suite again")
+    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults*.py, "
+                        "test_ffcv.py and test_sweep.py, instead of running the suite again")
     args, extra = parser.parse_known_args(argv)
     command = COMMAND + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     stmts = statements()
