@@ -36,7 +36,7 @@ from reproduce.config import load_config  # noqa: E402
 from reproduce.data import DataError, build_data, cifar_split, eval_loader, train_loader  # noqa: E402
 from reproduce.data.cifar import load_cifar10  # noqa: E402
 from reproduce.data.ffcv import prepare  # noqa: E402
-from reproduce.data.ffcv_loaders import _Epoch, iterate  # noqa: E402
+from reproduce.data.ffcv.pipeline import _Epoch, iterate  # noqa: E402
 from tests.conftest import CLASSES, REPO, shared_file, stop_and_resume_matches_straight, tiny_overrides  # noqa: E402
 from tests.test_gpu_loader import check_uniform_crops_and_flips, dist, make_marker_tree, marker, marker_config, read_offsets  # noqa: E402
 
@@ -383,7 +383,7 @@ def test_imagenet_protocols_from_real_jpegs(imagenette, tmp_path):
         assert len(data.train) == 140 and data.num_classes == 10
         batches = list(train_loader(data, cfg, dist(), 0))
         assert len(batches) == 5
-        from reproduce.data import TrainBatches
+        from reproduce.data.order import TrainBatches
 
         for (images, labels), indices in zip(batches, TrainBatches(140, 32, 0, 1, cfg.seed, 0, 5)):
             assert images.shape == (32, 3, 224, 224) and images.dtype == torch.float32 and torch.isfinite(images).all()

@@ -12,8 +12,9 @@ from PIL import Image
 
 from reproduce import train
 from reproduce.config import load_config
-from reproduce.data import TrainBatches, build_data, eval_loader, train_loader
-from reproduce.data.gpu import PAD, pad_crop_flip
+from reproduce.data import build_data, eval_loader, train_loader
+from reproduce.data.augment import PAD, pad_crop_flip
+from reproduce.data.order import TrainBatches
 from reproduce.distributed import DistInfo
 from tests.conftest import CLASSES, REPO, stop_and_resume_matches_straight, tiny_overrides
 

@@ -7,6 +7,9 @@ Accepted `data.path` values:
   .../cifar.tar.gz           a .tar(.gz) of such a tree, read without unpacking
 Image trees are decoded once and cached as .npz under ~/.cache/reproduce (or
 $REPRODUCE_CACHE), keyed by the source's path, size and modification time.
+
+Also the CIFAR-10 protocol that every loader and `reproduce prepare` share: the fixed
+train/validation split, the normalisation statistics and the data's fingerprint.
 """
 from __future__ import annotations
 
@@ -14,19 +17,20 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from reproduce.config import Config
+from reproduce.data.base import DataError
+from reproduce.io import atomic_replace
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be used; the message is one line for the user."""
+LOSSY = " (lossy JPEG copy: errors are not comparable to the paper's to the decimal)"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,65 @@ class CifarArrays:
     test_y: np.ndarray
     source: str  # what was read, for the run's description
     lossy: bool = False  # decoded from JPEG files: not the original CIFAR-10 pixels
+
+    def digest(self) -> str:
+        """The data's fingerprint: of its pixels and labels, whatever the source's format."""
+        h = hashlib.sha256()
+        for a in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(np.ascontiguousarray(a).data)
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    """CIFAR-10 as a config asks for it: all 60k images, training then test, and what the
+    loaders build their splits from."""
+
+    images: torch.Tensor  # (60000, 3, 32, 32) uint8
+    labels: torch.Tensor  # (60000,) int64
+    train_idx: np.ndarray  # the fixed split (cifar_split) of the first n_train images
+    val_idx: np.ndarray | None
+    n_train: int  # images[n_train:] are the test split
+    mean: torch.Tensor  # cifar_stats of the training images
+    std: torch.Tensor
+    fingerprint: str
+    description: str
+
+
+def cifar10(cfg: Config) -> Cifar10:
+    """data.path read (load_cifar10), split (data.val_split) and its statistics (data.normalize)."""
+    arrays = load_cifar10(cfg.data.path)
+    images = torch.from_numpy(np.concatenate([arrays.train_x, arrays.test_x])).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(np.concatenate([arrays.train_y, arrays.test_y]))
+    n_train = len(arrays.train_x)
+    train_idx, val_idx = cifar_split(n_train, cfg.data.val_split)
+    mean, std = cifar_stats(images[torch.from_numpy(train_idx)], cfg.data.normalize.value)
+    description = describe(len(train_idx), cfg.data.val_split, len(arrays.test_x), arrays.source, arrays.lossy)
+    return Cifar10(images, labels, train_idx, val_idx, n_train, mean, std, arrays.digest(), description)
+
+
+def describe(n_train: int, n_val: int, n_test: int, source: str, lossy: bool) -> str:
+    return f"CIFAR-10 {n_train} train / {n_val} val / {n_test} test from {source}{LOSSY if lossy else ''}"
+
+
+def cifar_split(n_train: int, holdout: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train indices, validation indices or None), both sorted. The split is fixed (seed 0),
+    not drawn per run: every run, and every prepared .beton, validates on the same images."""
+    if holdout >= n_train:
+        raise DataError(f"data.val_split={holdout} leaves no training images out of {n_train}")
+    if not holdout:
+        return np.arange(n_train), None
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).numpy()
+    return np.sort(perm[: n_train - holdout]), np.sort(perm[n_train - holdout:])
+
+
+def cifar_stats(train_images: torch.Tensor, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) on [0, 1] pixels from the training images (N, 3, 32, 32) uint8: the per-pixel
+    mean image and std 1 (paper §4.2, `pixel_mean`), or per-channel mean and std (`channel`)."""
+    if normalize == "pixel_mean":
+        return train_images.double().mean(0).div(255).float(), torch.ones(3, 1, 1)
+    flat = train_images.double().div(255)
+    return flat.mean((0, 2, 3)).float().view(3, 1, 1), flat.std((0, 2, 3)).float().view(3, 1, 1)
 
 
 def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> CifarArrays:
@@ -84,11 +147,14 @@ def _cached(path: Path, reader) -> CifarArrays:
             cache.unlink(missing_ok=True)  # a damaged cache is rebuilt from the source
     arrays = reader(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cache_dir)
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x, test_y=arrays.test_y,
-                 lossy=arrays.lossy)
-    os.replace(tmp, cache)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add .npz to the name
+            np.savez(f, train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x, test_y=arrays.test_y,
+                     lossy=arrays.lossy)
+        atomic_replace(tmp, cache)
+    finally:
+        tmp.unlink(missing_ok=True)
     return arrays
 
 

@@ -4,11 +4,12 @@ and every batch is normalised, padded, cropped and flipped there by one gather.
 No worker processes and no host-to-device copy per batch. The order is TrainBatches' (the
 same permutation of the epoch, the same global-batch slices per rank); the augmentation of
 the sample at position p of the epoch's permutation is drawn from the same per-(seed, epoch)
-generator right after the permutation: a (row, column) crop offset uniform in 0..8 and a flip
-bit. So a batch is a pure function of (seed, iteration, rank slice): a resumed run sees the
-same batches bit for bit, and 1 and N processes see the same global batches. The semantics
-are the torchvision path's (pad 4 with the mean colour, i.e. zeros after normalisation,
-random 32x32 crop, flip with p = 0.5), but the random draws are not the same numbers.
+generator right after the permutation (augment.py): a (row, column) crop offset uniform in
+0..8 and a flip bit. So a batch is a pure function of (seed, iteration, rank slice): a
+resumed run sees the same batches bit for bit, and 1 and N processes see the same global
+batches. The semantics are the torchvision path's (pad 4 with the mean colour, i.e. zeros
+after normalisation, random 32x32 crop, flip with p = 0.5), but the random draws are not the
+same numbers.
 
 It works on the CPU too (run.device=cpu), which is how it is tested.
 """
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from reproduce.config import Config
-from reproduce.data import Data, DataError, epoch_generator, eval_indices, rank_slice
+from reproduce.data.augment import epoch_augmentation, normalize, pad_crop_flip
+from reproduce.data.base import Data
+from reproduce.data.cifar import cifar10
+from reproduce.data.order import batches_per_epoch, eval_indices, rank_slice
 from reproduce.distributed import DistInfo
-
-PAD = 4  # pixels of padding on each side before the random 32x32 crop (paper §4.2)
 
 
 @dataclass(eq=False)
@@ -52,54 +53,23 @@ class ResidentSplit:
         return self._copies[key]
 
 
-def build_data(images: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray, val_idx: np.ndarray | None,
-               n_train: int, mean: torch.Tensor, std: torch.Tensor, fingerprint: str, description: str) -> Data:
-    """The three splits of CIFAR-10 from all 60k images (train then test) and the fixed split."""
+def build_data(cfg: Config) -> Data:
+    """The three splits of CIFAR-10 (the fixed split of cifar10(cfg))."""
+    c = cifar10(cfg)
 
     def split(indices: np.ndarray) -> ResidentSplit:
         index = torch.from_numpy(np.asarray(indices, np.int64))
-        return ResidentSplit(images[index].contiguous(), labels[index].contiguous(), mean, std)
+        return ResidentSplit(c.images[index].contiguous(), c.labels[index].contiguous(), c.mean, c.std)
 
-    return Data(train=split(train_idx), val=split(val_idx) if val_idx is not None else None,
-                test=split(np.arange(n_train, len(images))), num_classes=10, fingerprint=fingerprint,
-                description=f"{description}; resident on the device (data.loader=gpu)")
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, 32, 32) -> float32: the same operations, in the same order, as the
-    torchvision path, so evaluation batches agree bit for bit."""
-    return (images.float().div(255) - mean) / std
-
-
-def epoch_augmentation(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(permutation (n,), crop offsets (n, 2) as (row, column) in 0..2*PAD, flip bits (n,)) of
-    one epoch, indexed by position in the permutation. The permutation is TrainBatches'."""
-    generator = epoch_generator(seed, epoch)
-    perm = torch.randperm(n, generator=generator)
-    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator)
-    flips = torch.randint(0, 2, (n,), generator=generator).bool()
-    return perm, offsets, flips
-
-
-def pad_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Normalised (B, C, H, W) -> (B, C, H, W): zero-pad PAD pixels on each side, take the crop
-    at `offsets` (B, 2), mirror it where `flips` (B,) is set. One gather, no per-sample loop."""
-    b, c, h, w = images.shape
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))  # zeros: the mean colour after normalisation
-    rows = offsets[:, :1] + torch.arange(h, device=images.device)  # (B, H)
-    across = torch.arange(w, device=images.device)
-    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - across, across)  # (B, W), mirrored when flipped
-    batch = torch.arange(b, device=images.device).view(b, 1, 1, 1)
-    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
-    return padded[batch, channel, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return Data(train=split(c.train_idx), val=split(c.val_idx) if c.val_idx is not None else None,
+                test=split(np.arange(c.n_train, len(c.images))), num_classes=10, fingerprint=c.fingerprint,
+                description=f"{c.description}; resident on the device (data.loader=gpu)")
 
 
 def train_batches(split: ResidentSplit, cfg: Config, info: DistInfo, start: int):
     """This rank's (images, labels) for iterations start .. schedule.iterations, on info.device."""
     n, global_batch = len(split), cfg.optim.batch_size
-    if n < global_batch:
-        raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
-    per_epoch = n // global_batch  # the last incomplete batch of an epoch is dropped, as in TrainBatches
+    per_epoch = batches_per_epoch(n, global_batch)
     images, labels, mean, std = split.on(info.device)
     epoch = None
     for it in range(start, cfg.schedule.iterations):

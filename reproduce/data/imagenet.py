@@ -1,7 +1,9 @@
 """ImageNet-style folders (train/<wnid>/*, val/<wnid>/*) through torchvision, with the
-paper's augmentation (§3.4) and its two test protocols."""
+paper's augmentation (§3.4) and its two test protocols: the torchvision loader's ImageNet,
+and the constants the ffcv loader's ImageNet shares with it."""
 from __future__ import annotations
 
+import hashlib
 from functools import partial
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from reproduce.data.cifar import DataError
+from reproduce.config import Config
+from reproduce.data.base import Data, DataError, Split
 
 # AlexNet's PCA colour augmentation ("standard color augmentation in [21]"): eigen-decomposition
 # of the ImageNet RGB covariance on [0, 1] pixels, as published with fb.resnet.torch.
@@ -34,13 +37,39 @@ class Lighting(torch.nn.Module):
         return img + (PCA_EIGVEC @ (alpha * PCA_EIGVAL)).view(3, 1, 1)
 
 
-def train_transform(scale: tuple[int, int], crop: int, lighting: float, augment: bool) -> v2.Compose:
+def build_data(cfg: Config) -> Data:
+    """The splits of data.path through torchvision (data.loader=torchvision)."""
+    d = cfg.data
+    train = image_folder(d.path, "train", None)
+    val = image_folder(d.path, "val", None)
+    if train.classes != val.classes:
+        raise DataError(f"{d.path}: train/ and val/ have different class folders")
+    listing = "\n".join(p for p, _ in train.samples + val.samples).encode()
+    return Data(
+        train=Split(train, train_transform(d.scale, d.crop, d.lighting, d.augment, d.train_crop), seeded=True),
+        val=Split(val, eval_transform(d.crop, "center224")),
+        test=Split(val, eval_transform(d.crop, cfg.eval.protocol.value)),
+        num_classes=len(train.classes),
+        fingerprint=hashlib.sha256(listing).hexdigest()[:16],
+        description=f"ImageNet-style folders at {d.path}: {len(train)} train / {len(val)} val images, "
+        f"{len(train.classes)} classes; test = val with protocol {cfg.eval.protocol.value}",
+    )
+
+
+def train_transform(scale: tuple[int, int], crop: int, lighting: float, augment: bool,
+                    train_crop: str = "scale") -> v2.Compose:
+    """The paper's scale augmentation (shorter side resized to s ~ U{scale}, then a random
+    crop x crop window) or, with train_crop=random_resized, torchvision's RandomResizedCrop;
+    then a flip, the PCA lighting and the normalisation."""
     if not augment:
         return eval_transform(crop, "center224")
+    if train_crop == "random_resized":
+        window = [v2.RandomResizedCrop(crop, antialias=True)]
+    else:
+        window = [v2.RandomShortestSize(min_size=list(range(scale[0], scale[1] + 1)), antialias=True), v2.RandomCrop(crop)]
     return v2.Compose([
         v2.PILToTensor(),
-        v2.RandomShortestSize(min_size=list(range(scale[0], scale[1] + 1)), antialias=True),  # scale augmentation
-        v2.RandomCrop(crop),
+        *window,
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
         Lighting(lighting),

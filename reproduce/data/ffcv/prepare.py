@@ -38,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from reproduce.data import ffcv_module
-from reproduce.data.cifar import CLASSES, DataError
+from reproduce.data.base import DataError
+from reproduce.data.cifar import CLASSES
+from reproduce.data.ffcv.loaders import MANIFEST_FORMAT, ffcv_library, ffcv_version, manifest_path
+from reproduce.io import atomic_replace, atomic_write_text
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for path in written:
-        manifest = json.loads(_ffcv().manifest_path(path).read_text())
+        manifest = json.loads(manifest_path(path).read_text())
         print(f"wrote {path}: {manifest['images']:,} images, {manifest['bytes'] / 1e6:,.1f} MB")
     print(f"train with: data.loader=ffcv data.path={args.out}")
     return 0
@@ -87,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> list[Path]:
     import torch
 
-    from reproduce.data import _digest, cifar_split, cifar_stats
-    from reproduce.data.cifar import load_cifar10
+    from reproduce.data.cifar import cifar_split, cifar_stats, load_cifar10
 
-    manifest_path = _ffcv().manifest_path
+    _ffcv()  # DataError before the source is read, if FFCV is missing
     arrays = load_cifar10(source)
     train_idx, val_idx = cifar_split(len(arrays.train_x), val_split)
     train_images = torch.from_numpy(arrays.train_x[train_idx]).permute(0, 3, 1, 2)
@@ -99,7 +100,7 @@ def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> li
         mean, std = cifar_stats(train_images, kind)
         normalization[kind] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
     common = {"dataset": "cifar10", "classes": list(CLASSES), "source": str(source) if source else "torchvision download",
-              "source_digest": _digest(arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y),
+              "source_digest": arrays.digest(),
               "lossy": arrays.lossy, "val_split": val_split, "normalization": normalization}
     writer = {"write_mode": "raw", "max_side": None, "jpeg_quality": None, "compress_probability": 0.0,
               "page_size": CIFAR_PAGE}
@@ -146,7 +147,7 @@ def prepare_imagenet(source: Path, out: Path, max_side: int = 500, jpeg_quality:
 
 def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -> Path:
     """Write `dataset` to `beton` (atomically: a temporary file, then rename) and its manifest."""
-    ffcv_io = _ffcv()  # first: it imports FFCV and keeps torch's thread count
+    _ffcv()  # first: it imports FFCV and keeps torch's thread count
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
@@ -166,22 +167,21 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
             raise DataError(f"{failed.value} images of {meta['split']} could not be decoded, e.g. {example}")
         modes = Reader(str(tmp)).metadata["f0"]["mode"]
         counts = np.bincount(labels, minlength=len(meta["classes"]))
-        manifest = {"format": ffcv_io.MANIFEST_FORMAT, **meta, "file": beton.name, "images": len(dataset),
+        manifest = {"format": MANIFEST_FORMAT, **meta, "file": beton.name, "images": len(dataset),
                     "counts": dict(zip(meta["classes"], counts.tolist())),
-                    "writer": {**writer, "stored_jpeg": int((modes == 0).sum())}, "ffcv": ffcv_io.ffcv_version(),
+                    "writer": {**writer, "stored_jpeg": int((modes == 0).sum())}, "ffcv": ffcv_version(),
                     "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
-        ffcv_io.manifest_path(beton).unlink(missing_ok=True)  # never a new file beside an old manifest
-        os.replace(tmp, beton)
-        manifest_tmp = tmp.with_suffix(".json")
-        manifest_tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n")
-        os.replace(manifest_tmp, ffcv_io.manifest_path(beton))
+        manifest_path(beton).unlink(missing_ok=True)  # never a new file beside an old manifest
+        atomic_replace(tmp, beton)
+        atomic_write_text(manifest_path(beton),
+                          "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n")
     finally:
         tmp.unlink(missing_ok=True)
     return beton
 
 
 def _ffcv():
-    return ffcv_module("reproduce prepare")
+    return ffcv_library("reproduce prepare")
 
 
 def _sha256(path: Path) -> str:

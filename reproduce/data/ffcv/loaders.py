@@ -1,4 +1,4 @@
-"""FFCV loaders: `data.loader=ffcv`, `data.path=DIR` written by `reproduce prepare`.
+"""FFCV loaders: `data.loader=ffcv`, `data.path=DIR` written by `reproduce prepare` (prepare.py).
 
 Order. A rank gives FFCV exactly the images of its slices of the global batches, in the
 order every loader of the suite uses (TrainBatches: the epoch's permutation from (seed,
@@ -25,43 +25,50 @@ What is bitwise repeatable, and what is not:
   (bilinear, antialiased) and then crops.
 - Evaluation (CIFAR single view, center crop, 10-crop) draws nothing: always repeatable.
 
-FFCV 1.0.2 internals used (the version is pinned): `EpochIterator`, subclassed so that an
-exception in its thread reaches the consumer instead of leaving it waiting forever, and
-`ResizedCropRGBImageDecoder` (ffcv_decode.py).
+Importing this module does not import FFCV: the calls into FFCV are pipeline.py's, imported
+on first use by `ffcv_library` (which keeps torch's thread count, and says how to install
+FFCV when it is missing).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 
-_threads = torch.get_num_threads()
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.pipeline.compiler import Compiler
-from ffcv.reader import Reader
-from ffcv.transforms import ToTensor
-
-torch.set_num_threads(_threads)  # importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler)
 from reproduce.config import Config
-from reproduce.data import Data, DataError, epoch_generator, eval_indices, rank_slice
-from reproduce.data.ffcv_decode import CENTER, RANDOM_RESIZED, SCALE, TENCROP, CropDecoder
-from reproduce.data.gpu import epoch_augmentation, normalize, pad_crop_flip
-from reproduce.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, TEST_SHORT_SIDE
+from reproduce.data.augment import epoch_augmentation, normalize, pad_crop_flip
+from reproduce.data.base import Data, DataError
+from reproduce.data.cifar import describe
+from reproduce.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD
+from reproduce.data.order import batches_per_epoch, epoch_generator, eval_indices, rank_slice
 from reproduce.distributed import DistInfo
 
 MANIFEST_FORMAT = "reproduce-beton-1"
-FIELDS = ("image", "label")
-POLL_S = 1.0  # seconds between checks that FFCV's reader thread is still alive
+
+
+def ffcv_library(needed_by: str = "data.loader=ffcv"):
+    """reproduce.data.ffcv.pipeline, the module that calls FFCV, imported on first use:
+    importing FFCV sets torch's thread count to 1 (ffcv.pipeline.compiler), put back here.
+    DataError saying how to install FFCV when it is missing."""
+    threads = torch.get_num_threads()
+    try:
+        from reproduce.data.ffcv import pipeline
+    except ImportError as err:
+        raise DataError(f"{needed_by} needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
+                        "pkg-config, then pip install -e '.[ffcv]'") from None
+    finally:
+        torch.set_num_threads(threads)
+    return pipeline
+
+
+def ffcv_version() -> str:
+    from importlib.metadata import version
+
+    return version("ffcv")
 
 
 def manifest_path(beton: Path) -> Path:
@@ -100,10 +107,9 @@ def build_data(cfg: Config) -> Data:
         val = _open(root / "val.beton", "eval", cfg) if d.val_split else None
         test = _open(root / "test.beton", "eval", cfg)
         _same_preparation(train, val, test, keys=("source_digest", "val_split"))
-        lossy = " (lossy JPEG copy: errors are not comparable to the paper's to the decimal)" if m["lossy"] else ""
         return Data(train, val, test, num_classes=10, fingerprint=m["source_digest"],
-                    description=f"CIFAR-10 {len(train)} train / {d.val_split} val / {len(test)} test from FFCV files in "
-                    f"{root} (prepared from {m['source']}){lossy}")
+                    description=describe(len(train), d.val_split, len(test),
+                                         f"FFCV files in {root} (prepared from {m['source']})", m["lossy"]))
     train = _open(root / "train.beton", "train", cfg)
     val = _open(root / "val.beton", "eval", cfg)
     _same_preparation(train, val, keys=("classes", "source", "writer"))
@@ -145,37 +151,8 @@ def _open(beton: Path, role: str, cfg: Config) -> BetonSplit:
         raise DataError(f"{manifest_path(beton)} is not a manifest of format {MANIFEST_FORMAT}; {how}")
     if manifest["dataset"] != cfg.data.dataset:
         raise DataError(f"{beton} holds {manifest['dataset']} but data.dataset is {cfg.data.dataset}")
-    check_beton(beton, manifest)
+    ffcv_library().check_beton(beton, manifest)
     return BetonSplit(beton, manifest, role)
-
-
-def check_beton(beton: Path, manifest: dict) -> None:
-    """Cheap structural checks, so that a damaged file fails here in one line and not as a
-    crash or a hang inside FFCV: size, header, fields, allocation table, per-image metadata."""
-    size = beton.stat().st_size
-    if size != manifest["bytes"]:
-        raise DataError(f"{beton} has {size} bytes but was written with {manifest['bytes']} (truncated or overwritten?); "
-                        f"prepare it again")
-    try:
-        reader = Reader(str(beton))
-    except Exception as err:  # numpy and FFCV raise several types for a damaged header
-        raise DataError(f"{beton} is not a readable FFCV file: {err}") from None
-    problem = None
-    if tuple(reader.field_names) != FIELDS:
-        problem = f"its fields are {reader.field_names}, expected {list(FIELDS)}"
-    elif reader.num_samples != manifest["images"]:
-        problem = f"it holds {reader.num_samples} images, its manifest says {manifest['images']}"
-    else:
-        table = reader.alloc_table
-        image = reader.metadata["f0"]
-        if len(table) == 0 or int((table["ptr"] + table["size"]).max()) > size:
-            problem = "its allocation table points past the end of the file"
-        elif len(np.unique(table["sample_id"])) != reader.num_samples:
-            problem = "some images have no data"
-        elif (image["width"] == 0).any() or (image["height"] == 0).any() or (image["mode"] > 1).any():
-            problem = "its image metadata is damaged"
-    if problem:
-        raise DataError(f"{beton}: {problem}; prepare it again")
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,10 +162,9 @@ def check_beton(beton: Path, manifest: dict) -> None:
 def train_batches(split: BetonSplit, cfg: Config, info: DistInfo, start: int):
     """This rank's (images, labels) for iterations start .. schedule.iterations, on info.device."""
     n, global_batch = len(split), cfg.optim.batch_size
-    if n < global_batch:
-        raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
-    per_epoch, per_rank = n // global_batch, global_batch // info.world_size
-    loader = _loader(split, cfg, per_rank)
+    per_epoch, per_rank = batches_per_epoch(n, global_batch), global_batch // info.world_size
+    lib = ffcv_library()
+    loader = lib.loader_for(split, cfg, per_rank)
     it, stop = start, cfg.schedule.iterations
     while it < stop:
         epoch = it // per_epoch
@@ -196,7 +172,7 @@ def train_batches(split: BetonSplit, cfg: Config, info: DistInfo, start: int):
         draws = _epoch_draws(split, cfg, epoch, n)
         wheres = [rank_slice(i, per_epoch, global_batch, info.rank, info.world_size) for i in range(it, last)]
         order = np.concatenate([draws["perm"][w] for w in wheres])
-        batches = iterate(loader, order, split.path.name)
+        batches = lib.iterate(loader, order, split.path.name)
         try:
             for where in wheres:
                 images, labels = next(batches)
@@ -208,8 +184,9 @@ def train_batches(split: BetonSplit, cfg: Config, info: DistInfo, start: int):
 
 def eval_batches(split: BetonSplit, cfg: Config, info: DistInfo):
     """This rank's share of `split` (as eval_loader picks it), in eval.batch_size batches."""
-    loader = _loader(split, cfg, cfg.eval.batch_size)
-    for images, labels in iterate(loader, eval_indices(len(split), cfg, info), split.path.name):
+    lib = ffcv_library()
+    loader = lib.loader_for(split, cfg, cfg.eval.batch_size)
+    for images, labels in lib.iterate(loader, eval_indices(len(split), cfg, info), split.path.name):
         yield _finish_eval(images, labels, split, cfg, info.device)
 
 
@@ -288,127 +265,3 @@ def _cifar_stats(split: BetonSplit, cfg: Config, device: torch.device) -> tuple[
         mean = mean.view(3, 32, 32) if mean.numel() == 3 * 32 * 32 else mean.view(3, 1, 1)
         split._stats[key] = (mean.to(device), std.to(device))
     return split._stats[key]
-
-
-# ---------------------------------------------------------------------------------------
-# FFCV loaders and their reader thread
-
-
-def _loader(split: BetonSplit, cfg: Config, batch_size: int) -> Loader:
-    """FFCV's Loader for `split` (compiled once per process and batch size; the first batch
-    pays numba's JIT, several seconds)."""
-    workers = min(max(1, cfg.data.workers), numba.config.NUMBA_NUM_THREADS)  # numba refuses more threads than it has
-    key = (batch_size, workers, cfg.seed)
-    if key not in split._loaders:
-        threads = torch.get_num_threads()  # FFCV sets torch's thread count to its own
-        try:
-            split._loaders[key] = Loader(str(split.path), batch_size=batch_size, num_workers=workers,
-                                         order=OrderOption.SEQUENTIAL, seed=0, drop_last=False, batches_ahead=2,
-                                         pipelines={"image": [_decoder(split, cfg), ToTensor()],
-                                                    "label": [IntDecoder(), ToTensor()]})
-        except Exception as err:  # FFCV raises TypeError, ValueError, ... for a file it cannot decode this way
-            raise DataError(f"FFCV cannot read {split.path}: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
-        finally:
-            torch.set_num_threads(threads)
-    return split._loaders[key]
-
-
-def _decoder(split: BetonSplit, cfg: Config):
-    if split.dataset == "cifar10":
-        return SimpleRGBImageDecoder()
-    d = cfg.data
-    resize_short = round(d.crop * TEST_SHORT_SIDE / 224)  # evaluation: shorter side resized to this, then cropped
-    if split.role == "tencrop":
-        return CropDecoder(TENCROP, d.crop, resize_short=resize_short)
-    if split.role == "eval" or not d.augment:
-        return CropDecoder(CENTER, d.crop, resize_short=resize_short)
-    return CropDecoder(SCALE if d.train_crop == "scale" else RANDOM_RESIZED, d.crop, scale=d.scale, seed=cfg.seed)
-
-
-_FAILED = object()
-
-
-class _Epoch(EpochIterator):
-    """FFCV's epoch thread, with its exceptions handed to the consumer: FFCV's own thread dies
-    with them and leaves `next()` waiting forever."""
-
-    def __init__(self, loader: Loader, order: np.ndarray, what: str):
-        self.what, self.failure = what, None
-        super().__init__(loader, order)  # starts the thread
-
-    def run(self):
-        try:
-            super().run()
-        except BaseException as err:
-            self.failure = err
-            while not self.terminate_event.is_set():
-                try:
-                    self.output_queue.put(_FAILED, timeout=0.5)
-                    return
-                except queue.Full:
-                    pass
-
-    def __next__(self):
-        while True:
-            try:
-                item = self.output_queue.get(timeout=POLL_S)
-                break
-            except queue.Empty:
-                if not self.is_alive() and self.output_queue.empty():
-                    item = _FAILED
-                    break
-        if item is None:
-            self.close()
-            raise StopIteration
-        if item is _FAILED:
-            self.close()
-            err = self.failure or RuntimeError("its reader thread ended without a result")
-            message = (str(err).strip().splitlines() or [""])[0]
-            raise DataError(f"FFCV failed reading {self.what}: {type(err).__name__}: {message}") from err
-        slot, result = item
-        if IS_CUDA:  # as FFCV's own iterator: wait for the batch's stream
-            self.current_stream.wait_stream(self.cuda_streams[slot])
-        return result
-
-    def close(self):
-        """Stop the thread and wait for it to end. FFCV's own close only sets the flag: a thread
-        whose batches were not all taken, or that is putting its end-of-epoch marker into a full
-        queue, would wait forever, holding the epoch's batch buffers."""
-        self.terminate_event.set()
-        if threading.current_thread() is not self:
-            while self.is_alive():
-                try:
-                    self.output_queue.get(timeout=0.1)  # room for a put that does not look at the flag
-                except queue.Empty:
-                    pass
-        if not self.closed:
-            self.closed = True
-            self.memory_context.__exit__(None, None, None)
-
-
-def iterate(loader: Loader, order: np.ndarray, what: str):
-    """(images, labels) of `loader` for the sample indices `order`, cut into loader.batch_size
-    batches (the last may be short). Errors of FFCV's thread arrive here as DataError."""
-    threads = torch.get_num_threads()
-    Compiler.set_num_threads(loader.num_workers)  # numba's threads for this process (FFCV's __iter__ does the same)
-    epoch = None
-    try:
-        epoch = _Epoch(loader, np.ascontiguousarray(order, dtype=np.uint64), what)
-        for i, batch in enumerate(epoch):
-            if i == 0:  # the thread has set torch's thread count to FFCV's by now: put it back
-                torch.set_num_threads(threads)
-            yield batch
-    except MemoryError as err:
-        raise DataError(f"FFCV ran out of memory reading {what}: {err}") from None
-    finally:
-        if epoch is not None:
-            epoch.close()
-        torch.set_num_threads(threads)
-
-
-def ffcv_version() -> str:
-    from importlib.metadata import version
-
-    return version("ffcv")
-
-

@@ -1,0 +1,49 @@
+"""data.loader=torchvision: DataLoader worker processes, PIL decode, torchvision transforms.
+
+A training sample is an (index, seed) pair of TrainBatches and its augmentation runs under
+that seed, so a batch does not depend on which worker draws which sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from reproduce.config import Config
+from reproduce.data import imagenet
+from reproduce.data.augment import cifar_transforms
+from reproduce.data.base import Data, Pairs, Split
+from reproduce.data.cifar import cifar10
+from reproduce.data.order import TrainBatches, eval_indices
+from reproduce.distributed import DistInfo
+
+
+def build_data(cfg: Config) -> Data:
+    if cfg.data.dataset != "cifar10":
+        return imagenet.build_data(cfg)
+    c = cifar10(cfg)
+    augment, plain = cifar_transforms(c.mean, c.std, cfg.data.augment)
+    base = Pairs(c.images, c.labels)
+    return Data(
+        train=Split(base, augment, c.train_idx, seeded=True),
+        val=Split(base, plain, c.val_idx) if c.val_idx is not None else None,
+        test=Split(base, plain, np.arange(c.n_train, len(c.images))),
+        num_classes=10,
+        fingerprint=c.fingerprint,
+        description=c.description,
+    )
+
+
+def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> DataLoader:
+    """This rank's (images, labels) for iterations start .. schedule.iterations."""
+    batches = TrainBatches(len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start,
+                           cfg.schedule.iterations)
+    return DataLoader(split, batch_sampler=batches, num_workers=cfg.data.workers,
+                      pin_memory=info.device.type == "cuda", persistent_workers=False)
+
+
+def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
+    """This rank's share of `split` (eval_indices), in eval.batch_size batches."""
+    share = torch.utils.data.Subset(split, eval_indices(len(split), cfg, info).tolist())
+    return DataLoader(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
+                      pin_memory=info.device.type == "cuda")
