@@ -27,7 +27,7 @@ COMMANDS = {
     "models": "reproduce.models:main",
     "train": "reproduce.train:main",
     "study": "reproduce.runs.study:main",
-    "check": "reproduce.config:check_main",
+    "check": "reproduce.train:check_main",
     "prepare": "reproduce.data.ffcv.prepare:main",
     "sweep": "reproduce.runs.sweep:main",
     "report": "reproduce.report:main",

@@ -38,7 +38,19 @@ class Normalize(str, enum.Enum):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # allow_inf_nan=False: every number must be finite (.inf and .nan are YAML floats).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1; here a boolean is a number only where a boolean is asked for."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool:
+            raise ValueError("a boolean (true/false) is not valid here")
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError("a boolean (true/false) is not valid here")
+        return value
 
 
 class ModelConfig(Section):
@@ -136,13 +148,13 @@ class ScheduleConfig(Section):
     def _order(self) -> "ScheduleConfig":
         steps = list(self.milestones)
         if steps != sorted(set(steps)) or any(m <= 0 for m in steps):
-            raise ValueError(f"milestones must be positive and strictly increasing, got {steps}")
+            raise ValueError(f"schedule.milestones must be positive and strictly increasing, got {steps}")
         if steps and steps[-1] >= self.iterations:
-            raise ValueError(f"milestone {steps[-1]} is not below iterations={self.iterations}")
+            raise ValueError(f"schedule.milestones: milestone {steps[-1]} is not below schedule.iterations={self.iterations}")
         if self.warmup_iterations and self.warmup_lr is None:
-            raise ValueError("warmup_iterations is set but warmup_lr is null")
+            raise ValueError("schedule.warmup_iterations is set but schedule.warmup_lr is null")
         if steps and self.warmup_iterations >= steps[0]:
-            raise ValueError(f"warmup_iterations={self.warmup_iterations} must end before the first milestone {steps[0]}")
+            raise ValueError(f"schedule.warmup_iterations={self.warmup_iterations} must end before the first milestone {steps[0]}")
         return self
 
 
@@ -173,10 +185,17 @@ class RunConfig(Section):
                                         "naming the stalled rank, instead of hanging")
 
 
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, path: Path | None) -> Path | None:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError("is a file, not a folder; point run.dir at a folder (it is created if missing)")
+        return path
+
     @model_validator(mode="after")
     def _compile_mode_needs_compile(self) -> "RunConfig":
         if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"compile_mode={self.compile_mode} has no effect while compile is false; set run.compile=true")
+            raise ValueError(f"run.compile_mode={self.compile_mode} has no effect while run.compile is false; set run.compile=true")
         return self
 
 
@@ -232,10 +251,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder, not a config file; pick a YAML file in it "
+                              "(e.g. configs/cifar10/resnet20.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pick one under configs/ (e.g. configs/cifar10/resnet20.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); give a YAML file") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -248,6 +272,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
         return Config.model_validate(raw, context={"world_size": world_size})
     except ValidationError as err:
         raise ConfigError(_one_line(err)) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -322,23 +361,3 @@ def _flatten(tree: dict, prefix: str = ""):
         else:
             yield f"{prefix}{key}", value
 
-
-def check_main(argv: list[str] | None = None) -> int:
-    """`reproduce check FILE... [key=value ...]`: validate configs without running them."""
-    import sys
-
-    argv = list(argv or [])
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if not files:
-        print("usage: reproduce check FILE... [key=value ...]", file=sys.stderr)
-        return 2
-    status = 0
-    for path in files:
-        try:
-            load_config(path, overrides)
-            print(f"ok    {path}")
-        except ConfigError as err:
-            print(f"error {path}: {err}", file=sys.stderr)
-            status = 2
-    return status

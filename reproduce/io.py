@@ -19,6 +19,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would give; mkstemp's 0600 would hide results from others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -50,6 +51,12 @@ def atomic_replace(tmp: str | Path, path: str | Path) -> Path:
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
     return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | Path) -> None:
