@@ -54,5 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(importlib.import_module(module), function)(rest)
 
 
+def exit_with(status: int) -> None:
+    """Exit with the status the command decided. A stop signal arriving now, while the
+    interpreter shuts down (MLflow's exit hooks, thread joins), would otherwise kill the process
+    with 143 after a run that FINISHED and report it as stopped."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
+def entry() -> None:
+    """The `reproduce` console script."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

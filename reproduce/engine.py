@@ -56,12 +56,14 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels_last: bool) -> dict[str, float]:
-    """Top-1 and top-5 error (%) and mean loss over the whole split (all ranks' shares).
+    """Top-1 and top-5 error (%) and mean loss over the whole split (all ranks' shares); top-5
+    is left out when the network has five classes or fewer.
     A batch of shape (B, V, C, H, W) holds V views per image (10-crop): their softmax
     scores are averaged before ranking."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-5 hits, count
+    classes = 0
     for images, labels in loader:
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
@@ -78,6 +80,7 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels
             logits = probs
         else:
             loss = F.cross_entropy(logits, labels, reduction="sum")
+        classes = logits.shape[1]
         top1, top5 = topk_correct(logits, labels)
         sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=info.device).double()])
     all_reduce_sum(sums, info)
@@ -85,4 +88,7 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels
     loss, top1, top5, count = sums.tolist()
     if count == 0:
         raise RuntimeError("evaluation split is empty")
-    return {"loss": loss / count, "top1_err": 100.0 * (1 - top1 / count), "top5_err": 100.0 * (1 - top5 / count)}
+    out = {"loss": loss / count, "top1_err": 100.0 * (1 - top1 / count)}
+    if classes > 5:  # with five classes or fewer every label is in the top 5: the error is not defined, not 0
+        out["top5_err"] = 100.0 * (1 - top5 / count)
+    return out

@@ -139,6 +139,7 @@ class Tracker:
             "reproduce.world_size": str(self.info.world_size),
             "reproduce.launcher": self.info.launcher,
             "reproduce.slurm_job_id": self.info.slurm_job_id or "",
+            "reproduce.slurm_job_ids": self.info.slurm_job_id or "",
             "reproduce.slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
             "reproduce.data_fingerprint": data_fingerprint,
             "reproduce.data": data_description,
@@ -153,9 +154,14 @@ class Tracker:
             # The tags of the first segment stay; each resumed segment adds where and from what it ran.
             old = run.data.tags
             segments = int(old.get("reproduce.resumes", "0")) + 1
+            job = f", SLURM job {self.info.slurm_job_id}" if self.info.slurm_job_id else ""
             mlflow.set_tags({"reproduce.resumes": str(segments),
                              f"reproduce.resume{segments}": f"{commit}{'+dirty' if dirty else ''} on {tags['reproduce.host']} "
-                             f"({tags['reproduce.launcher']}, world size {self.info.world_size})"})
+                             f"({tags['reproduce.launcher']}, world size {self.info.world_size}{job})"})
+            if self.info.slurm_job_id:  # every job that worked on the run: first, requeued, resubmitted
+                jobs = [j for j in old.get("reproduce.slurm_job_ids", old.get("reproduce.slurm_job_id", "")).split(",") if j]
+                if self.info.slurm_job_id not in jobs:
+                    mlflow.set_tag("reproduce.slurm_job_ids", ",".join(jobs + [self.info.slurm_job_id]))
             if commit != old.get("reproduce.git_commit") or dirty:
                 mlflow.set_tag("reproduce.mixed_commits", "true")
             client = mlflow.MlflowClient()
@@ -198,21 +204,25 @@ class Tracker:
         import mlflow
 
         self._stop.set()
-        self._sender.join(self.flush_timeout_s + RETRY_EVERY_S)
         ended = False
-        if not self._pending and self._queue.empty():
-            try:
-                mlflow.end_run(status=status)
-                ended = True
-            except Exception as err:
-                log.warning("could not mark the MLflow run %s (%s)", status, _short(err))
-        if not ended:
-            self._write_unsent(status)
-            try:
-                mlflow.end_run(status=status)  # stops the system-metrics thread; may fail again
-            except Exception:
-                pass
-        self.run_id = None
+        try:
+            self._sender.join(self.flush_timeout_s + RETRY_EVERY_S)
+            if not self._pending and self._queue.empty():
+                try:
+                    mlflow.end_run(status=status)
+                    ended = True
+                except Exception as err:
+                    log.warning("could not mark the MLflow run %s (%s)", status, _short(err))
+        finally:
+            # Whatever interrupts the flush (a signal, an error raised in this thread), the run
+            # ends with our status here: left active, MLflow's exit hook would mark it FINISHED.
+            if not ended:
+                self._write_unsent(status)
+                try:
+                    mlflow.end_run(status=status)  # stops the system-metrics thread; may fail again
+                except Exception:
+                    pass
+            self.run_id = None
 
     # -- the background sender ------------------------------------------------------------
     def _send_loop(self) -> None:

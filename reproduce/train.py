@@ -328,4 +328,6 @@ class _StopFlag:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from reproduce.cli import exit_with
+
+    exit_with(main())
