@@ -10,17 +10,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from reproduce.config import Config
-from reproduce.data import imagenet
 from reproduce.data.augment import cifar_transforms
 from reproduce.data.base import Data, Pairs, Split
 from reproduce.data.cifar import cifar10
+from reproduce.data.imagenet import build_data as build_imagenet
 from reproduce.data.order import TrainBatches, eval_indices
 from reproduce.distributed import DistInfo
 
 
 def build_data(cfg: Config) -> Data:
     if cfg.data.dataset != "cifar10":
-        return imagenet.build_data(cfg)
+        return build_imagenet(cfg)
     c = cifar10(cfg)
     augment, plain = cifar_transforms(c.mean, c.std, cfg.data.augment)
     base = Pairs(c.images, c.labels)

@@ -103,7 +103,8 @@ def build_data(cfg: Config) -> Data:
         m = train.manifest
         if m["val_split"] != d.val_split:
             raise DataError(f"{root} was prepared with a validation split of {m['val_split']} images but the config asks for "
-                            f"data.val_split={d.val_split}; prepare again with --val-split {d.val_split} (or set data.val_split={m['val_split']})")
+                            f"data.val_split={d.val_split}; prepare again with --val-split {d.val_split} "
+                            f"(or set data.val_split={m['val_split']})")
         val = _open(root / "val.beton", "eval", cfg) if d.val_split else None
         test = _open(root / "test.beton", "eval", cfg)
         _same_preparation(train, val, test, keys=("source_digest", "val_split"))

@@ -37,10 +37,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from reproduce.data.base import DataError
-from reproduce.data.cifar import CLASSES
+from reproduce.data.cifar import CLASSES, cifar_split, cifar_stats, load_cifar10
 from reproduce.data.ffcv.loaders import MANIFEST_FORMAT, ffcv_library, ffcv_version, manifest_path
+from reproduce.data.imagenet import image_folder
 from reproduce.io import atomic_replace, atomic_write_text
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
@@ -87,10 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> list[Path]:
-    import torch
-
-    from reproduce.data.cifar import cifar_split, cifar_stats, load_cifar10
-
     _ffcv()  # DataError before the source is read, if FFCV is missing
     arrays = load_cifar10(source)
     train_idx, val_idx = cifar_split(len(arrays.train_x), val_split)
@@ -119,8 +117,6 @@ def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> li
 
 def prepare_imagenet(source: Path, out: Path, max_side: int = 500, jpeg_quality: int = 90,
                      compress_probability: float = 0.5, workers: int = 1) -> list[Path]:
-    from reproduce.data.imagenet import image_folder
-
     if not 32 <= max_side <= MAX_SIDE_LIMIT:
         raise DataError(f"--max-side {max_side} must be between 32 and {MAX_SIDE_LIMIT} (a raw image must fit one FFCV page)")
     if not 1 <= jpeg_quality <= 100 or not 0 <= compress_probability <= 1:
