@@ -33,6 +33,7 @@ from tqdm import tqdm
 from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
+from reproduce.data.order import batches_per_epoch
 from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
 from reproduce.models import build_model
 from reproduce.io import atomic_write_text
@@ -103,9 +104,7 @@ def check_inputs(cfg: Config) -> Data:
     """The data of `cfg`, or DataError for every data reason train would refuse it: checked
     before any run directory or MLflow run exists (`reproduce check` runs the same checks)."""
     data = build_data(cfg)
-    if len(data.train) < cfg.optim.batch_size:
-        raise DataError(f"the training split has {len(data.train)} images, fewer than one global batch of "
-                        f"{cfg.optim.batch_size}; lower optim.batch_size or data.val_split")
+    batches_per_epoch(len(data.train), cfg.optim.batch_size)
     return data
 
 
@@ -212,7 +211,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         log.info("%s on %s", cfg.model.name, data.description)
         log.info("global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
                  cfg.optim.batch_size, info.world_size, cfg.optim.batch_size // info.world_size, iterations,
-                 iterations / (len(data.train) // cfg.optim.batch_size), run_dir, run_id, f"; resuming at iteration {start}" if start else "")
+                 iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size), run_dir, run_id, f"; resuming at iteration {start}" if start else "")
 
     status = "FAILED"
     try:
@@ -240,7 +239,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
 def _loop(run: Run) -> None:
     cfg, info, stop = run.cfg, run.info, run.stop
     iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
-    per_epoch = len(run.data.train) // global_batch
+    per_epoch = batches_per_epoch(len(run.data.train), global_batch)
     bar = tqdm(total=iterations, initial=run.start, disable=not (info.is_main and cfg.run.progress),
                dynamic_ncols=True, mininterval=1.0, unit="it")
     window = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, wrong, images (this rank)

@@ -53,5 +53,5 @@ def test_backend_table_covers_every_loader():
 
 def test_fewer_than_one_batch_is_refused():
     assert batches_per_epoch(100, 32) == 3
-    with pytest.raises(DataError, match="the training split has 10 images, fewer than one batch of 32"):
+    with pytest.raises(DataError, match=r"the training split has 10 images, fewer than one global batch of 32; lower optim.batch_size"):
         batches_per_epoch(10, 32)

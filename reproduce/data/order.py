@@ -22,7 +22,8 @@ def batches_per_epoch(n: int, global_batch: int) -> int:
     """Global batches in an epoch of an n-image training split (the last incomplete batch of
     an epoch is dropped); DataError if there is not even one."""
     if n < global_batch:
-        raise DataError(f"the training split has {n} images, fewer than one batch of {global_batch}")
+        raise DataError(f"the training split has {n} images, fewer than one global batch of {global_batch}; "
+                        "lower optim.batch_size (or data.val_split)")
     return n // global_batch
 
 

@@ -5,6 +5,8 @@ that seed, so a batch does not depend on which worker draws which sample.
 """
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -34,11 +36,20 @@ def build_data(cfg: Config) -> Data:
     )
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a worker: ignore the stop signals. `scancel`, `timeout`, systemd and SLURM preemption
+    signal every process of the job; a worker that died of it would take the trainer down with
+    it (torch raises "DataLoader worker ... killed by signal") before it could checkpoint. The
+    trainer decides; its workers end when it closes the loader (or, if it dies, on their own)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> DataLoader:
     """This rank's (images, labels) for iterations start .. schedule.iterations."""
     batches = TrainBatches(len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start,
                            cfg.schedule.iterations)
-    return DataLoader(split, batch_sampler=batches, num_workers=cfg.data.workers,
+    return DataLoader(split, batch_sampler=batches, num_workers=cfg.data.workers, worker_init_fn=_leave_stop_signals_to_the_trainer,
                       pin_memory=info.device.type == "cuda", persistent_workers=False)
 
 
@@ -46,4 +57,4 @@ def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
     """This rank's share of `split` (eval_indices), in eval.batch_size batches."""
     share = torch.utils.data.Subset(split, eval_indices(len(split), cfg, info).tolist())
     return DataLoader(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                      pin_memory=info.device.type == "cuda")
+                      worker_init_fn=_leave_stop_signals_to_the_trainer, pin_memory=info.device.type == "cuda")
