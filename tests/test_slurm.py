@@ -411,3 +411,49 @@ def test_failed_imagenet_job_is_not_requeued(cluster, jobs):
     assert "error: config error: data.path is required for imagenet" in log, log
     assert "exit status 2 (failed, not requeued; 2 of 2 ranks left a status: " in log, log
     assert "requeueing" not in log and log.count("reproduce: job ") == 1, log
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scancel_with_loader_workers_checkpoints_and_resubmission_resumes(cluster, jobs, cifar_tar):
+    """Fault: `scancel JOB` of a running job whose ranks read through DataLoader worker processes.
+    Injected: scancel (SIGTERM to every process of the job: batch shell, torchrun, both ranks and their workers) of a slurm/cifar10.sh task with data.workers=2, after its first checkpoint; then the same sbatch again.
+    Suite: the workers leave the signal to the ranks, which checkpoint and exit 143; the launcher says stopped, not requeued; the MLflow run is KILLED; the resubmitted job resumes that run from the checkpoint, and the run records both job ids.
+    Lost: nothing: the stop writes a checkpoint where it stops."""
+    iterations = 3000  # long enough that scancel lands mid-run; the resumed job is stopped the same way below
+    name = "cancelled"
+    workdir = cluster.root / name
+    workdir.mkdir()
+    tiny = tiny_overrides(cifar_tar, iterations=iterations, **{"run.checkpoint_every": 10, "run.log_every": 10,
+                                                               "data.workers": 2})
+    env = _job_env(cluster, name, tiny, REPRODUCE_WORKDIR=str(workdir))
+    job = Job("", cluster.root / f"{name}.out", workdir, cluster.root / f"{name}.db")
+
+    def submit_and_cancel_after_a_checkpoint(newer_than: Path | None) -> tuple[str, Path]:
+        job_id = cluster.sbatch(SLURM / "cifar10.sh", "--array=0", *CPU_JOB, f"--output={job.log}", env=env, cwd=REPO)
+        deadline = time.monotonic() + 400
+        while not ((run_dir := job.run_dir()) and (saved := checkpoint.list_checkpoints(run_dir))
+                   and (newer_than is None or saved[-1] > newer_than)):
+            assert cluster.state(job_id), f"job ended before a checkpoint:\n{job.log.read_text()}"
+            assert time.monotonic() < deadline, f"no checkpoint after 400 s:\n{job.log.read_text()}"
+            time.sleep(0.2)
+        cluster.run("scancel", job_id)
+        cluster.wait_gone(job_id, timeout=200)
+        return job_id, saved[-1]
+
+    first_id, first = submit_and_cancel_after_a_checkpoint(None)
+    log = job.log.read_text()
+    assert "got SIGTERM" in log and "exit status 143 (stopped on request after SIGTERM; checkpoint written)" in log, log
+    assert "not requeued: SIGTERM means cancelled or preempted" in log and "killed by signal" not in log, log
+    assert checkpoint.list_checkpoints(job.run_dir())[-1] > first  # the stop wrote one of its own
+    (run,) = job.runs()
+    assert run.info.status == "KILLED"
+
+    second_id, _ = submit_and_cancel_after_a_checkpoint(checkpoint.list_checkpoints(job.run_dir())[-1])
+    log = job.log.read_text()
+    assert log.count("exit status 143 (stopped on request after SIGTERM") == 2 and "resuming at iteration" in log, log
+    (run,) = job.runs()  # the resubmitted job continued the same MLflow run
+    assert run.info.status == "KILLED" and run.data.tags["reproduce.resumes"] == "1"
+    assert run.data.tags["reproduce.slurm_job_id"] == first_id
+    assert run.data.tags["reproduce.slurm_job_ids"] == f"{first_id},{second_id}"
+    assert f"SLURM job {second_id}" in run.data.tags["reproduce.resume1"]

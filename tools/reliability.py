@@ -3,7 +3,7 @@
   python tools/reliability.py [--out results/reliability.md] [--from-junit FILE] [pytest args...]
 
 Every test of tests/test_faults*.py, and the fault tests of tests/test_ffcv.py (.beton files)
-and tests/test_sweep.py (parallel sweeps), states in its
+, tests/test_sweep.py (parallel sweeps) and tests/test_slurm.py (scancel on a real cluster), states in its
 docstring the fault, how it is injected, what the suite does and what is lost; this script
 runs those tests for real (pytest with a JUnit report) and puts each statement beside the
 test's outcome and duration.
@@ -32,7 +32,7 @@ COMMAND = "python tools/reliability.py"
 # Every test of a test_faults*.py file is a fault test (test_faults.py, or the files it was
 # split into); test_ffcv.py and test_sweep.py hold some among others, known by their docstrings.
 FAULT_SUITES = tuple(sorted((REPO / "tests").glob("test_faults*.py")))
-SUITES = (*FAULT_SUITES, REPO / "tests" / "test_ffcv.py", REPO / "tests" / "test_sweep.py")
+SUITES = (*FAULT_SUITES, *(REPO / "tests" / f"{name}.py" for name in ("test_ffcv", "test_sweep", "test_slurm")))
 
 
 def _tests(suite: Path) -> list[ast.FunctionDef]:
