@@ -73,32 +73,8 @@ def test_group_sigterm_with_loader_workers_checkpoints_and_resumes(launcher, cif
     else:
         command = [sys.executable, "-m", "reproduce.torchrun", "--standalone", "--nproc_per_node", "2", TRAIN,
                    "--config", str(CIFAR), *overrides]
-    _group_sigterm_then_resume(command, tmp_path / "run", ITERATIONS) if launcher == "python" else \
-        _group_sigterm_torchrun(command, tmp_path / "run")
-
-
-def _group_sigterm_torchrun(command: list[str], run_dir) -> None:
-    """torchrun's agent gets the signal (its workers run in sessions of their own) and passes it on:
-    each rank checkpoints, the run ends KILLED, reproduce.torchrun exits 143; the command resumes."""
-    proc = _start(command)
-    try:
-        _wait_for(lambda: checkpoint.list_checkpoints(run_dir), 300, "the first checkpoint")
-        first = checkpoint.list_checkpoints(run_dir)[-1]
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == STOPPED, out[-3000:]
-    saved = checkpoint.list_checkpoints(run_dir)
-    assert saved and saved[-1] > first, (first, saved)
-    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    assert run.info.status == "KILLED"
-    again = _start(command)
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 0, out[-3000:]
-    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    assert run.info.status == "FINISHED" and run.data.tags.get("reproduce.resumes") == "1"
+    # Under torchrun the agent gets the signal too (its workers run in sessions of their own) and passes it on.
+    _group_sigterm_then_resume(command, tmp_path / "run", ITERATIONS)
 
 
 @pytest.mark.slow
