@@ -110,14 +110,16 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
 
 
 def contents(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, mlflow_run_id: str | None,
-             cfg, git) -> dict[str, Any]:
+             cfg, git, numerics) -> dict[str, Any]:
     """Everything a resumed run needs, from the unwrapped model (never a DDP or compiled
     wrapper, whose key names differ). bf16 autocast needs no loss scaling, so there is no
-    GradScaler state to keep. `cfg` is the run's Config, `git` its provenance.GitState."""
+    GradScaler state to keep. `cfg` is the run's Config, `git` its provenance.GitState,
+    `numerics` its engine.Numerics (a resumed run keeps what `auto` chose)."""
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
         "rng": rng_state(), "mlflow_run_id": mlflow_run_id, "config": cfg.model_dump(mode="json"),
         "git_commit": git.commit,
+        "numerics": {"amp": numerics.amp, "channels_last": numerics.channels_last, "how": numerics.how},
     }
 
 

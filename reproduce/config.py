@@ -11,6 +11,7 @@ import difflib
 import enum
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ class Section(BaseModel):
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true as 1; here a boolean is a number only where a boolean is asked for."""
         annotation = cls.model_fields[info.field_name].annotation
-        if isinstance(value, bool) and annotation is not bool:
+        if isinstance(value, bool) and annotation is not bool and bool not in typing.get_args(annotation):
             raise ValueError("a boolean (true/false) is not valid here")
         if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
             raise ValueError("a boolean (true/false) is not valid here")
@@ -171,8 +172,10 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, gt=0, description="iterations between logged training metrics")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(False, description="bf16 autocast")
-    channels_last: bool = False
+    amp: bool | Literal["auto"] = Field(False, description="bf16 autocast; auto = on where this machine runs it faster "
+                                        "(a CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX, if a short measurement agrees)")
+    channels_last: bool | Literal["auto"] = Field(False, description="NHWC memory layout; auto = whichever a short "
+                                                  "measurement on this machine finds faster")
     compile: bool = Field(False, description="torch.compile the model")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode; reduce-overhead replays each step's kernels as CUDA graphs "
@@ -311,17 +314,26 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _one_line(err: ValidationError) -> str:
-    first = err.errors(include_url=False)[0]
+    errors = err.errors(include_url=False)
+    first = errors[0]
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    if first["type"] != "extra_forbidden":
+        loc = _field_path(loc)
     key = ".".join(loc) or "config"
     value = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
+    same_field = [e for e in errors if _field_path([str(p) for p in e["loc"] if not isinstance(p, int)]) == loc]
+    if len(same_field) > 1 and len(first["loc"]) > len(loc):  # a union (true/false or 'auto'): say every choice
+        msg = " or ".join(e["msg"].removeprefix("Input should be ").replace(", unable to interpret input", "")
+                          for e in same_field)
+        msg = f"should be {msg}"
+        errors = [e for e in errors if e not in same_field[1:]]
     if first["type"] == "extra_forbidden":
         schema = _schema_at(loc[:-1])
         return "config error: " + _unknown_key(key, ".".join(loc[:-1]), loc[-1], schema)
     if first["type"] == "missing":
         return f"config error: {key} is missing; add it to the config or pass {key}=VALUE"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if isinstance(value, dict):  # a check across the keys of a section: the message names them
         where = f"{key}: " if loc else ""
         return f"config error: {where}{msg}{more}".replace("\n", " ")
@@ -331,6 +343,16 @@ def _one_line(err: ValidationError) -> str:
         if close:
             msg += f"; closest valid is '{close[0]}'"
     return f"config error: {key} = {value!r}: {msg}{more}".replace("\n", " ")
+
+
+def _field_path(loc: list[str]) -> list[str]:
+    """The config keys of an error location, without pydantic's union-member tags ('bool', ...)."""
+    schema: Any = Config
+    for i, part in enumerate(loc):
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)) or part not in schema.model_fields:
+            return loc[:i]
+        schema = schema.model_fields[part].annotation
+    return loc
 
 
 def _schema_at(loc: list[str]) -> type[BaseModel] | None:

@@ -176,6 +176,15 @@ class Tracker:
         self._sender.start()
         return self.run_id
 
+    def log_numerics(self, numerics) -> None:
+        """What run.amp / run.channels_last were in effect (`auto` decided), as tags."""
+        if not (self.active and self.run_id):
+            return
+        import mlflow
+
+        mlflow.set_tags({"reproduce.amp": str(numerics.amp).lower(), "reproduce.channels_last": str(numerics.channels_last).lower(),
+                         "reproduce.numerics": numerics.how})
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics; returns at once. Steps the run already holds are skipped: after an
         exact resume they would repeat the same values."""

@@ -34,7 +34,7 @@ from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
-from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
+from reproduce.engine import Numerics, build_optimizer, evaluate, lr_at, resolve_numerics, train_step
 from reproduce.models import build_model
 from reproduce.io import atomic_write_text
 from reproduce.provenance import GitState, git_state
@@ -151,10 +151,11 @@ class Run:
     git: GitState
     run_id: str | None
     start: int  # the first iteration this process trains (0, or where the checkpoint left off)
+    numerics: Numerics  # run.amp and run.channels_last with `auto` decided
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.cfg.run.channels_last else torch.contiguous_format
+        return self.numerics.memory_format
 
     def save(self, done: int) -> None:
         """A checkpoint after `done` iterations (rank 0 writes; every rank waits for it)."""
@@ -162,7 +163,7 @@ class Run:
             raise NonFiniteLoss(f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, self.cfg.optim.lr, self.cfg.schedule):g});"
                                 " stopping without writing a checkpoint")
         if self.info.is_main:
-            state = checkpoint.contents(self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git)
+            state = checkpoint.contents(self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git, self.numerics)
             checkpoint.save(self.cfg.run_dir(), done, state, keep=self.cfg.run.keep_checkpoints)
         distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
 
@@ -175,19 +176,23 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    run_dir = cfg.run_dir()
+    latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
+    state = checkpoint.load(latest, verified=True) if latest is not None else None  # rank 0 checked the digest
+    # `auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints.
+    numerics = Numerics(**state["numerics"]) if state is not None and "numerics" in state else distributed.broadcast_object(
+        resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
+        if info.is_main else None, info)
+
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then (seed, rank).
     torch.manual_seed(cfg.seed)
     unwrapped = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    unwrapped.to(info.device, memory_format=memory_format)
+    unwrapped.to(info.device, memory_format=numerics.memory_format)
     optimizer = build_optimizer(unwrapped.parameters(), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
 
-    run_dir = cfg.run_dir()
-    latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
     start, run_id = 0, None
-    if latest is not None:
-        state = checkpoint.load(latest, verified=True)  # rank 0's find_latest checked the digest
+    if state is not None:
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -205,10 +210,12 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     git = git_state()  # read once per run: the checkpoints and MLflow record the same state
     tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
-    run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start)
+    run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics)
+    tracker.log_numerics(numerics)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        log.info("%s on %s", cfg.model.name, data.description)
+        log.info("%s on %s; %s, %s (%s)", cfg.model.name, data.description, "bf16 autocast" if numerics.amp else "fp32",
+                 "channels_last" if numerics.channels_last else "contiguous", numerics.how)
         log.info("global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
                  cfg.optim.batch_size, info.world_size, cfg.optim.batch_size // info.world_size, iterations,
                  iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size), run_dir, run_id, f"; resuming at iteration {start}" if start else "")
@@ -250,7 +257,7 @@ def _loop(run: Run) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         labels = labels.to(info.device, non_blocking=True)
-        loss, logits = train_step(run.model, run.optimizer, images, labels, info.device, cfg.run.amp, run.memory_format)
+        loss, logits = train_step(run.model, run.optimizer, images, labels, info.device, run.numerics.amp, run.memory_format)
         with torch.no_grad():
             wrong = logits.argmax(dim=1).ne(labels).sum()
             window += torch.stack([loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))])
@@ -295,7 +302,7 @@ def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
     splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset == "cifar10" else [])
     for name, split in splits:
         if split is not None:
-            result = evaluate(model, eval_loader(split, cfg, run.info), run.info, cfg.run.amp, cfg.run.channels_last)
+            result = evaluate(model, eval_loader(split, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
             out.update({f"{name}_{k}": v for k, v in result.items()})
     return out
 
@@ -304,7 +311,7 @@ def _final_eval(run: Run) -> dict[str, float]:
     cfg = run.cfg
     final = _periodic_eval(run, run.unwrapped)
     if cfg.data.dataset != "cifar10":  # the test split (ImageNet val) under the configured protocol
-        result = evaluate(run.unwrapped, eval_loader(run.data.test, cfg, run.info), run.info, cfg.run.amp, cfg.run.channels_last)
+        result = evaluate(run.unwrapped, eval_loader(run.data.test, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
         final.update({f"test_{k}": v for k, v in result.items()})
     run.tracker.log_metrics(final, step=cfg.schedule.iterations)
     return final

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import typing
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def bad_values(path: tuple, field):
     out-of-range numbers, unknown choices."""
     annotation, bounds = field.annotation, _bounds(field)
     text = str(annotation)
-    if annotation is bool:
+    if annotation is bool or bool in typing.get_args(annotation):  # bool, or bool | "auto"
         return st.sampled_from([2, -1, "maybe", 0.5, [True], {"on": 1}])
     if annotation in (int, float) or text in ("int | None", "float | None", "typing.Optional[int]", "typing.Optional[float]"):
         below = []

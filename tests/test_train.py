@@ -201,3 +201,34 @@ def test_compiled_training_on_cpu_matches_eager(cifar_tar, tmp_path):
         assert step_eager.norm() > 0, key
         assert (step_eager - step_compiled).norm() <= 0.01 * step_eager.norm(), key
     assert {r.data.params["run.compile_mode"] for r in _runs()} == {"default", "reduce-overhead"}
+
+
+def test_auto_numerics_are_recorded_and_kept_on_resume(cifar_tar, tmp_path, monkeypatch):
+    """run.amp=auto / run.channels_last=auto: decided once, tagged in MLflow, stored in the
+    checkpoint and reused by the resumed segment (which does not measure again)."""
+    overrides = tiny_overrides(cifar_tar, 4, **{"run.amp": "auto", "run.channels_last": "auto", "run.dir": tmp_path / "run",
+                                                "schedule.milestones": "[]", "run.checkpoint_every": 100})
+    real_lr_at = train.lr_at
+
+    def lr_then_sigterm(iteration, *args):
+        if iteration == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(iteration, *args)
+
+    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
+    (run,) = _runs()
+    tags = run.data.tags
+    assert tags["reproduce.numerics"].startswith(("measured images/s", "by capability"))
+    saved = torch.load(checkpoint.list_checkpoints(tmp_path / "run")[-1], weights_only=True)["numerics"]
+    assert str(saved["amp"]).lower() == tags["reproduce.amp"] and str(saved["channels_last"]).lower() == tags["reproduce.channels_last"]
+
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse the stored numerics")
+
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(train, "resolve_numerics", no_second_measurement)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    (run,) = _runs()
+    assert run.info.status == "FINISHED" and run.data.tags["reproduce.resumes"] == "1"
+    assert run.data.tags["reproduce.numerics"] == tags["reproduce.numerics"]

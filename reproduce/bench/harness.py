@@ -41,19 +41,20 @@ def items_per_sec(batches: Iterable, step: Callable, iterations: int, warmup: in
 def bare_loop(cfg, batches, info, iterations: int, warmup: int, num_classes: int) -> float:
     """Images/s of forward, backward and step only over `batches`: no tracking, no progress,
     no checkpoints. The first `warmup` steps (compilation, autotuning) are not timed."""
-    from reproduce.engine import build_optimizer, train_step
+    from reproduce.engine import build_optimizer, resolve_numerics, train_step
     from reproduce.models import build_model
 
+    numerics = resolve_numerics(cfg, info.device, num_classes, cfg.optim.batch_size // info.world_size)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=num_classes)
-    fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    fmt = numerics.memory_format
     model.to(info.device, memory_format=fmt).train()
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     step = torch.compile(model, mode=cfg.run.compile_mode) if cfg.run.compile else model
 
     def one_step(batch) -> None:
         images, labels = batch
-        train_step(step, optimizer, images, labels, info.device, cfg.run.amp, fmt)
+        train_step(step, optimizer, images, labels, info.device, numerics.amp, fmt)
 
     return items_per_sec(batches, one_step, iterations, warmup, cfg.optim.batch_size, info.device)
 
