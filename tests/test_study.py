@@ -1,23 +1,50 @@
-"""The README's main job, at tiny size: every model trains, is logged, and lands in the table."""
+"""The README's main job, at tiny size: every model trains for each seed, is logged, lands in the
+table beside the paper's number, the findings are stated, and the report's table and Fig. 6 are written."""
 from __future__ import annotations
+
+import math
 
 import mlflow
 
 from reproduce.runs import study
 
 
-def test_study_trains_each_model_and_prints_the_table(cifar_tar, capsys):
-    code = study.main(["--data", str(cifar_tar), "--models", "plain20", "resnet20", "--iterations", "4",
+def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp_path, capsys):
+    code = study.main(["--data", str(cifar_tar), "--models", "plain20", "resnet20", "--seeds", "0", "1",
+                       "--iterations", "10", "--out", str(tmp_path / "out"),
                        "optim.batch_size=16", "data.val_split=40", "run.progress=false", "eval.batch_size=64"])
     assert code == 0
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
-    assert sorted(r.data.tags["reproduce.model"] for r in runs) == ["plain20", "resnet20"]
+    assert sorted((r.data.tags["reproduce.model"], r.data.tags["reproduce.seed"]) for r in runs) == [
+        ("plain20", "0"), ("plain20", "1"), ("resnet20", "0"), ("resnet20", "1")]
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["schedule.milestones"] for r in runs} == {"[]"}  # the paper's first phase: lr 0.1 throughout
     table = out[out.index("model "):]
-    for run in runs:
-        row = next(line for line in table.splitlines() if line.startswith(run.data.tags["reproduce.model"] + " "))
-        assert f"{run.data.metrics['test_top1_err']:.2f}" in row and run.info.run_id in row
+    client = mlflow.MlflowClient()
+    for model in ("plain20", "resnet20"):
+        row = next(line for line in table.splitlines() if line.startswith(model + " "))
+        mine = [r for r in runs if r.data.tags["reproduce.model"] == model]
+        tests = [r.data.metrics["test_top1_err"] for r in mine]
+        assert f"{sum(tests) / 2:.2f} ± {(max(tests) - min(tests)) / 2:.2f}" in row, row
+        trains = [sum(v) / len(v) for v in ([m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err")
+                                              if m.step > 8] for r in mine)]
+        assert f"{sum(trains) / 2:.2f}" in row, row
+        assert all(r.info.run_id in row for r in mine)
+    assert "8.75" in next(line for line in table.splitlines() if line.startswith("resnet20 "))  # the paper's Table 6
+    assert "residual learning at 20 layers: " in out and ("SHOWN" in out or "NOT shown" in out)
+    assert "deeper ResNets are better" in out and "not shown by this budget" in out
+    for name in ("table.md", "fig6.png", "study.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert f"the table: {tmp_path / 'out' / 'table.md'}; Fig. 6: {tmp_path / 'out' / 'fig6.png'}" in out
+
+
+def test_verdict_needs_a_margin_larger_than_the_spread():
+    worse = {"model": "plain56", "train": [80.0, 84.0]}
+    assert "SHOWN" in study.verdict(worse, {"model": "plain20", "train": [60.0, 62.0]}, "x")
+    assert "NOT shown" in study.verdict(worse, {"model": "plain20", "train": [79.0, 83.0]}, "x")  # margin 1 < spread 4
+    assert "one seed" in study.verdict({"model": "a", "train": [80.0]}, {"model": "b", "train": [60.0]}, "x")
+    assert "not measured" in study.verdict({"model": "a", "train": [math.nan]}, {"model": "b", "train": [60.0]}, "x")
 
 
 def test_study_refuses_a_bad_override_before_training(capsys):

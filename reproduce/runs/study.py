@@ -1,96 +1,264 @@
-"""The quick depth study, the suite's main job on a fresh machine (no GPU, no server):
-plain and residual networks of 20 and 56 layers trained on CIFAR-10 with the paper's recipe
-on a shortened schedule, each logged to MLflow, then one comparison table.
+"""The depth study, the suite's main job: plain against residual networks on CIFAR-10 (the
+paper's Fig. 6 and Table 6), sized to the machine it runs on.
 
   reproduce study --data ../shared/data/cifar10-jpeg.tar.gz     (or set REPRODUCE_CIFAR10)
+  reproduce study --budget full --data /data/cifar-10-batches-py   (a GPU: Table 6 at the paper's schedule)
 
-With no --data and no REPRODUCE_CIFAR10, CIFAR-10 is downloaded by torchvision into ./data.
-At the default 150 iterations it shows the left half of the paper's Fig. 6: the deeper plain
-net is far worse than the shallower one (results/quick-study.md). That deeper ResNets do better
-needs a longer schedule (--iterations N; the paper's is 64000, a GPU job).
+--budget cpu (the default without a CUDA GPU): plain-20, plain-56 and ResNet-56, two seeds
+each, for the first --iterations of the paper's recipe (batch 128, SGD 0.9, weight decay 1e-4,
+lr 0.1: the paper divides it only at 32k iterations, so a short run is the start of the paper's
+own curve). It compares training error, as the paper's dashed curves do, averaged over the last
+fifth of the run, and says for each of the paper's findings whether this run shows it by a
+margin larger than the seed-to-seed spread: the deeper plain net is worse than the shallower
+one (degradation), and at the same depth the residual net is better. That a deeper ResNet beats
+a shallower one takes the full schedule; the output says so.
+
+--budget full (the default with a CUDA GPU): the paper's full recipe for plain and ResNet
+20/32/44/56/110 (64k iterations; ResNet-110 with its warm-up), seed 0, four runs at a time
+sharing the GPU (`reproduce sweep --parallel 4`, CIFAR-10 held on the GPU, bf16, channels_last,
+CUDA graphs).
+
+Both end with `reproduce report`'s table (ours beside the paper's numbers) and Fig. 6, written
+to --out. With no --data and no REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce import provenance
 
 CONFIGS = provenance.CONFIGS / "cifar10"
+CPU_MODELS = ["plain20", "plain56", "resnet56"]
+FULL_MODELS = [f"{net}{depth}" for depth in (20, 56, 32, 44, 110) for net in ("resnet", "plain")]
+LAST_FRACTION = 0.2  # training error: the mean of the logged windows over the last fifth of the run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("REPRODUCE_CIFAR10"),
                         help="CIFAR-10 source (batches folder, image tree or .tar.gz); default $REPRODUCE_CIFAR10, else download")
-    parser.add_argument("--models", nargs="+", default=["plain20", "plain56", "resnet20", "resnet56"])
-    parser.add_argument("--iterations", type=int, default=150, help="per model (paper: 64000); lr /10 at 50%% and 75%%")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--experiment", default="cifar10-quick")
+    parser.add_argument("--budget", choices=["auto", "cpu", "full"], default="auto",
+                        help="cpu: the short study (minutes on 2 cores); full: Table 6 at the paper's schedule (a GPU "
+                             "job); auto (default): full when a CUDA GPU is visible, else cpu")
+    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(CPU_MODELS)} (cpu), {' '.join(FULL_MODELS)} (full)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 (cpu), 0 (full)")
+    parser.add_argument("--iterations", type=int, default=200,
+                        help="cpu budget: iterations per run at the paper's lr 0.1 (default 200; the paper's whole schedule is 64000)")
+    parser.add_argument("--parallel", type=int, default=4, help="full budget: runs sharing the GPU (default 4)")
+    parser.add_argument("--experiment", help="MLflow experiment (default cifar10-quick for cpu, cifar10 for full)")
+    parser.add_argument("--out", type=Path, help="where the table and Fig. 6 go (default results/<experiment>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to every run, e.g. data.workers=2")
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # may follow --models
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
+    if args.budget == "auto":
+        import torch
+
+        args.budget = "full" if torch.cuda.is_available() else "cpu"
+    cpu = args.budget == "cpu"
+    args.models = args.models or (CPU_MODELS if cpu else FULL_MODELS)
+    args.seeds = args.seeds or ([0, 1] if cpu else [0])
+    args.experiment = args.experiment or ("cifar10-quick" if cpu else "cifar10")
+    args.out = args.out or Path("results") / args.experiment
+    if args.iterations < 10:
+        parser.error(f"--iterations must be at least 10, got {args.iterations}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    from reproduce import train
-    from reproduce.config import ConfigError, load_config
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """What every run of the study gets on top of its config."""
+    common = [f"experiment={args.experiment}"] + ([f"data.path={args.data}"] if args.data else [])
+    if args.budget == "cpu":
+        n = args.iterations
+        common += [
+            f"schedule.iterations={n}", "schedule.milestones=[]", "schedule.warmup_iterations=0",  # the paper's first phase
+            f"eval.every={max(1, n // 4)}", "eval.max_images=2000", "eval.batch_size=500",  # 4 test points for Fig. 6
+            f"run.log_every={max(1, n // 40)}", f"run.checkpoint_every={max(1, n // 4)}",
+            "data.loader=gpu", "run.device=cpu",  # CIFAR-10 held in memory and augmented per batch: no workers
+        ]
+    else:
+        common += ["data.loader=gpu", "run.amp=true", "run.channels_last=true", "run.compile=true",
+                   "run.compile_mode=reduce-overhead", "run.progress=false"]
+    return common + args.overrides
 
+
+def main(argv: list[str] | None = None) -> int:
+    from reproduce.config import ConfigError, load_config
+    from reproduce.runs import sweep
+
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    n = args.iterations
-    common = [
-        f"experiment={args.experiment}", f"seed={args.seed}", f"schedule.iterations={n}",
-        f"schedule.milestones=[{n // 2},{3 * n // 4}]", f"eval.every={n}", f"run.checkpoint_every={max(1, n // 3)}",
-        "eval.batch_size=500", "data.workers=0", "run.log_every=" + str(max(1, n // 50)),
-    ]
-    if args.data:
-        common.append(f"data.path={args.data}")
-    common += args.overrides
+    common = run_overrides(args)
+    if args.budget == "cpu":
+        try:
+            common += numerics_for(args, common)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     configs = {}
     for name in args.models:
         path = CONFIGS / f"{name}.yaml"
         try:
             configs[name] = load_config(path, common)
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {name}: {err}", file=sys.stderr)
             return 2
-    for name, cfg in configs.items():
-        print(f"\n== {name}: {n} iterations, batch {cfg.optim.batch_size}, {cfg.data.dataset} ==", flush=True)
-        code = train.main(["--config", str(CONFIGS / f"{name}.yaml"), *common])
-        if code != 0:
-            return code
+    what = (f"{args.iterations} iterations at lr 0.1 (the first {100 * args.iterations / 64000:.1f}% of the paper's schedule)"
+            if args.budget == "cpu" else "the paper's full schedule (64k iterations)")
+    print(f"study ({args.budget} budget): {', '.join(args.models)} x seeds {' '.join(map(str, args.seeds))}, {what}; "
+          f"MLflow experiment {args.experiment}", flush=True)
+    sweep_args = ["--configs", *(str(CONFIGS / f"{m}.yaml") for m in args.models), "--seeds", *map(str, args.seeds)]
+    if args.budget == "full" and args.parallel > 1:
+        sweep_args += ["--parallel", str(args.parallel)]
+    code = sweep.main(sweep_args + common)
+    if code != 0:
+        return code
+    findings = compare(args, configs)
     print()
-    print(summary_table(configs))
-    return 0
+    print(findings.text)
+    return write_outputs(args, argv, findings)
 
 
-def summary_table(configs: dict) -> str:
-    """One row per model from its finished MLflow run."""
+def numerics_for(args: argparse.Namespace, common: list[str]) -> list[str]:
+    """run.amp and run.channels_last for every run of a CPU study, decided once (`auto`: by this
+    CPU's capabilities and a few timed steps of the largest network) unless given as overrides,
+    so that all runs train with the same numerics."""
+    import torch
+
+    from reproduce.config import load_config
+    from reproduce.engine import resolve_numerics
+    from reproduce.models import MODELS
+
+    largest = max(args.models, key=lambda m: MODELS[m].depth)
+    cfg = load_config(CONFIGS / f"{largest}.yaml", ["run.amp=auto", "run.channels_last=auto", *common])
+    numerics = resolve_numerics(cfg, torch.device("cpu"), 10, cfg.optim.batch_size)
+    print(f"numerics for every run: {'bf16 autocast' if numerics.amp else 'fp32'}, "
+          f"{'channels_last' if numerics.channels_last else 'contiguous'} ({numerics.how}; {largest}, batch "
+          f"{cfg.optim.batch_size}, this machine: {provenance.machine()})", flush=True)
+    return [f"run.amp={str(numerics.amp).lower()}", f"run.channels_last={str(numerics.channels_last).lower()}"]
+
+
+@dataclass
+class Findings:
+    rows: list[dict]
+    text: str
+
+
+def compare(args: argparse.Namespace, configs: dict) -> Findings:
+    """One row per model from its finished runs (mean and spread over seeds), then the paper's
+    findings, each as shown or not by this run."""
     import mlflow
 
+    from reproduce.report.tables import load_paper
+
+    paper = load_paper()
+    client = mlflow.MlflowClient()
     rows = []
     for name, cfg in configs.items():
-        runs = mlflow.search_runs(
-            experiment_names=[cfg.experiment], order_by=["attributes.start_time DESC"], max_results=1,
-            filter_string=f"tags.`reproduce.recipe` = '{cfg.recipe_hash()}' and tags.`reproduce.seed` = '{cfg.seed}' "
-                          "and attributes.status = 'FINISHED'",
-        )
-        if runs.empty:
-            rows.append((name, "-", "-", "-", "no finished run"))
-            continue
-        run = runs.iloc[0]
-        rows.append((name, f"{run['metrics.train_top1_err']:.2f}", f"{run['metrics.val_top1_err']:.2f}",
-                     f"{run['metrics.test_top1_err']:.2f}", run["run_id"]))
-    header = ("model", "train err %", "val err %", "test err %", "MLflow run id")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+        runs = mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list",
+                                  filter_string=f"tags.`reproduce.recipe` = '{cfg.recipe_hash()}' and attributes.status = 'FINISHED'")
+        newest = {}
+        for run in sorted(runs, key=lambda r: r.info.start_time):  # one run per seed: the newest
+            newest[run.data.tags["reproduce.seed"]] = run
+        picked = [newest[str(s)] for s in args.seeds if str(s) in newest]
+        train = [train_error(client, r.info.run_id, cfg.schedule.iterations) for r in picked]
+        test = [r.data.metrics.get("test_top1_err", math.nan) for r in picked]
+        ref = paper[(paper.model == name) & (paper.metric == "top1_err") & (paper.protocol == "single")]
+        rows.append({"model": name, "n": len(picked), "train": train, "test": test,
+                     "paper": float(ref.value.iloc[0]) if len(ref) else math.nan,
+                     "run_ids": [r.info.run_id for r in picked]})
+    return Findings(rows, render(args, rows))
+
+
+def train_error(client, run_id: str, iterations: int) -> float:
+    """Training error (%) over the last LAST_FRACTION of the run: the mean of the logged windows
+    (each the error on the augmented batches since the previous log line)."""
+    history = client.get_metric_history(run_id, "train_top1_err")
+    tail = [m.value for m in history if m.step > iterations * (1 - LAST_FRACTION)]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """(mean, spread): the spread is the range over seeds (max - min), nan for one seed."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return sum(values) / len(values), (max(values) - min(values)) if len(values) > 1 else math.nan
+
+
+def verdict(worse: dict, better: dict, claim: str) -> str:
+    """`claim` is shown when `worse` trains to a higher error than `better` by more than the
+    larger seed-to-seed spread of the two."""
+    (w, w_spread), (b, b_spread) = _stats(worse["train"]), _stats(better["train"])
+    margin, spread = w - b, max(w_spread, b_spread)
+    if math.isnan(margin):
+        return f"- {claim}: not measured (a run did not finish)"
+    if math.isnan(spread):
+        return (f"- {claim}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
+                f"{margin:.1f} points; one seed, so no spread to hold it against (use --seeds 0 1)")
+    shown = "SHOWN" if margin > spread else "NOT shown"
+    return (f"- {claim}: {shown}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
+            f"{margin:.1f} points against a seed-to-seed spread of {spread:.1f}")
+
+
+def render(args: argparse.Namespace, rows: list[dict]) -> str:
+    def cell(values: list[float]) -> str:
+        mean, spread = _stats(values)
+        return "-" if math.isnan(mean) else f"{mean:.2f}" + ("" if math.isnan(spread) else f" ± {spread / 2:.2f}")
+
+    header = ("model", "n", "train err %", "test err %", "paper test err %", "MLflow run ids")
+    table = [header] + [(r["model"], str(r["n"]), cell(r["train"]), cell(r["test"]),
+                         "-" if math.isnan(r["paper"]) else f"{r['paper']:.2f}", " ".join(r["run_ids"])) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    iters = next(iter(configs.values())).schedule.iterations
-    lines.append(f"\n(final iteration {iters}; train error over the last logging window, on augmented batches; "
-                 f"test error on the single original view; browse the runs with `mlflow ui`)")
+    if args.budget == "cpu":
+        test_what = "test error on 2,000 test images (single view)"
+        lines.append(f"\nours: after {args.iterations} iterations of 64,000, mean ± half the range over seeds; train error "
+                     f"is the mean over the last {LAST_FRACTION:.0%} of the run on augmented batches; {test_what}. "
+                     "The paper's column is the end of its full schedule (Table 6; it gives no number for plain nets): "
+                     "it is there for scale, not as a target for a run this short.")
+    else:
+        lines.append("\nours: the paper's full schedule; test error on the 10,000 test images (single view); paper: Table 6")
+    by_name = {r["model"]: r for r in rows}
+    lines.append("\nThe paper's findings in this run:")
+    for worse, better, claim in (("plain56", "plain20", "degradation (the deeper plain net trains worse, Fig. 6 left)"),
+                                 ("plain56", "resnet56", "residual learning (at 56 layers the ResNet trains better)"),
+                                 ("resnet20", "resnet56", "deeper ResNets are better (Fig. 6 middle, Table 6)"),
+                                 ("plain20", "resnet20", "residual learning at 20 layers")):
+        if worse in by_name and better in by_name:
+            lines.append(verdict(by_name[worse], by_name[better], claim))
+    if args.budget == "cpu" and not {"resnet20", "resnet56"} <= set(by_name):
+        lines.append("- deeper ResNets are better (ResNet-56 ahead of ResNet-20, Table 6): not shown by this budget; the "
+                     "paper's curves cross after thousands of iterations: `reproduce study --budget full` on a GPU")
     return "\n".join(lines)
+
+
+def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings) -> int:
+    """The report's table and Fig. 6 for the study's experiment, plus the study's own summary."""
+    import mlflow
+
+    from reproduce.io import atomic_write_text
+    from reproduce.report.command import write_report
+    from reproduce.report.runs import load_mlflow_runs
+    from reproduce.report.tables import load_paper
+
+    runs = load_mlflow_runs(args.experiment, "cifar10")
+    source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
+    command = "reproduce study " + shlex.join(argv)
+    written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
+    git = provenance.git_state()
+    atomic_write_text(args.out / "study.md", f"# The depth study\n\nCommand: `{command}`\n\nCommit {git}; machine: "
+                      f"{provenance.machine()}\n\n```\n{findings.text}\n```\n")
+    names = ["study.md", *written]
+    print(f"\nwrote {', '.join(str(args.out / n) for n in names)}")
+    print(f"the table: {args.out / 'table.md'}; Fig. 6: {args.out / 'fig6.png'}; browse the runs with `mlflow ui` "
+          "(experiment page, then \"Model training\")")
+    return 0
