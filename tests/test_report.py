@@ -145,7 +145,7 @@ def test_figure_lines_are_the_runs_metrics(store):
         for kind, gid in (("train", f"{name}|train"), ("test", f"{name}|test_top1_err")):
             series = [histories[(model, recipe, s)][kind] for s in seeds]
             x, y = lines[gid].get_data()
-            assert list(x) == [s for s, _ in series[0]]
+            assert list(x) == [s / 1e4 for s, _ in series[0]]  # the paper's axis: iterations in units of 1e4
             assert list(y) == pytest.approx([sum(v[i][1] for v in series) / len(series) for i in range(len(x))])
     assert lines["ResNet-20 A|test_top1_err"].get_color() == lines["plain-20|test_top1_err"].get_color()
     assert lines["ResNet-20 A|train"].get_linestyle() == "--" and lines["ResNet-20 A|test_top1_err"].get_linewidth() > 2
@@ -245,3 +245,23 @@ def test_sweep_then_report_end_to_end(tmp_path, cifar_tar):
     finals = {key: run.data.metrics["test_top1_err"] for key, run in runs.items()}
     assert float(_row(table, "resnet20")["mean"]) == pytest.approx((finals["0resnet20"] + finals["1resnet20"]) / 2)
     assert _row(table, "resnet20").data == next(iter(runs.values())).data.tags["reproduce.data"]
+
+
+def test_fig6_draws_resnet110_against_1202_and_marks_single_points():
+    from reproduce.report.runs import Group
+
+    def run(model, seed, train, test):
+        return {"run_id": f"{model}-{seed}", "tags": {"reproduce.model": model, "reproduce.seed": str(seed)},
+                "params": {}, "metrics": {}, "history": {"train_top1_err": train, "test_top1_err": test}}
+
+    groups = [Group(("resnet110", "A", "v1", "single"), "r110", [run("resnet110", 0, [[1000, 30.0], [64000, 5.0]], [[64000, 6.5]])]),
+              Group(("resnet1202", "A", "v1", "single"), "r1202", [run("resnet1202", 0, [[64000, 4.0]], [[64000, 7.9]])]),
+              Group(("plain20", "", "v1", "single"), "p20", [run("plain20", 0, [[32000, 9.0], [64000, 8.0]], [[32000, 12.0], [64000, 10.0]])])]
+    fig = depth_curves(groups, "cifar10")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["plain networks", "ResNets", "ResNet-110 and ResNet-1202"]
+    third = {line.get_gid(): line for line in fig.axes[2].get_lines()}
+    assert set(third) == {"ResNet-110 A|train", "ResNet-110 A|test_top1_err", "ResNet-1202 A|train", "ResNet-1202 A|test_top1_err"}
+    assert "ResNet-1202 A|train" not in {line.get_gid() for line in fig.axes[1].get_lines()}
+    assert third["ResNet-1202 A|test_top1_err"].get_marker() == "o" and third["ResNet-110 A|train"].get_marker() in (None, "None", "")
+    assert list(third["ResNet-110 A|train"].get_xdata()) == [0.1, 6.4] and fig.axes[0].get_xlabel() == "iter. (1e4)"

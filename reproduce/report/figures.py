@@ -20,8 +20,10 @@ def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def depth_curves(groups: list[Group], study: str):
     """Fig. 6 (CIFAR-10: train dashed, test bold) or Fig. 4 (ImageNet: train dashed, center-crop
-    val bold): plain nets left, ResNets right, one colour per depth, each line the mean over
-    the seeds of a recipe. Lines carry gid "<name>|train" / "<name>|<eval key>"."""
+    val bold), as the paper draws them: plain nets left, ResNets right (and, for CIFAR-10 when
+    both ran, a third panel of ResNet-110 against ResNet-1202), one colour per depth, each line
+    the mean over the seeds of a recipe, iterations in units of 1e4, a marker where a curve has
+    a single point. Lines carry gid "<name>|train" / "<name>|<eval key>"."""
     from matplotlib.figure import Figure
 
     eval_key = "test_top1_err" if study == "cifar10" else "val_top1_err"
@@ -35,17 +37,25 @@ def depth_curves(groups: list[Group], study: str):
     groups = list(best.values())
     depths = sorted({depth_of(g.key[0]) for g in groups})
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, plain in zip(axes, (True, False)):
-        for g in (g for g in groups if g.key[0].startswith("plain") == plain):
+    names = {g.key[0] for g in groups}
+    panels = [("plain networks", lambda g: g.key[0].startswith("plain")),
+              ("ResNets", lambda g: not g.key[0].startswith("plain") and g.key[0] != "resnet1202")]
+    if {"resnet110", "resnet1202"} <= names:
+        panels.append(("ResNet-110 and ResNet-1202", lambda g: g.key[0] in ("resnet110", "resnet1202")))
+    elif "resnet1202" in names:
+        panels[1] = ("ResNets", lambda g: not g.key[0].startswith("plain"))
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (title, member) in zip(axes, panels):
+        for g in (g for g in groups if member(g)):
             name, colour = display_name(g.key), colours[depth_of(g.key[0])]
-            steps, values = mean_curve(g.runs, "train_top1_err")
-            ax.plot(steps, values, "--", lw=1, color=colour, gid=f"{name}|train", label="_train")
-            steps, values = mean_curve(g.runs, eval_key)
-            ax.plot(steps, values, "-", lw=2.2, color=colour, gid=f"{name}|{eval_key}", label=f"{name} (n={len(g.runs)})")
-        ax.set_title("plain networks" if plain else "ResNets")
-        ax.set_xlabel("iterations")
+            for key, style, width, label in (("train_top1_err", "--", 1, "_train"),
+                                             (eval_key, "-", 2.2, f"{name} (n={len(g.runs)})")):
+                steps, values = mean_curve(g.runs, key)
+                ax.plot([s / 1e4 for s in steps], values, style, lw=width, color=colour, marker="o" if len(steps) == 1 else None,
+                        gid=f"{name}|{'train' if key == 'train_top1_err' else key}", label=label)
+        ax.set_title(title)
+        ax.set_xlabel("iter. (1e4)")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -84,7 +94,8 @@ def response_figure(groups: list[Group]):
     top.set_xlabel("layer index (original)")
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
-        ax.set_ylabel("std")
+        ax.set_yscale("log")  # one diverging run must not flatten the others
+        ax.set_ylabel("std (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Fig. 7: std of layer responses (BN output of each 3x3 conv) on CIFAR-10", fontsize=10)
