@@ -9,7 +9,8 @@ generator right after the permutation (augment.py): a (row, column) crop offset 
 resumed run sees the same batches bit for bit, and 1 and N processes see the same global
 batches. The semantics are the torchvision path's (pad 4 with the mean colour, i.e. zeros
 after normalisation, random 32x32 crop, flip with p = 0.5), but the random draws are not the
-same numbers.
+same numbers as torchvision's; the FFCV CIFAR loader draws exactly these (its batches equal
+this loader's bit for bit, tests/test_ffcv.py).
 
 It works on the CPU too (run.device=cpu), which is how it is tested.
 """
