@@ -26,6 +26,32 @@ def shared_file(name: str) -> Path:
     return path
 
 
+# Skips that must not pass unnoticed where everything can run. `.ci/run` installs FFCV, SLURM
+# and shellcheck itself, so it sets REPRODUCE_REQUIRE="ffcv slurm data": a test skipped for one of
+# these reasons then fails instead (FFCV installed but failing to import would otherwise skip 20
+# tests in silence). "data" applies only when ../shared/data exists: a clone without it skips.
+REQUIRED_SKIPS = {
+    "ffcv": ("FFCV is not installed", "could not import 'ffcv'"),
+    "slurm": ("apt-get install slurmctld", "shellcheck is absent", "runs its daemons as root"),
+    "data": ("is absent (real data lives in ../shared/data",),
+}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped:
+        return
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    for need in os.environ.get("REPRODUCE_REQUIRE", "").split():
+        if need == "data" and not SHARED_DATA.is_dir():
+            continue
+        if any(marker in reason for marker in REQUIRED_SKIPS.get(need, ())):
+            report.outcome = "failed"
+            report.longrepr = f"skipped, but REPRODUCE_REQUIRE includes {need!r}: {reason}"
+
+
 # One thread per process: the suite also runs 2-process DDP jobs and shares 2 cores; with
 # two threads each, a process waiting for the other core's work spins and runs 10-100x slower.
 torch.set_num_threads(1)

@@ -84,7 +84,7 @@ def test_group_sigterm_with_the_ffcv_loader_checkpoints_and_resumes(cifar_tar, t
     Injected: SIGTERM to the process group of `python reproduce/train.py` with data.loader=ffcv (2 reader threads), after the first checkpoint.
     Suite: the trainer checkpoints, the run ends KILLED with exit status 143; the same command resumes it to FINISHED.
     Lost: nothing: the stop writes a checkpoint at the iteration it stops at."""
-    pytest.importorskip("ffcv")
+    pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]'; .ci/run does)")
     from reproduce.data.ffcv.prepare import prepare_cifar10
 
     prepare_cifar10(cifar_tar, tmp_path / "ffcv", val_split=40)
