@@ -118,9 +118,36 @@ def contents(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
         "rng": rng_state(), "mlflow_run_id": mlflow_run_id, "config": cfg.model_dump(mode="json"),
-        "git_commit": git.commit,
+        "git_commit": git.commit, "architecture": architecture(cfg.model),
         "numerics": {"amp": numerics.amp, "channels_last": numerics.channels_last, "how": numerics.how},
     }
+
+
+def architecture(model_cfg) -> dict[str, Any]:
+    """What a config's network is: {name, shortcut as resolved (None for plain nets), variant}."""
+    from reproduce.models import MODELS
+
+    shortcut = model_cfg.shortcut or MODELS[model_cfg.name].default_shortcut
+    return {"name": model_cfg.name, "shortcut": shortcut.value if shortcut else None,
+            "variant": getattr(model_cfg.variant, "value", model_cfg.variant)}
+
+
+def architecture_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The architecture a checkpoint was made for (older checkpoints: from their config)."""
+    if "architecture" in state:
+        return state["architecture"]
+    from reproduce.config import ModelConfig
+
+    return architecture(ModelConfig(**state["config"]["model"]))
+
+
+def check_architecture(state: dict[str, Any], model_cfg, path: Path) -> None:
+    """CheckpointError, in one line naming both, when `state` was made for another network."""
+    found, want = architecture_of(state), architecture(model_cfg)
+    if found != want:
+        show = lambda a: f"{a['name']} (shortcut {a['shortcut']}, {a['variant']})"  # noqa: E731
+        raise CheckpointError(f"checkpoint {path} holds {show(found)} but the config asks for {show(want)}; "
+                              "set run.dir to another folder or model.* to the checkpoint's")
 
 
 def rng_state() -> dict[str, Any]:

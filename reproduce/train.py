@@ -179,6 +179,8 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     run_dir = cfg.run_dir()
     latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
     state = checkpoint.load(latest, verified=True) if latest is not None else None  # rank 0 checked the digest
+    if state is not None:
+        checkpoint.check_architecture(state, cfg.model, latest)  # never load weights into another network
     # `auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints.
     numerics = Numerics(**state["numerics"]) if state is not None and "numerics" in state else distributed.broadcast_object(
         resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
