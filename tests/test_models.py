@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torchvision.models import resnet as tv
 import reproduce.models as models
 from reproduce.models import (MODELS, CifarResNet, Shortcut, Variant, ZeroPadShortcut, build_model,
                               check_model_options, count_macs, count_parameters, format_model_table, model_names)
+from tests.conftest import shared_file
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrained"
 
@@ -209,17 +211,30 @@ def test_v1_and_v1_5_differ_only_in_strides():
 
 # --- public CIFAR checkpoints (../shared/data/pretrained) --------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [20, 32, 44, 56])
-def test_public_cifar_checkpoint_loads_strictly(depth):
+def test_public_cifar_checkpoint_loads_strictly_and_scores_as_published(depth):
+    """The public weights fit our network key for key and shape for shape, and the network they
+    make classifies real CIFAR-10 test images (the exact pixels of the first 1,017) about as well
+    as the accuracy the checkpoint records for the whole test set: our layout (option A shortcuts,
+    strides, the 3 stages) is theirs, not merely the same tensor names."""
     files = sorted(PRETRAINED.glob(f"cifar-resnet{depth}-*.th"))
     if not files:
         pytest.skip(f"no cifar-resnet{depth}-*.th in {PRETRAINED} (public checkpoints are optional)")
+    subset = shared_file("cifar10-exact-subset.npz")
     # Tensors and a float only: the safe loader suffices. Saved from a GPU, hence map_location.
     checkpoint = torch.load(files[0], map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
-    model = build_model(f"resnet{depth}")
+    model = build_model(f"resnet{depth}").eval()
     model.load_state_dict(state, strict=True)
-    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    arrays = np.load(subset)
+    images = torch.from_numpy(arrays["test_batch_data_prefix"]).permute(0, 3, 1, 2).float().div(255)
+    labels = torch.from_numpy(arrays["test_batch_labels"][: len(images)].astype(np.int64))
+    # These checkpoints were trained on inputs normalised with ImageNet's channel mean and std.
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        accuracy = 100.0 * (model((images - mean) / std).argmax(1) == labels).float().mean().item()
+    assert abs(accuracy - float(checkpoint["best_prec1"])) < 3.0, (accuracy, checkpoint["best_prec1"])
 
 
 # --- bad options ----------------------------------------------------------------------------------
