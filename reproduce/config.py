@@ -31,11 +31,13 @@ class Protocol(str, enum.Enum):
     SINGLE = "single"  # CIFAR-10: the single original 32x32 view (paper §4.2)
     CENTER224 = "center224"  # ImageNet: shorter side 256, one 224x224 centre crop
     TENCROP = "tencrop"  # ImageNet: shorter side 256, 10 crops averaged (paper Table 2, 3)
+    MULTISCALE = "multiscale"  # ImageNet: whole image, shorter side 224..640, and flips, averaged (Table 4, §3.4)
 
 
 class Normalize(str, enum.Enum):
     PIXEL_MEAN = "pixel_mean"  # subtract the per-pixel mean image of the training split
     CHANNEL = "channel"  # subtract per-channel mean, divide by per-channel std
+    IMAGENET = "imagenet"  # fixed ImageNet channel mean/std (as the public CIFAR-10 checkpoints were trained)
 
 
 class Section(BaseModel):
@@ -117,6 +119,8 @@ class DataConfig(Section):
     def _loader_fits(self) -> "DataConfig":
         if self.loader == "gpu" and self.dataset != "cifar10":
             raise ValueError("data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv or torchvision")
+        if self.loader == "ffcv" and self.normalize == Normalize.IMAGENET:
+            raise ValueError("data.normalize=imagenet is not in the .beton manifests; use data.loader=torchvision or gpu")
         if self.loader == "ffcv" and self.path is None and not self.synthetic:
             raise ValueError("data.loader=ffcv needs data.path=DIR, a folder written by `reproduce prepare`")
         return self
@@ -161,7 +165,7 @@ class ScheduleConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(gt=0, description="iterations between evaluations on the validation split")
-    protocol: Protocol = Field(description="final test protocol: single (CIFAR), center224 or tencrop (ImageNet)")
+    protocol: Protocol = Field(description="final test protocol: single (CIFAR), center224, tencrop or multiscale (ImageNet)")
     batch_size: int = Field(256, gt=0, description="per-process evaluation batch")
     max_images: int | None = Field(None, gt=0, description="evaluate on the first N images only (smoke tests)")
 
@@ -218,9 +222,12 @@ class Config(Section):
         want = "cifar10" if family == "cifar" else "imagenet"
         if self.data.dataset != want:
             raise ValueError(f"model {self.model.name} is a network for {want} but data.dataset is {self.data.dataset}; use {want}")
-        allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP]
+        allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP, Protocol.MULTISCALE]
         if self.eval.protocol not in allowed:
             raise ValueError(f"eval.protocol {self.eval.protocol.value} does not apply to {want}; use {allowed[0].value}")
+        if self.eval.protocol == Protocol.MULTISCALE and (self.data.loader != "torchvision" or self.data.synthetic):
+            raise ValueError("eval.protocol multiscale needs data.loader=torchvision on real images (whole images of "
+                             "several sizes)")
         if self.data.dataset == "imagenet" and self.data.path is None and not self.data.synthetic:
             raise ValueError("data.path is required for imagenet (a folder with train/ and val/)")
         return self

@@ -62,26 +62,26 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels
     """Top-1 and top-5 error (%) and mean loss over the whole split (all ranks' shares); top-5
     is left out when the network has five classes or fewer.
     A batch of shape (B, V, C, H, W) holds V views per image (10-crop): their softmax
-    scores are averaged before ranking."""
+    scores are averaged before ranking. A list is one such entry per scale (multiscale), each a
+    (B, V, C, H, W) tensor or a list of B (V, C, H, W) tensors of different sizes: the scores of
+    every view at every scale are averaged."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1 hits, top-5 hits, count
     classes = 0
     for images, labels in loader:
-        images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
-        views = images.shape[1] if images.dim() == 5 else 0
-        if views:
-            images = images.flatten(0, 1)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(info.device, amp):
-            logits = model(images).float()
-        if views:
-            probs = logits.softmax(dim=1).view(-1, views, logits.shape[1]).mean(dim=1)
+        if isinstance(images, list) or images.dim() == 5:  # several views per image
+            scales = images if isinstance(images, list) else [images]  # multiscale: one entry per scale
+            probs = sum(_view_probs(model, x, info.device, amp, channels_last) for x in scales) / len(scales)
             loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
             logits = probs
         else:
+            images = images.to(info.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(info.device, amp):
+                logits = model(images).float()
             loss = F.cross_entropy(logits, labels, reduction="sum")
         classes = logits.shape[1]
         top1, top5 = topk_correct(logits, labels)
@@ -95,6 +95,20 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels
     if classes > 5:  # with five classes or fewer every label is in the top 5: the error is not defined, not 0
         out["top5_err"] = 100.0 * (1 - top5 / count)
     return out
+
+
+def _view_probs(model, views, device: torch.device, amp: bool, channels_last: bool) -> torch.Tensor:
+    """(B, classes) softmax scores averaged over the V views of (B, V, C, H, W), or of each
+    (V, C, H, W) tensor of a list (images of different sizes, one forward each)."""
+    if isinstance(views, list):
+        return torch.cat([_view_probs(model, v.unsqueeze(0), device, amp, channels_last) for v in views])
+    b, v = views.shape[:2]
+    x = views.to(device, non_blocking=True).flatten(0, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(x).float()
+    return logits.softmax(dim=1).view(b, v, -1).mean(dim=1)
 
 
 @dataclass(frozen=True)

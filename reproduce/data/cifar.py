@@ -5,6 +5,7 @@ Accepted `data.path` values:
   .../cifar-10-batches-py    the original python batches (or the folder that holds it)
   .../tree                   an image-folder tree: train/<class>/*, test/<class>/*
   .../cifar.tar.gz           a .tar(.gz) of such a tree, read without unpacking
+  .../subset.npz             the first N original images of each batch (<batch>_data_prefix, <batch>_labels)
 Image trees are decoded once and cached as .npz under ~/.cache/reproduce (or
 $REPRODUCE_CACHE), keyed by the source's path, size and modification time.
 
@@ -30,6 +31,7 @@ from reproduce.io import atomic_replace
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # data.normalize=imagenet
 LOSSY = " (lossy JPEG copy: errors are not comparable to the paper's to the decimal)"
 
 
@@ -98,6 +100,8 @@ def cifar_stats(train_images: torch.Tensor, normalize: str) -> tuple[torch.Tenso
     mean image and std 1 (paper §4.2, `pixel_mean`), or per-channel mean and std (`channel`)."""
     if normalize == "pixel_mean":
         return train_images.double().mean(0).div(255).float(), torch.ones(3, 1, 1)
+    if normalize == "imagenet":  # fixed: the statistics the public CIFAR-10 checkpoints were trained with
+        return torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     flat = train_images.double().div(255)
     return flat.mean((0, 2, 3)).float().view(3, 1, 1), flat.std((0, 2, 3)).float().view(3, 1, 1)
 
@@ -118,7 +122,24 @@ def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> Cifar
         raise DataError(f"{path} holds neither cifar-10-batches-py nor train/ and test/ class folders")
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         return _cached(path, _read_tar)
+    if path.suffix == ".npz":
+        return _read_prefix_npz(path)
     raise DataError(f"{path} is not a folder or a .tar/.tar.gz archive of CIFAR-10")
+
+
+def _read_prefix_npz(path: Path) -> CifarArrays:
+    """The original pixels of the first N images of each batch: `<batch>_data_prefix` (N, 32, 32, 3)
+    uint8 and `<batch>_labels` (all 10,000) for data_batch_1..5 and test_batch."""
+    try:
+        with np.load(path) as z:
+            parts = [(z[f"{b}_data_prefix"], z[f"{b}_labels"].astype(np.int64)) for b in
+                     [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{path} is not a CIFAR-10 prefix .npz (<batch>_data_prefix and <batch>_labels): {err}") from None
+    train_x = np.concatenate([x for x, _ in parts[:5]])
+    train_y = np.concatenate([y[: len(x)] for x, y in parts[:5]])
+    test_x, test_y = parts[5][0], parts[5][1][: len(parts[5][0])]
+    return CifarArrays(train_x, train_y, test_x, test_y, f"{path} (original pixels, the first {len(test_x)} images of each batch)")
 
 
 def _torchvision(root: Path, download: bool) -> CifarArrays:

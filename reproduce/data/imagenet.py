@@ -21,6 +21,9 @@ PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140
 MEAN = (0.485, 0.456, 0.406)  # ImageNet channel statistics on [0, 1] pixels
 STD = (0.229, 0.224, 0.225)
 TEST_SHORT_SIDE = 256  # both protocols resize the shorter side to 256 (paper §3.4, Tables 2-3)
+# multiscale (§3.4, Table 4): the whole image with its shorter side at each of these (at crop 224), and
+# its mirror image, as VGG [41] averages over flips too; the net runs fully convolutionally on each.
+MULTISCALE_SIDES = (224, 256, 384, 480, 640)
 
 
 class Lighting(torch.nn.Module):
@@ -81,9 +84,33 @@ def eval_transform(crop: int, protocol: str) -> v2.Compose:
     short = round(crop * TEST_SHORT_SIDE / 224)
     head = [v2.PILToTensor(), v2.Resize(short, antialias=True)]
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if protocol == "multiscale":
+        return MultiScale([round(crop * side / 224) for side in MULTISCALE_SIDES])
     if protocol == "tencrop":  # 4 corners + centre, and their flips -> (10, 3, crop, crop)
         return v2.Compose(head + tail + [partial(_ten_crop, size=crop)])
     return v2.Compose(head + [v2.CenterCrop(crop)] + tail)
+
+
+class MultiScale:
+    """PIL image -> a tuple with one (2, 3, H, W) tensor per shorter side: the whole image resized,
+    normalised, and its horizontal flip. Sizes differ by scale (and by image where aspect ratios
+    differ), so the loader collates them per scale and engine.evaluate averages the softmax scores."""
+
+    def __init__(self, sides: list[int]):
+        self.sides = sides
+
+    def __call__(self, img) -> tuple[torch.Tensor, ...]:
+        x = v2.functional.pil_to_tensor(img)
+        out = []
+        for side in self.sides:
+            y = v2.functional.to_dtype(v2.functional.resize(x, side, antialias=True), torch.float32, scale=True)
+            y = v2.functional.normalize(y, MEAN, STD)
+            out.append(torch.stack([y, y.flip(-1)]))
+        return tuple(out)
+
+    def pixels(self, crop: int) -> float:
+        """Pixels one image costs at all scales and flips, in units of one crop x crop view (square image)."""
+        return 2 * sum(side * side for side in self.sides) / (crop * crop)
 
 
 def _ten_crop(img: torch.Tensor, size: int) -> torch.Tensor:

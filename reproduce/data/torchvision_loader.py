@@ -15,7 +15,7 @@ from reproduce.config import Config
 from reproduce.data.augment import cifar_transforms
 from reproduce.data.base import Data, Pairs, Split
 from reproduce.data.cifar import cifar10
-from reproduce.data.imagenet import build_data as build_imagenet
+from reproduce.data.imagenet import MultiScale, build_data as build_imagenet
 from reproduce.data.order import TrainBatches, eval_indices
 from reproduce.distributed import DistInfo
 
@@ -54,7 +54,19 @@ def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> Data
 
 
 def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
-    """This rank's share of `split` (eval_indices), in eval.batch_size batches."""
+    """This rank's share of `split` (eval_indices), in eval.batch_size batches; multiscale in batches
+    of as many pixels as eval.batch_size crops (at least one image), collated per scale."""
     share = torch.utils.data.Subset(split, eval_indices(len(split), cfg, info).tolist())
-    return DataLoader(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
+    batch, collate = cfg.eval.batch_size, None
+    if isinstance(split.transform, MultiScale):
+        batch, collate = max(1, int(batch // split.transform.pixels(cfg.data.crop))), collate_scales
+    return DataLoader(share, batch_size=batch, num_workers=cfg.data.workers, collate_fn=collate,
                       worker_init_fn=_leave_stop_signals_to_the_trainer, pin_memory=info.device.type == "cuda")
+
+
+def collate_scales(samples: list) -> tuple[list, torch.Tensor]:
+    """[(per-scale tuple, label)] -> ([per scale: (B, V, C, H, W), or a list of (V, C, H, W) where the
+    images' sizes differ], labels)."""
+    images, labels = zip(*samples)
+    scales = [torch.stack(views) if len({v.shape for v in views}) == 1 else list(views) for views in zip(*images)]
+    return scales, torch.tensor(labels)

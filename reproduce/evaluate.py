@@ -1,0 +1,184 @@
+"""`reproduce evaluate`: any ResNet weights under the paper's test protocols.
+
+  reproduce evaluate --weights runs/cifar10/resnet20-s0-1a2b3c4d --model resnet20 --data cifar-10-batches-py
+  reproduce evaluate --weights cifar-resnet56-4bfd9763.th --model resnet56 --data cifar10-exact-subset.npz
+  reproduce evaluate --weights torchvision:resnet50.IMAGENET1K_V1 --model resnet50 --protocol tencrop --data /data/imagenet
+  torchrun --nproc_per_node 8 -m reproduce.evaluate --weights FILE --config configs/imagenet/resnet50.yaml
+
+--weights: a run directory, a checkpoint, a state_dict file or torchvision:<model>.<WEIGHTS> (see
+reproduce/weights.py for how the architecture is found and when it must be stated). The network is
+the weights' architecture; --model / --config / model.* overrides must agree with it. Only the
+test split is read (ImageNet-style: data.path/val/<class>/*; CIFAR-10: its test images, normalised
+by data.normalize; the public CIFAR-10 checkpoints take data.normalize=imagenet unless it is given).
+Each evaluation is one MLflow run (tag reproduce.kind=evaluation) in the experiment of --config,
+else the dataset's name; its numbers also go to --out as JSON. Under torchrun each rank evaluates
+a disjoint share and the sums are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from reproduce import checkpoint, distributed
+from reproduce.config import Config, ConfigError, ModelConfig, Normalize, Protocol, load_config
+from reproduce.data import Data, DataError, Split, build_data, eval_loader
+from reproduce.engine import evaluate
+from reproduce.io import atomic_write_json
+from reproduce.models import MODELS
+from reproduce.provenance import device_name, git_state, host
+from reproduce.weights import Weights, WeightsError, load_weights
+
+log = logging.getLogger("reproduce.evaluate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", required=True, help="run dir, checkpoint, state_dict file or torchvision:NAME.WEIGHTS")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="a YAML file under configs/ (model, data and eval settings)")
+    which.add_argument("--model", help="a registry name (`reproduce models`), with defaults for the rest")
+    parser.add_argument("--protocol", choices=[p.value for p in Protocol], help="default: the config's, else "
+                        "single (CIFAR) / center224 (ImageNet)")
+    parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
+    parser.add_argument("--out", type=Path, help="JSON result (default runs/evaluations/<model>-<protocol>-<sha>.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.batch_size=64 model.variant=v1.5")
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after options
+
+
+def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
+    overrides = ([f"eval.protocol={args.protocol}"] if args.protocol else []) + \
+                ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
+    base = None
+    if args.model:
+        spec = MODELS.get(args.model)
+        dataset = "imagenet" if spec is not None and spec.family == "imagenet" else "cifar10"
+        base = {"experiment": dataset, "model": {"name": args.model}, "data": {"dataset": dataset},
+                "optim": {"batch_size": world_size, "lr": 0.1}, "schedule": {"iterations": 1},
+                "eval": {"every": 1, "protocol": "center224" if dataset == "imagenet" else "single"},
+                "run": {"checkpoint_every": 1}}
+    return load_config(args.config, overrides, world_size=world_size, base=base)
+
+
+def stated_model(cfg: Config) -> tuple:
+    """(name, shortcut, variant) as the user gave them; None where not given."""
+    given = cfg.model.model_fields_set
+    return cfg.model.name, cfg.model.shortcut, cfg.model.variant if "variant" in given else None
+
+
+def with_weights(cfg: Config, weights: Weights) -> Config:
+    """cfg with the weights' architecture (options the user left unset, resolved) and, for the
+    public CIFAR-10 checkpoints, the normalisation they were trained with unless one is given."""
+    arch = weights.arch
+    model = ModelConfig(name=arch.name, shortcut=arch.shortcut, variant=arch.variant)
+    data = cfg.data
+    if weights.format == "public-cifar" and "normalize" not in data.model_fields_set:
+        log.info("public CIFAR-10 checkpoint: data.normalize=imagenet (the statistics it was trained with)")
+        data = data.model_copy(update={"normalize": Normalize.IMAGENET})
+    return cfg.model_copy(update={"model": model, "data": data})
+
+
+def test_split(cfg: Config) -> tuple[Split, int, str, str]:
+    """(test split, number of classes, fingerprint, description): only what evaluation reads."""
+    if cfg.data.dataset == "cifar10" or cfg.data.synthetic:
+        data: Data = build_data(cfg)
+        return data.test, data.num_classes, data.fingerprint, data.description
+    from reproduce.data.imagenet import eval_transform, image_folder
+
+    if cfg.data.path is None:
+        raise DataError("data.path is required for imagenet: a folder with val/<class>/*")
+    val = image_folder(cfg.data.path, "val", None)
+    listing = "\n".join(p for p, _ in val.samples).encode()
+    return (Split(val, eval_transform(cfg.data.crop, cfg.eval.protocol.value)), len(val.classes),
+            hashlib.sha256(listing).hexdigest()[:16],
+            f"ImageNet-style val/ at {cfg.data.path}: {len(val)} images, {len(val.classes)} classes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _, _, _, world_size = distributed.launch_env()
+    try:
+        cfg = eval_config(args, world_size)
+        info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
+    except (ConfigError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, cfg, info)
+    except (WeightsError, DataError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown(info)
+
+
+def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> int:
+    source = args.weights
+    if Path(source).is_dir():  # rank 0 picks (and sets damaged ones aside); every rank reads its pick
+        latest = distributed.agree(lambda: checkpoint.find_latest(Path(source)), info)
+        latest = distributed.broadcast_object(latest, info)
+        source = str(latest) if latest is not None else source
+    # Rank 0 checks first (all ranks refuse together); then the others read the same.
+    weights = distributed.agree(lambda: load_weights(source, *stated_model(cfg)), info) or \
+        load_weights(source, *stated_model(cfg))
+    cfg = with_weights(cfg, weights)
+    split, classes, fingerprint, description = distributed.agree(lambda: test_split(cfg), info) or test_split(cfg)
+    if classes != weights.num_classes:
+        raise WeightsError(f"{weights.source} has {weights.num_classes} classes but the data has {classes}; "
+                           "evaluate on data with the classes it was trained for")
+    model = weights.build(info.device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp, layout = cfg.run.amp is True, cfg.run.channels_last is True
+    images = len(split) if cfg.eval.max_images is None else min(cfg.eval.max_images, len(split))  # all ranks' shares
+    start = time.perf_counter()
+    result = evaluate(model, eval_loader(split, cfg, info), info, amp, layout)
+    seconds = time.perf_counter() - start
+    result = {**{f"test_{k}": v for k, v in result.items()}, "images": images, "images_per_sec": images / seconds}
+    if info.is_main:
+        record(args, cfg, info, weights, result, fingerprint, description)
+    return 0
+
+
+def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint: str, description: str) -> None:
+    """One MLflow run and the JSON file, on rank 0."""
+    import mlflow
+
+    from reproduce.tracking import check_reachable, prepare_store
+
+    git = git_state()
+    check_reachable()
+    prepare_store()
+    tags = {"reproduce.kind": "evaluation", "reproduce.eval_protocol": cfg.eval.protocol.value,
+            "reproduce.weights": weights.extra.get("weights", weights.source), "reproduce.weights_sha256": weights.sha256,
+            "reproduce.weights_format": weights.format, "reproduce.model": cfg.model.name,
+            "reproduce.architecture": str(weights.arch), "reproduce.study": cfg.data.dataset,
+            "reproduce.data_fingerprint": fingerprint, "reproduce.data": description,
+            "reproduce.git_commit": git.commit, "reproduce.git_dirty": str(git.dirty).lower(), "reproduce.host": host(),
+            "reproduce.gpu": device_name(info.device), "reproduce.world_size": str(info.world_size),
+            "reproduce.launcher": info.launcher, "reproduce.torch": torch.__version__}
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name=f"eval-{cfg.model.name}-{cfg.eval.protocol.value}", tags=tags) as active:
+        mlflow.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "data", "eval")})
+        mlflow.log_metrics({k: float(v) for k, v in result.items()})
+        run_id = active.info.run_id
+    out = args.out or Path("runs") / "evaluations" / f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}.json"
+    doc = {**result, "model": cfg.model.name, "architecture": weights.arch.as_dict(), "protocol": cfg.eval.protocol.value,
+           "weights": tags["reproduce.weights"], "weights_sha256": weights.sha256, "weights_format": weights.format,
+           "weights_extra": weights.extra, "data": description, "data_fingerprint": fingerprint,
+           "world_size": info.world_size, "git_commit": git.commit, "git_dirty": git.dirty, "mlflow_run_id": run_id}
+    atomic_write_json(out, doc, indent=1)
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
+    print(f"{cfg.model.name} {weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
+          f"MLflow run {run_id}; wrote {out}")
+
+
+if __name__ == "__main__":
+    from reproduce.cli import exit_with
+
+    exit_with(main())

@@ -1,0 +1,164 @@
+"""`reproduce evaluate` and the multiscale protocol (issue 16 items 2-3)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from tests.conftest import REPO, SHARED_DATA, shared_file
+
+from reproduce import evaluate
+from reproduce.data.imagenet import MEAN, MULTISCALE_SIDES, STD, MultiScale
+from reproduce.models import build_model
+
+
+def imagenette_val(root: Path, classes: int = 2, per_class: int = 2) -> Path:
+    """The first `per_class` images of the first `classes` classes of the real Imagenette val split."""
+    archive = shared_file("imagenette-224-val.tar.gz")
+    taken: dict[str, int] = {}
+    with tarfile.open(archive) as tf:
+        for member in tf:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3:
+                continue
+            if parts[1] not in taken and len(taken) == classes:
+                break
+            if taken.setdefault(parts[1], 0) < per_class:
+                (root / parts[0] / parts[1]).mkdir(parents=True, exist_ok=True)
+                (root / member.name).write_bytes(tf.extractfile(member).read())
+                taken[parts[1]] += 1
+    return root
+
+
+def generated_val(root: Path, sizes=((224, 224), (300, 224), (224, 260))) -> Path:
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        folder = root / "val" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def weights_file(path: Path, name: str = "resnet18", classes: int = 2) -> Path:
+    torch.manual_seed(0)
+    torch.save(build_model(name, "B", num_classes=classes).state_dict(), path)
+    return path
+
+
+def by_hand(model: torch.nn.Module, files: list[Path], labels: list[int]) -> float:
+    """Top-1 error of the multiscale protocol computed directly: every shorter side, the image and
+    its mirror, softmax scores averaged."""
+    model.eval()
+    wrong = 0
+    with torch.no_grad():
+        for file, label in zip(files, labels):
+            x = v2.functional.pil_to_tensor(Image.open(file).convert("RGB"))
+            scores = []
+            for side in MULTISCALE_SIDES:
+                y = v2.functional.normalize(v2.functional.to_dtype(v2.functional.resize(x, side, antialias=True),
+                                                                   torch.float32, scale=True), MEAN, STD)
+                scores += list(model(torch.stack([y, y.flip(-1)])).softmax(1))
+            wrong += int(torch.stack(scores).mean(0).argmax()) != label
+    return 100.0 * wrong / len(files)
+
+
+def _evaluate(*argv: str) -> dict:
+    out = Path("result.json")
+    assert evaluate.main([*argv, "--out", str(out), "data.workers=0", "run.device=cpu"]) == 0
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------- multiscale
+def test_multiscale_transform_sizes():
+    views = MultiScale([224, 256, 384, 480, 640])(Image.new("RGB", (300, 200)))
+    assert [tuple(v.shape) for v in views] == [(2, 3, s, round(s * 1.5)) for s in (224, 256, 384, 480, 640)]
+    assert torch.equal(views[0][1], views[0][0].flip(-1))
+
+
+@pytest.mark.parametrize("eval_batch", ["256", "1"])
+def test_multiscale_matches_by_hand_on_images_of_different_sizes(tmp_path, eval_batch):
+    root = generated_val(tmp_path / "gen")
+    path = weights_file(tmp_path / "w.pt")
+    result = _evaluate("--weights", str(path), "--model", "resnet18", "--protocol", "multiscale", "--data", str(root),
+                       f"eval.batch_size={eval_batch}")
+    files = sorted((root / "val").rglob("*.png"))
+    model = build_model("resnet18", "B", num_classes=2)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    assert result["images"] == 3 and result["protocol"] == "multiscale"
+    assert result["test_top1_err"] == pytest.approx(by_hand(model, files, [int(f.parent.name[1]) for f in files]))
+
+
+@pytest.mark.slow
+def test_multiscale_on_real_imagenette_jpegs(tmp_path):
+    root = imagenette_val(tmp_path / "nette", classes=2, per_class=2)
+    path = weights_file(tmp_path / "w.pt")
+    result = _evaluate("--weights", str(path), "--model", "resnet18", "--protocol", "multiscale", "--data", str(root))
+    files = sorted((root / "val").rglob("*.JPEG"))
+    classes = sorted({f.parent.name for f in files})
+    model = build_model("resnet18", "B", num_classes=2)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    assert result["images"] == 4
+    assert result["test_top1_err"] == pytest.approx(by_hand(model, files, [classes.index(f.parent.name) for f in files]))
+
+
+# ---------------------------------------------------------------------------- the command
+def test_evaluation_is_one_mlflow_run_with_its_json(tmp_path):
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 4)
+    path = weights_file(tmp_path / "w.pt")
+    result = _evaluate("--weights", str(path), "--model", "resnet18", "--protocol", "tencrop", "--data", str(root),
+                       "data.crop=32")
+    run = mlflow.get_run(result["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["reproduce.kind"] == "evaluation" and tags["reproduce.eval_protocol"] == "tencrop"
+    assert tags["reproduce.weights_sha256"] == result["weights_sha256"] and tags["reproduce.weights_format"] == "state_dict"
+    assert tags["reproduce.architecture"] == "resnet18 (shortcut B, v1)" and tags["reproduce.data_fingerprint"]
+    assert run.data.metrics["test_top1_err"] == result["test_top1_err"] and result["images_per_sec"] > 0
+    assert "test_top5_err" not in result  # two classes: top-5 is not defined
+
+
+def test_a_model_that_does_not_fit_the_weights_is_refused(tmp_path, capsys):
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    path = weights_file(tmp_path / "w.pt")
+    assert evaluate.main(["--weights", str(path), "--model", "resnet34", "--data", str(root), "run.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "depth 18" in err and "resnet34" in err
+    assert evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(tmp_path), "run.device=cpu"]) == 2
+    assert "val" in capsys.readouterr().err
+
+
+def test_public_cifar_checkpoint_on_exact_test_pixels():
+    subset = shared_file("cifar10-exact-subset.npz")
+    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [shared_file("pretrained/cifar-resnet20-*.th")]
+    result = _evaluate("--weights", str(files[0]), "--model", "resnet20", "--data", str(subset), "eval.max_images=300")
+    assert result["images"] == 300 and result["weights_format"] == "public-cifar"
+    # best_prec1 is its accuracy on all 10,000 test images; 300 of them agree within sampling noise
+    assert abs(result["test_top1_err"] - (100 - result["weights_extra"]["best_prec1"])) < 5
+
+
+@pytest.mark.slow
+def test_two_processes_count_the_same_as_one(tmp_path):
+    subset = shared_file("cifar10-exact-subset.npz")
+    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [shared_file("pretrained/cifar-resnet20-*.th")]
+    common = ["--weights", str(files[0]), "--model", "resnet20", "--data", str(subset), "eval.max_images=201",
+              "eval.batch_size=32", "data.workers=0", "run.device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = _evaluate(*common[:-2])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "reproduce.evaluate", *common, "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key in ("images", "test_top1_err", "test_top5_err"):
+        assert two[key] == one[key], key
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-6)
