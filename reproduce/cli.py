@@ -4,7 +4,7 @@
   reproduce train --config FILE [k=v]  train one configured network (also: python reproduce/train.py)
   reproduce evaluate --weights W (--config F | --model M) [--protocol P] [--data PATH]   test error of any ResNet weights
   reproduce study [--data PATH]        the quick plain-versus-residual depth study on CIFAR-10 (CPU, minutes)
-  reproduce check FILE... [k=v]        validate configs without running them
+  reproduce check [--no-data] FILE... [k=v]  validate configs (and their data) without running them
   reproduce prepare cifar10|imagenet --source PATH --out DIR   write the FFCV .beton files of data.loader=ffcv
   reproduce sweep --configs F... --seeds S... [--parallel N] [k=v]   a configs x seeds grid, N runs at a time
   reproduce report --study cifar10|imagenet [--experiment N] [--out DIR] [--export F | --from-export F]
@@ -14,6 +14,7 @@
   reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
   reproduce bench-matrix [--models M...] training images/s over precision x channels_last x compile x input
   reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
+  reproduce doctor [--json] [--data PATH]   what this machine can do for the suite; exit 1 naming what a job lacks
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ COMMANDS = {
     "bench-loaders": "reproduce.bench.loaders:main",
     "bench-matrix": "reproduce.bench.matrix:main",
     "sync": "reproduce.tracking:sync_main",
+    "doctor": "reproduce.doctor:main",
 }
 
 

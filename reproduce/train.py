@@ -109,13 +109,15 @@ def check_inputs(cfg: Config) -> Data:
 
 
 def check_main(argv: list[str] | None = None) -> int:
-    """`reproduce check FILE... [key=value ...]`: validate configs, and their data when data.path
-    is set, without running anything. Exit status 2 when any is refused."""
+    """`reproduce check [--no-data] FILE... [key=value ...]`: validate configs, and their data when
+    data.path is set (unless --no-data), without running anything. Exit status 2 when any is refused."""
     argv = list(argv or [])
+    with_data = "--no-data" not in argv
+    argv = [a for a in argv if a != "--no-data"]
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     if not files or any(a.startswith("-") for a in files):
-        print("usage: reproduce check FILE... [key=value ...]", file=sys.stderr)
+        print("usage: reproduce check [--no-data] FILE... [key=value ...]", file=sys.stderr)
         return 2
     for item in files:
         if not Path(item).exists() and not item.endswith((".yaml", ".yml")) and "/" not in item:
@@ -125,6 +127,9 @@ def check_main(argv: list[str] | None = None) -> int:
     for path in files:
         try:
             cfg = load_config(path, overrides)
+            if not with_data:
+                print(f"ok    {path} (config only: data not checked)")
+                continue
             if cfg.data.path is None and not cfg.data.synthetic:
                 print(f"ok    {path} (data not checked: data.path is null, CIFAR-10 is downloaded when training starts)")
                 continue

@@ -109,6 +109,13 @@ step=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
       --no-python bash "$repo/slurm/rank.sh"
       "$python" "$repo/reproduce/train.py" --config "$config" "${overrides[@]}")
 
+# A config the training would refuse is refused here, in one line, before srun starts anything
+# (the data is checked by the ranks, on the nodes that read it).
+if ! PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m reproduce.cli check --no-data "$config" "${overrides[@]}" >/dev/null; then
+    echo "reproduce: exit status 2 (bad config, not started)"
+    exit 2
+fi
+
 echo "reproduce: job $job${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)}, restart ${SLURM_RESTART_COUNT:-0}," \
      "$nnodes node(s) x $nproc process(es), rendezvous $head:$port, started $(date '+%F %T')"
 echo "reproduce: workdir $workdir; MLflow ${MLFLOW_TRACKING_URI:-sqlite:///$workdir/mlflow.db}"

@@ -146,6 +146,23 @@ def test_launcher_exit_status_and_requeue(tmp_path, signal_name, codes, srun_exi
     assert not any((tmp_path / "status").iterdir())  # the ranks' statuses are cleaned up
 
 
+def test_launcher_refuses_a_bad_config_before_srun(tmp_path):
+    """The README's old CPU example (schedule.iterations=200 under milestones at 32k and 48k): one
+    line naming the key, exit status 2, and srun never started."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STUB_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = {**_clean_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_DIR": str(tmp_path),
+           "STUB_CODES": "0", "STUB_EXIT": "0", "SLURM_JOB_ID": "78", "REPRODUCE_WORKDIR": str(tmp_path),
+           "REPRODUCE_OVERRIDES": "run.device=cpu schedule.iterations=200"}
+    result = subprocess.run(["bash", str(SLURM / "launch.sh"), "configs/cifar10/resnet20.yaml"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "schedule.milestones: milestone 48000 is not below schedule.iterations=200" in result.stderr, result.stderr
+    assert "exit status 2 (bad config, not started)" in result.stdout and not (tmp_path / "started").exists()
+
+
 # --- a one-node cluster -------------------------------------------------------------------------
 
 @dataclass
@@ -408,9 +425,9 @@ def test_failed_imagenet_job_is_not_requeued(cluster, jobs):
     job = jobs["failed"]
     cluster.wait_gone(job.id, timeout=500)
     log = job.log.read_text()
-    assert "error: config error: data.path is required for imagenet" in log, log
-    assert "exit status 2 (failed, not requeued; 2 of 2 ranks left a status: " in log, log
-    assert "requeueing" not in log and log.count("reproduce: job ") == 1, log
+    assert "config error: data.path is required for imagenet" in log, log
+    assert "exit status 2 (bad config, not started)" in log, log  # refused by the launcher, before srun
+    assert "requeueing" not in log and "reproduce: job " not in log, log
 
 
 @pytest.mark.slow
