@@ -143,6 +143,19 @@ def test_public_cifar_checkpoint_on_exact_test_pixels():
     assert result["images"] == 300 and result["weights_format"] == "public-cifar"
     # best_prec1 is its accuracy on all 10,000 test images; 300 of them agree within sampling noise
     assert abs(result["test_top1_err"] - (100 - result["weights_extra"]["best_prec1"])) < 5
+    # `reproduce report` lists it beside the paper's Table 6 number, not in the trained table
+    from reproduce.report.runs import load_mlflow_runs, select_runs
+    from reproduce.report.tables import build_table, evaluation_table, load_paper, markdown, provenance
+
+    runs = load_mlflow_runs("cifar10", "cifar10")
+    selection = select_runs(runs, "cifar10")
+    assert not selection.main and [r["run_id"] for r in selection.evaluations] == [result["mlflow_run_id"]]
+    row = evaluation_table(selection.evaluations, "cifar10", load_paper()).iloc[0]
+    assert (row.model, row.shortcut, row.protocol, row.reference) == ("resnet20", "A", "single", 8.75)
+    assert row.ours == pytest.approx(result["test_top1_err"]) and row.images == 300
+    text = markdown("cifar10", build_table([], "cifar10", load_paper()), build_table([], "cifar10", load_paper()),
+                    selection, provenance(runs, selection), [], "reproduce report --study cifar10", "test")
+    assert f"| {files[0].name} (public-cifar) | ResNet-20 A | single | test_top1_err | 8.75 | Table 6 | " in text
 
 
 @pytest.mark.slow

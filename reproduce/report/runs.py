@@ -101,6 +101,7 @@ class Selection:
     other: list[Group]  # other recipes of the same models, reported separately
     left_out: Counter  # reason -> number of runs
     why: dict[str, str]  # run_id -> "table" / "other recipe" / the reason it is left out
+    evaluations: list[dict] = field(default_factory=list)  # finished `reproduce evaluate` runs (given weights)
 
 
 def model_key(run: dict) -> tuple[str, str, str, str]:
@@ -111,8 +112,13 @@ def model_key(run: dict) -> tuple[str, str, str, str]:
 
 
 def select_runs(runs: list[dict], study: str) -> Selection:
-    left_out, why, recipes = Counter(), {}, {}
+    left_out, why, recipes, evaluations = Counter(), {}, {}, []
     for run in runs:
+        if is_evaluation(run):  # weights evaluated, not trained: listed beside the table, never in it
+            if run["status"] == "FINISHED":
+                evaluations.append(run)
+            why[run["run_id"]] = "evaluation" if run["status"] == "FINISHED" else run["status"]
+            continue
         if run["status"] != "FINISHED":
             reason = run["status"]
         elif any(m not in run["metrics"] for m in FINAL_METRICS[study]):
@@ -146,7 +152,12 @@ def select_runs(runs: list[dict], study: str) -> Selection:
         why.update({r["run_id"]: "table" for r in group.runs})
     for group in other:
         why.update({r["run_id"]: f"other recipe {group.recipe}" for r in group.runs})
-    return Selection(sorted(main.values(), key=_order), sorted(other, key=_order), left_out, why)
+    return Selection(sorted(main.values(), key=_order), sorted(other, key=_order), left_out, why,
+                     sorted(evaluations, key=lambda r: (depth_of(model_key(r)[0]), model_key(r)[1:], r["start_time"])))
+
+
+def is_evaluation(run: dict) -> bool:
+    return run["tags"].get("reproduce.kind") == "evaluation"
 
 
 def _order(group: Group):

@@ -65,6 +65,23 @@ def summarize(group: Group, metric: str, paper: pd.DataFrame) -> dict:
             "run_ids": " ".join(r["run_id"] for r in group.runs)}
 
 
+def evaluation_table(runs: list[dict], study: str, paper: pd.DataFrame) -> pd.DataFrame:
+    """One row per final metric of each `reproduce evaluate` run, beside the paper's number for
+    the same model, shortcut and protocol."""
+    rows = []
+    for run in runs:
+        key, tags = model_key(run), run["tags"]
+        for metric in [m for m in FINAL_METRICS[study] if m in run["metrics"]]:
+            ref = paper_reference(paper, key, metric)
+            ours = float(run["metrics"][metric])
+            rows.append({"weights": Path(tags.get("reproduce.weights", "?")).name, "format": tags.get("reproduce.weights_format", ""),
+                         "model": key[0], "shortcut": key[1], "variant": key[2], "protocol": key[3], "metric": metric,
+                         **ref, "ours": ours, "diff": ours - ref["reference"],
+                         "images": int(run["metrics"].get("images", 0)), "data": tags.get("reproduce.data", ""),
+                         "weights_sha256": tags.get("reproduce.weights_sha256", ""), "run_id": run["run_id"]})
+    return pd.DataFrame(rows)
+
+
 def build_table(groups: list[Group], study: str, paper: pd.DataFrame) -> pd.DataFrame:
     rows = [summarize(g, metric, paper) for g in groups for metric in FINAL_METRICS[study]]
     return pd.DataFrame(rows, columns=None if rows else ["model"])
@@ -89,11 +106,14 @@ def _num(x: float, digits: int = 2) -> str:
 
 
 def markdown(study: str, table: pd.DataFrame, other: pd.DataFrame, selection: Selection, prov: pd.DataFrame,
-             figures: list[str], command: str, source: str) -> str:
+             figures: list[str], command: str, source: str, paper: pd.DataFrame | None = None) -> str:
     title = {"cifar10": "CIFAR-10 (paper Table 6)", "imagenet": "ImageNet (paper Tables 2-4)"}[study]
     data_ids = {d: f"d{i + 1}" for i, d in enumerate(dict.fromkeys(table.get("data", [])))}
     out = [f"# {title}: reproduced vs. He et al., CVPR 2016", "",
            f"Built by `{command}` from {source}.", "", _md_rows(table, data_ids), ""]
+    if selection.evaluations:
+        out += ["## Given weights evaluated (`reproduce evaluate`), beside the paper", "",
+                _md_evaluations(evaluation_table(selection.evaluations, study, load_paper() if paper is None else paper)), ""]
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(selection.left_out.items())) or "none"
     out += [f"Runs left out of the table: {counts}.", "",
             "- ours: final test error (%) at step = schedule.iterations, under the row's protocol; mean ± sample "
@@ -119,6 +139,17 @@ def markdown(study: str, table: pd.DataFrame, other: pd.DataFrame, selection: Se
     out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for _, row in prov.iterrows()]
     return "\n".join(out) + "\n"
+
+
+def _md_evaluations(table: pd.DataFrame) -> str:
+    head = ["weights", "model", "protocol", "metric", "paper", "source", "ours", "Δ", "images", "data", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        variant = f" {r.variant}" if r.variant and r.variant != "v1" else ""
+        cells = [f"{r.weights} ({r.format})", display_name((r.model, r.shortcut)) + variant, r.protocol, r.metric,
+                 _num(r.reference), r.reference_source or "–", _num(r.ours), _num(r["diff"]), str(r.images), r.data, r.run_id]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _md_rows(table: pd.DataFrame, data_ids: dict | None) -> str:
