@@ -60,6 +60,9 @@ class ModelConfig(Section):
     name: str = Field(description="a name from the model registry (`reproduce models`)")
     shortcut: Shortcut | None = Field(None, description="A, B or C (paper §3.3); null = the model's paper default")
     variant: Variant = Field(Variant.V1, description="bottleneck stride placement: v1 (paper) or v1.5 (torchvision)")
+    init: str | None = Field(None, description="start from these weights (a run dir, checkpoint, state_dict file or "
+                             "torchvision:resnet50.IMAGENET1K_V1; reproduce/weights.py); the classifier is replaced "
+                             "when the number of classes differs; null = He initialisation")
 
     @field_validator("name")
     @classmethod
@@ -75,7 +78,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar10", "imagenet"]
+    dataset: Literal["cifar10", "imagenet", "folder"] = Field(description="folder: any train/<class>/*, val/<class>/* "
+                                                            "tree or .tar.gz of one, with the model family's transforms")
     path: Path | None = Field(
         None,
         description="CIFAR-10: a cifar-10-batches-py folder, an image-folder tree or a .tar.gz of one; "
@@ -132,6 +136,8 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     nesterov: bool = False
+    pretrained_lr_scale: float = Field(1.0, ge=0, description="lr multiplier of the layers model.init provides "
+                                       "(0 = frozen); a replaced classifier trains at optim.lr")
 
     @field_validator("batch_size")
     @classmethod
@@ -220,7 +226,7 @@ class Config(Section):
     def _consistent(self) -> "Config":
         family = MODELS[self.model.name].family
         want = "cifar10" if family == "cifar" else "imagenet"
-        if self.data.dataset != want:
+        if self.data.dataset not in (want, "folder"):
             raise ValueError(f"model {self.model.name} is a network for {want} but data.dataset is {self.data.dataset}; use {want}")
         allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP, Protocol.MULTISCALE]
         if self.eval.protocol not in allowed:
@@ -228,6 +234,10 @@ class Config(Section):
         if self.eval.protocol == Protocol.MULTISCALE and (self.data.loader != "torchvision" or self.data.synthetic):
             raise ValueError("eval.protocol multiscale needs data.loader=torchvision on real images (whole images of "
                              "several sizes)")
+        if self.data.dataset == "folder" and (self.data.path is None or self.data.synthetic or self.data.loader != "torchvision"
+                                              or self.data.normalize != Normalize.IMAGENET):
+            raise ValueError("data.dataset=folder needs data.path (train/ and val/ class folders), data.loader=torchvision, "
+                             "data.synthetic=false and data.normalize=imagenet")
         if self.data.dataset == "imagenet" and self.data.path is None and not self.data.synthetic:
             raise ValueError("data.path is required for imagenet (a folder with train/ and val/)")
         return self

@@ -36,6 +36,7 @@ from reproduce.data import Data, DataError, build_data, eval_loader, train_loade
 from reproduce.data.order import batches_per_epoch
 from reproduce.engine import Numerics, build_optimizer, evaluate, lr_at, resolve_numerics, train_step
 from reproduce.models import build_model
+from reproduce.weights import WeightsError, initialise
 from reproduce.io import atomic_write_text
 from reproduce.provenance import GitState, git_state
 from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable
@@ -88,7 +89,7 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
             log.warning("stop requested before training started; nothing to save, exiting")
             return 128 + signal.SIGTERM
         return train(cfg, info, data, stop)
-    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, checkpoint.CheckpointError) as err:
+    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, checkpoint.CheckpointError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)  # refused before training: bad input
         return 2
     except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
@@ -194,8 +195,11 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then (seed, rank).
     torch.manual_seed(cfg.seed)
     unwrapped = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
+    # model.init: the given weights (also on resume, where the checkpoint then overwrites them: the
+    # optimizer's parameter groups depend on which layers they provided).
+    pretrained = initialise(unwrapped, cfg.model, data.num_classes) if cfg.model.init else set()
     unwrapped.to(info.device, memory_format=numerics.memory_format)
-    optimizer = build_optimizer(unwrapped.parameters(), cfg.optim)
+    optimizer = build_optimizer(_param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
 
     start, run_id = 0, None
@@ -250,6 +254,17 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         tracker.end(status)
 
 
+def _param_groups(model: torch.nn.Module, pretrained: set[str], scale: float) -> list[dict]:
+    """One group at optim.lr, plus one at lr x scale for the layers model.init provided (frozen,
+    requires_grad off, when scale is 0)."""
+    new = [p for n, p in model.named_parameters() if n not in pretrained]
+    old = [p for n, p in model.named_parameters() if n in pretrained]
+    if scale == 0:
+        for p in old:
+            p.requires_grad_(False)
+    return [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": scale}] if old else [])
+
+
 def _loop(run: Run) -> None:
     cfg, info, stop = run.cfg, run.info, run.stop
     iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
@@ -262,7 +277,7 @@ def _loop(run: Run) -> None:
     for it, (images, labels) in zip(range(run.start, iterations), train_loader(run.data, cfg, info, run.start)):
         lr = lr_at(it, cfg.optim.lr, cfg.schedule)
         for group in run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # model.init's layers: optim.pretrained_lr_scale
         labels = labels.to(info.device, non_blocking=True)
         loss, logits = train_step(run.model, run.optimizer, images, labels, info.device, run.numerics.amp, run.memory_format)
         with torch.no_grad():

@@ -81,7 +81,7 @@ class Weights:
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The network of `arch` with these weights, loaded strictly."""
         model = build_model(self.arch.name, self.arch.shortcut, self.arch.variant, num_classes=self.num_classes)
-        check_fits(model, self.state_dict, self.source)
+        check_fits(model.state_dict(), self.state_dict, self.source)
         model.load_state_dict(self.state_dict, strict=True)
         return model.to(device)
 
@@ -119,10 +119,9 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     return Weights(state, arch, classes, "public-cifar" if public else "state_dict", str(path), _sha256(path), extra)
 
 
-def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """WeightsError naming the first tensor of `state` that `model` lacks, wants in another shape,
-    or wants but `state` lacks."""
-    wanted = model.state_dict()
+def check_fits(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """WeightsError naming the first tensor of `state` that the model (its state_dict `wanted`)
+    lacks, wants in another shape, or wants but `state` lacks."""
     for key, tensor in state.items():
         if key not in wanted:
             raise WeightsError(f"{source}: tensor '{key}' {list(tensor.shape)} has no place in the model")
@@ -141,7 +140,7 @@ def check_same(found: Arch, stated: tuple, source: str) -> None:
             or (variant is not None and variant != found.variant):
         asked = Arch(name or found.name, shortcut or found.shortcut, variant or found.variant)
         raise WeightsError(f"{source} holds weights of {found}, but {asked} was asked for; "
-                           "use the weights' architecture or other weights")
+                           "set model.name / model.shortcut / model.variant (--model) to the weights' or use other weights")
 
 
 # ---------------------------------------------------------------------------- sources
@@ -273,3 +272,30 @@ def _resolve(state: dict, stated: tuple, source: str, residual_hint: bool,
     except ValueError as err:
         raise WeightsError(f"{source}: {err}") from None
     return arch, _classes(state)
+
+
+# ---------------------------------------------------------------------------- model.init
+CLASSIFIERS = ("fc.", "linear.")
+
+
+def initialise(model: torch.nn.Module, model_cfg, num_classes: int) -> set[str]:
+    """Load `model_cfg.init` into `model` (built from model_cfg for `num_classes`): the weights must
+    be of the same architecture; their classifier is dropped (the model's new one kept) when
+    the number of classes differs. Returns the names of the parameters taken from the file."""
+    import logging
+
+    want = Arch.of(model_cfg.name, model_cfg.shortcut, model_cfg.variant)
+    weights = load_weights(model_cfg.init, model_cfg.name, model_cfg.shortcut, model_cfg.variant)
+    if weights.arch != want:
+        raise WeightsError(f"model.init {model_cfg.init} holds weights of {weights.arch}, but the model is {want}; "
+                           "set model.shortcut / model.variant to the weights'")
+    state = dict(weights.state_dict)
+    if weights.num_classes != num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIERS)}
+        logging.getLogger("reproduce.weights").info(
+            "model.init %s: classifier replaced (%d -> %d classes), newly initialised", model_cfg.init,
+            weights.num_classes, num_classes)
+    wanted = {k: v for k, v in model.state_dict().items() if k in state or not k.startswith(CLASSIFIERS)}
+    check_fits(wanted, state, str(model_cfg.init))  # the model minus a replaced classifier
+    model.load_state_dict(state, strict=False)
+    return {name for name, _ in model.named_parameters() if name in state}

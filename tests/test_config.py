@@ -23,8 +23,11 @@ def test_there_is_a_config_per_paper_experiment():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_shipped_config_validates(path, tmp_path):
-    overrides = [f"data.path={tmp_path}"] if "imagenet" in path.parts else []
+    overrides = [f"data.path={tmp_path}"] if "imagenet" in path.parts or "transfer" in path.parts else []
     cfg = load_config(path, overrides)
+    if "transfer" in path.parts:  # fine-tuning recipes on an image folder, not paper experiments
+        assert cfg.data.dataset == "folder" and cfg.model.name in path.stem
+        return
     assert cfg.model.name == path.stem
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.lr == 0.1
     if cfg.data.dataset == "cifar10":  # paper §4.2

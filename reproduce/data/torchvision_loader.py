@@ -21,6 +21,10 @@ from reproduce.distributed import DistInfo
 
 
 def build_data(cfg: Config) -> Data:
+    if cfg.data.dataset == "folder":
+        from reproduce.data.folder import build_data as build_folder
+
+        return build_folder(cfg)
     if cfg.data.dataset != "cifar10":
         return build_imagenet(cfg)
     c = cifar10(cfg)
