@@ -174,7 +174,7 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
            "world_size": info.world_size, "git_commit": git.commit, "git_dirty": git.dirty, "mlflow_run_id": run_id}
     atomic_write_json(out, doc, indent=1)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
-    print(f"{cfg.model.name} {weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
+    print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
           f"MLflow run {run_id}; wrote {out}")
 
 
