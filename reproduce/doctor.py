@@ -1,0 +1,484 @@
+"""`reproduce doctor [--json] [--data PATH]`: what this machine can do for the suite, in one screen.
+
+  reproduce doctor                       versions, devices, and each capability proven by a tiny run
+  reproduce doctor --data DIR_OR_FILE    also the read speed of a data set
+  reproduce doctor --json                the same as one JSON document (tools/gpu_session.py keeps it)
+
+Reports torch, CUDA, cuDNN, NCCL and driver versions and every device with its memory; then
+checks, each by doing the thing: a few real training steps of ResNet-20 (engine.train_step) in
+fp32, in bf16 autocast, in channels_last and under torch.compile (reduce-overhead on a GPU,
+compiled in a child process so that a slow cold compile cannot hold the rest up); whether bf16
+is fast here; a matrix-multiplication rate (bench.harness.measure_peak); NCCL all-reduce
+bandwidth across the local GPUs when there are several; FFCV decoding a JPEG made here; the
+MLflow store or server (tracking.check_reachable; a local sqlite store is created or opened);
+the read speed of --data.
+
+Exit status 0 when everything a training job needs works (the fp32 step on the device, the
+tracking store, the data when given), 1 otherwise, with one line naming the first thing that
+failed and the fix. The other checks say which run.* switches and loaders this machine can use.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+READ_LIMIT_S, READ_LIMIT_BYTES = 3.0, 2 << 30  # --data: read for at most 3 s or 2 GiB
+ALLREDUCE_BYTES = 256 << 20
+COMPILE_TIMEOUT_S = {"cpu": 20.0, "cuda": 180.0}  # a cold torch.compile of ResNet-20 takes about a minute on 2 CPU cores
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, FAIL, skip, unknown (not proven in time), info (a measurement)
+    detail: str
+    fix: str = ""
+    needed: bool = False  # a training job cannot run without it
+    seconds: float = 0.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--data", type=Path, help="a data set (file or folder) whose read speed to measure")
+    parser.add_argument("--compile-timeout", type=float, metavar="S",
+                        help=f"seconds to wait for the torch.compile check (default {COMPILE_TIMEOUT_S['cpu']:.0f} "
+                             f"on a CPU, {COMPILE_TIMEOUT_S['cuda']:.0f} on a GPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    report = diagnose(args.data, args.compile_timeout)
+    print(json.dumps(report, indent=1) if args.json else render(report), flush=True)
+    return 0 if report["ready"] else 1
+
+
+def diagnose(data: Path | None = None, compile_timeout: float | None = None) -> dict:
+    """Everything `reproduce doctor` reports, as a JSON-ready dict."""
+    import torch
+
+    start = time.perf_counter()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    checks = {"matmul": _run("matmul", check_matmul, device)}  # first, while nothing else runs
+    timeout = COMPILE_TIMEOUT_S[device.type] if compile_timeout is None else compile_timeout
+    probe = CompileProbe(device)  # compiles in a child process while the other checks run
+    checks["fp32_step"] = _run("fp32_step", check_step, device, False, False)
+    checks["bf16_step"] = _run("bf16_step", check_step, device, True, False)
+    checks["channels_last_step"] = _run("channels_last_step", check_step, device, False, True)
+    checks["fast_bf16"] = _run("fast_bf16", check_fast_bf16, device)
+    checks["nccl"] = _run("nccl", check_nccl, torch.cuda.device_count())
+    checks["ffcv"] = _run("ffcv", check_ffcv)
+    checks["tracking"] = _run("tracking", check_tracking)
+    checks["data"] = _run("data", check_data, data)
+    checks["compile_step"] = probe.result(timeout)
+    order = ["fp32_step", "bf16_step", "channels_last_step", "compile_step", "fast_bf16", "matmul", "nccl", "ffcv",
+             "tracking", "data"]
+    rows = [checks[k] for k in order]
+    for row in rows:
+        row.needed = row.name in ("fp32_step", "tracking") or (row.name == "data" and data is not None)
+    failed = [r for r in rows if r.needed and r.status == "FAIL"]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "host": socket.gethostname(), "device": str(device), "versions": versions(), "devices": devices(),
+        "checks": [asdict(r) for r in rows], "ready": not failed,
+        "verdict": verdict(rows), "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def verdict(rows: list[Check]) -> str:
+    """One line: ready, or the first needed check that failed and its fix."""
+    for r in rows:
+        if r.needed and r.status == "FAIL":
+            return f"NOT READY: {r.name}: {r.detail}; fix: {r.fix}"
+    missing = [r.name for r in rows if r.status in ("FAIL", "unknown")]
+    return "ready: everything a training job needs works" + (f" (not available or not proven: {', '.join(missing)})" if missing else "")
+
+
+def render(report: dict) -> str:
+    v = report["versions"]
+    lines = [f"reproduce doctor on {report['host']}, {report['date']} ({report['seconds']:.0f} s)",
+             f"  torch {v['torch']}, torchvision {v['torchvision']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
+             f"NCCL {v['nccl']}, driver {v['driver']}, Python {v['python']}"]
+    for d in report["devices"]:
+        lines.append(f"  {d['device']}: {d['name']}, {d['memory_gib']:.1f} GiB" + (f" ({d['note']})" if d.get("note") else ""))
+    for c in report["checks"]:
+        tag = "needed" if c["needed"] else ""
+        lines.append(f"{c['status']:<8}{c['name']:<19}{c['detail']}" + (f"  [{tag}]" if tag else ""))
+        if c["fix"] and c["status"] in ("FAIL", "unknown"):
+            lines.append(f"{'':27}fix: {c['fix']}")
+    lines.append(report["verdict"])
+    return "\n".join(lines)
+
+
+def _run(name: str, check, *args) -> Check:
+    """check(*args) -> Check, timed; an exception becomes a FAIL naming it."""
+    start = time.perf_counter()
+    try:
+        result = check(*args)
+    except Exception as err:  # noqa: BLE001 (every failure is reported, none ends the diagnosis)
+        result = Check(name, "FAIL", one_line(err), FIXES.get(name, "see the error above"))
+    result.name, result.seconds = name, round(time.perf_counter() - start, 2)
+    return result
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+FIXES = {
+    "fp32_step": "torch cannot train on this device: check `nvidia-smi` and that torch's CUDA build suits the driver "
+                 "(torch.version.cuda), or train with run.device=cpu",
+    "bf16_step": "leave run.amp=false (or auto) on this machine",
+    "channels_last_step": "leave run.channels_last=false (or auto) on this machine",
+    "compile_step": "leave run.compile=false; torch.compile needs a C++ compiler (CPU) or Triton (GPU)",
+    "nccl": "DDP across these GPUs will fail: check NCCL_DEBUG=INFO output, or train one run per GPU (reproduce sweep --parallel)",
+    "ffcv": "apt-get install -y libturbojpeg0-dev libopencv-dev pkg-config, then pip install -e '.[ffcv]'; or use data.loader=gpu / torchvision",
+    "tracking": "start the server, fix MLFLOW_TRACKING_URI, or point it at a writable sqlite:///DIR/mlflow.db",
+    "data": "point --data at a readable file or folder",
+}
+
+
+# ---------------------------------------------------------------------------- what is here
+def versions() -> dict:
+    import torch
+
+    def nccl() -> str:
+        try:
+            return ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:  # noqa: BLE001 (a build without NCCL)
+            return "none"
+
+    try:
+        import torchvision
+        vision = torchvision.__version__
+    except ImportError:
+        vision = "not installed"
+    return {"torch": torch.__version__, "torchvision": vision, "cuda": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
+            "nccl": nccl(), "driver": driver_version(), "python": platform.python_version()}
+
+
+def driver_version() -> str:
+    """The NVIDIA driver (nvidia-smi), or "none" without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown (nvidia-smi failed)"
+
+
+def devices() -> list[dict]:
+    """Each CUDA device with its memory, then the CPU."""
+    import psutil
+    import torch
+
+    from reproduce.provenance import machine
+
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, _ = torch.cuda.mem_get_info(i)
+        out.append({"device": f"cuda:{i}", "name": props.name, "memory_gib": props.total_memory / 2**30,
+                    "note": f"{free / 2**30:.1f} GiB free, compute capability {props.major}.{props.minor}"})
+    out.append({"device": "cpu", "name": machine().split(", ")[0], "memory_gib": psutil.virtual_memory().total / 2**30,
+                "note": f"{os.cpu_count()} CPUs, torch uses {torch.get_num_threads()} threads"})
+    return out
+
+
+# ---------------------------------------------------------------------------- checks
+def tiny_steps(device, amp: bool, channels_last: bool, compile_mode: str | None = None, steps: int = 2) -> float:
+    """`steps` real SGD steps of ResNet-20 on 8 random images (engine.train_step); the last
+    loss. Raises when the loss is not finite, the weights did not move, or bf16 / the layout
+    was not in effect."""
+    import torch
+
+    from reproduce.config import OptimConfig
+    from reproduce.engine import build_optimizer, train_step
+    from reproduce.models import build_model
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model("resnet20").to(device, memory_format=fmt).train()
+    optimizer = build_optimizer(model.parameters(), OptimConfig(batch_size=8, lr=0.01))
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    images, labels = torch.randn(8, 3, 32, 32, device=device), torch.randint(10, (8,), device=device)
+    first = next(model.parameters())  # the stem's 3x3 convolution
+    before = first.detach().clone()
+    for _ in range(steps):
+        loss, logits = train_step(net, optimizer, images, labels, device, amp, fmt)
+    value = float(loss.detach())  # waits for the device
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the loss is {value}")
+    if torch.equal(before, first.detach()):
+        raise RuntimeError("the weights did not change")
+    if amp and logits.dtype != torch.bfloat16:
+        raise RuntimeError(f"autocast gave {logits.dtype} logits, not bfloat16")
+    if channels_last and not first.is_contiguous(memory_format=torch.channels_last):
+        raise RuntimeError("the weights left the channels_last layout")
+    return value
+
+
+def check_step(device, amp: bool, channels_last: bool) -> Check:
+    what = "bf16 autocast" if amp else "channels_last" if channels_last else "fp32"
+    loss = tiny_steps(device, amp, channels_last)
+    return Check("", "ok", f"2 SGD steps of resnet20 on {device}, {what}: loss {loss:.2f}")
+
+
+class CompileProbe:
+    """tiny_steps under torch.compile in a child process (its own session, so it and the
+    compiler's workers can be stopped together): reduce-overhead (CUDA graphs) on a GPU,
+    default on a CPU, 3 steps (CUDA graphs record on the second and replay on the third)."""
+
+    def __init__(self, device):
+        self.mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.start = time.perf_counter()
+        code = "import sys; from reproduce.doctor import compile_probe; compile_probe(sys.argv[1], sys.argv[2])"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(device), self.mode], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_child_env(), start_new_session=True)
+
+    def result(self, timeout: float) -> Check:
+        left = max(0.0, timeout - (time.perf_counter() - self.start))
+        try:
+            out, err = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+            return Check("compile_step", "unknown", f"mode {self.mode} not proven: still compiling after {timeout:.0f} s",
+                         f"a cold compile takes a minute or more on few CPU cores; rerun (the cache warms) or pass --compile-timeout {4 * timeout:.0f}",
+                         seconds=round(timeout, 2))
+        seconds = round(time.perf_counter() - self.start, 2)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if self.proc.returncode != 0 or not lines:
+            tail = (err.strip().splitlines() or [f"exit status {self.proc.returncode}"])[-1][:200]
+            return Check("compile_step", "FAIL", tail, FIXES["compile_step"], seconds=seconds)
+        reply = json.loads(lines[-1])
+        if "error" in reply:
+            return Check("compile_step", "FAIL", reply["error"], FIXES["compile_step"], seconds=seconds)
+        return Check("compile_step", "ok", f"3 compiled steps of resnet20, mode {self.mode}: loss {reply['loss']:.2f} "
+                     f"({seconds:.0f} s with compilation)", seconds=seconds)
+
+
+def compile_probe(device: str, mode: str) -> None:
+    """In the child of CompileProbe: one JSON line, the loss or the error."""
+    import torch
+
+    try:
+        print(json.dumps({"loss": tiny_steps(torch.device(device), False, False, mode, steps=3)}), flush=True)
+    except Exception as err:  # noqa: BLE001
+        print(json.dumps({"error": one_line(err)}), flush=True)
+
+
+def check_fast_bf16(device) -> Check:
+    import torch
+
+    from reproduce.engine import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        fast = torch.cuda.is_bf16_supported() and major >= 8
+        why = f"compute capability {major}.{minor}" + (" has bf16 tensor cores" if fast else ": no bf16 tensor cores (before 8.0)")
+    else:
+        fast = cpu_has_fast_bf16()
+        why = "AVX-512 BF16 or AMX in /proc/cpuinfo" if fast else "no AVX-512 BF16 or AMX: bf16 is emulated, run.amp=auto keeps fp32"
+    return Check("", "info", f"{'yes' if fast else 'no'}: {why}")
+
+
+def check_matmul(device) -> Check:
+    from reproduce.bench.harness import measure_peak
+
+    rate, what = measure_peak(device)
+    shown = f"{rate:.1f} TFLOP/s" if rate >= 1 else f"{rate * 1e3:.0f} GFLOP/s"
+    return Check("", "info", f"{shown} ({what}, 1 s on {device})")
+
+
+def check_nccl(gpus: int) -> Check:
+    if gpus < 2:
+        return Check("", "skip", f"needs 2 or more GPUs, {gpus} visible (one process per GPU; nothing to all-reduce across)")
+    busbw = allreduce_bandwidth("nccl", gpus, ALLREDUCE_BYTES)
+    return Check("", "ok", f"{busbw:.0f} GB/s bus bandwidth, all-reduce of {ALLREDUCE_BYTES >> 20} MiB across {gpus} GPUs")
+
+
+def allreduce_bandwidth(backend: str, world: int, nbytes: int, timeout: float = 120.0) -> float:
+    """Bus bandwidth (GB/s, nccl-tests' convention: bytes x 2(n-1)/n / time) of a float32
+    all-reduce of `nbytes` among `world` fresh processes (one GPU each for nccl)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "from reproduce.doctor import allreduce_worker; allreduce_worker()"
+    procs = []
+    for rank in range(world):
+        env = {**_child_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "DOCTOR_BACKEND": backend, "DOCTOR_BYTES": str(nbytes)}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    deadline, outputs = time.monotonic() + timeout, []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(0.1, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the {backend} all-reduce did not finish within {timeout:.0f} s") from None
+    finally:
+        for proc in procs:
+            _kill_group(proc)
+    for proc, (out, err) in zip(procs, outputs):
+        if proc.returncode != 0:
+            raise RuntimeError(f"a {backend} rank exited {proc.returncode}: {(err.strip().splitlines() or [''])[-1][:200]}")
+    reply = json.loads([line for line in outputs[0][0].splitlines() if line.startswith("{")][-1])
+    if not reply["sum_ok"]:
+        raise RuntimeError(f"the {backend} all-reduce returned a wrong sum")
+    return nbytes * 2 * (world - 1) / world / reply["seconds"] / 1e9
+
+
+def allreduce_worker() -> None:
+    """One rank of allreduce_bandwidth (environment: RANK, WORLD_SIZE, MASTER_*, DOCTOR_*)."""
+    import datetime as dt
+
+    import torch
+    import torch.distributed as dist
+
+    env = os.environ
+    rank, world, backend = int(env["RANK"]), int(env["WORLD_SIZE"]), env["DOCTOR_BACKEND"]
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
+                            world_size=world, timeout=dt.timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
+    try:
+        t = torch.full((int(env["DOCTOR_BYTES"]) // 4,), float(rank + 1), device=device)
+        dist.all_reduce(t)
+        sum_ok = bool((t == world * (world + 1) / 2).all())
+        t.fill_(1.0)
+        dist.all_reduce(t)  # warm-up
+        reps = 10
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(t)
+        _sync(device)
+        seconds = (time.perf_counter() - start) / reps
+        if rank == 0:
+            print(json.dumps({"seconds": seconds, "sum_ok": sum_ok}), flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_ffcv() -> Check:
+    """FFCV imports (as data.loader=ffcv imports it) and its JPEG decoder (libjpeg-turbo,
+    the one its loaders call) decodes a JPEG written here by PIL as PIL does."""
+    import numpy as np
+    from PIL import Image
+
+    from reproduce.data import ffcv_module
+    from reproduce.data.ffcv.loaders import ffcv_version
+
+    ffcv_module("reproduce doctor")  # DataError with the install line when FFCV is missing
+    from ffcv.libffcv import imdecode
+
+    h, w = 40, 48
+    ramp = np.stack([*np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)), np.full((h, w), 128.0)], axis=-1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "doctor.jpg"
+        Image.fromarray(ramp.astype(np.uint8)).save(path, quality=90)
+        encoded = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        reference = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    decoded = np.zeros((h, w, 3), dtype=np.uint8)
+    code = imdecode(encoded, decoded, h, w, h, w, 0, 0, 1, 1, False, False)
+    diff = float(np.abs(decoded.astype(np.int16) - reference).mean())
+    if code != 0 or diff > 4.0:
+        raise RuntimeError(f"FFCV's decoder returned {code} and pixels {diff:.1f} levels from PIL's on average")
+    return Check("", "ok", f"ffcv {ffcv_version()}: decoded a {w}x{h} JPEG as PIL does (mean difference {diff:.1f} levels)")
+
+
+def check_tracking() -> Check:
+    """The MLflow store a run would log to: a server answers, or a local store opens."""
+    import mlflow
+
+    from reproduce.tracking import check_reachable, prepare_store
+
+    uri = mlflow.get_tracking_uri()
+    check_reachable()  # TrackingUnreachable (one line) for a server that does not answer
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    existed = db is not None and db.exists()
+    prepare_store()  # a local sqlite store: created (tables and all) under the suite's lock
+    mlflow.MlflowClient().search_experiments(max_results=1)
+    how = "server answers" if uri.startswith("http") else "opened" if existed or db is None else "created"
+    return Check("", "ok", f"{uri} {how}")
+
+
+def check_data(path: Path | None) -> Check:
+    """Read speed of `path`: its files in order for READ_LIMIT_S or READ_LIMIT_BYTES (the page
+    cache may hold them: a second reading shows the cache, not the disk)."""
+    if path is None:
+        return Check("", "skip", "no --data given")
+    if not path.exists():
+        return Check("", "FAIL", f"{path} does not exist", FIXES["data"])
+    files = [path] if path.is_file() else _files_in_order(path)
+    buf = bytearray(8 << 20)
+    count, total, start = 0, 0, time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+        count += 1
+        if time.perf_counter() - start > READ_LIMIT_S or total > READ_LIMIT_BYTES:
+            break
+    seconds = time.perf_counter() - start
+    if count == 0:
+        return Check("", "FAIL", f"{path} holds no files", FIXES["data"])
+    return Check("", "ok", f"{total / 1e6 / seconds:.0f} MB/s, {count / seconds:.0f} files/s ({count} files, "
+                 f"{total / 1e6:.1f} MB of {path} in {seconds:.1f} s; may be the page cache)")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _files_in_order(folder: Path):
+    """The files under `folder`, folder by folder in name order, found as they are read."""
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            yield Path(root) / name
+
+
+def _child_env() -> dict:
+    """This environment, with the checkout importable in `python -c` children."""
+    from reproduce.provenance import REPO
+
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
