@@ -68,7 +68,7 @@ def test_a_step_past_its_time_gets_sigterm_and_a_captured_output_is_whole(tmp_pa
             "print('started', flush=True); time.sleep(60)")
     start = time.monotonic()
     code, how = session.run_step([sys.executable, "-c", trap], tmp_path, {}, tmp_path / "a.log", None, limit_s=2.0)
-    assert (code, how) == (128 + signal.SIGTERM, "stopped at the budget") and time.monotonic() - start < 30
+    assert (code, how) == (128 + signal.SIGTERM, "stopped at the time limit") and time.monotonic() - start < 30
     assert "started" in (tmp_path / "a.log").read_text()
     code, how = session.run_step([sys.executable, "-c", "print('{}')"], tmp_path, {}, tmp_path / "b.log", tmp_path / "b.json", 30.0)
     assert (code, how) == (0, "") and (tmp_path / "b.json").read_text() == "{}\n"

@@ -9,7 +9,8 @@ CIFAR-10 Table 6 at the full schedule as the time allows, all in one folder.
 Copy along to the machine (nothing is downloaded there): this checkout with its .git (the commit
 goes into the provenance), a CIFAR-10 copy for --data (cifar10-jpeg.tar.gz, a cifar-10-batches-py
 folder or an image tree), and, when its Python lacks them, wheels of the suite's dependencies
-(mlflow, pydantic, pandas, ...: `pip install --no-index --find-links WHEELS -e .`). torch must be there.
+(mlflow, pydantic, pandas, pytest, ...: `pip install --no-index --find-links WHEELS -e '.[test]'`). torch must
+be there.
 
 Steps, in this order, each recorded in OUT/session.json (with the command, commit, GPU, driver,
 torch, dates and MLflow run ids) and logged in OUT/<step>.log:
@@ -105,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(state_path, state, indent=1)
 
     def step(name: str, command: list[str], limit_s: float, cwd: Path, stdout: Path | None = None, bounded: bool = True) -> dict:
-        """Run one step, within the budget when `bounded`, and record it."""
+        """Run one step for at most `limit_s` (and within the budget when `bounded`), and record
+        it. A step stopped at its own `limit_s` (tests, bench) is done: a rerun does not repeat it."""
         say(f"== {name}: {shlex.join(command)}")
-        started = _now()
-        limit_s = min(limit_s, deadline - time.monotonic()) if bounded else limit_s
-        code, how = run_step(command, cwd, env, out / f"{name}.log", stdout, limit_s)
-        record = {"status": "done" if code == 0 else how or f"exit {code}", "exit": code, "started": started,
-                  "ended": _now(), "command": shlex.join(command)}
+        started, left = _now(), deadline - time.monotonic()
+        own_limit = not bounded or limit_s < left
+        code, how = run_step(command, cwd, env, out / f"{name}.log", stdout, limit_s if own_limit else left)
+        if how == "stopped at the time limit" and not own_limit:
+            how = "stopped at the budget"
+        status = "done" if code == 0 or (bounded and own_limit and how == "stopped at the time limit") else how or f"exit {code}"
+        record = {"status": status, "exit": code, "started": started, "ended": _now(), "command": shlex.join(command)}
+        if how and status == "done":
+            record["note"] = f"stopped at its own limit of {limit_s / 60:.1f} min; what it wrote is kept"
         state["steps"][name] = record
         save()
         say(f"== {name}: {record['status']}")
@@ -198,7 +204,7 @@ def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path |
             except subprocess.TimeoutExpired:
                 pass
             if not how and (time.monotonic() >= end or STOP):
-                how = "stopped at the budget" if not STOP else "stopped on request"
+                how = "stopped at the time limit" if not STOP else "stopped on request"
                 say(f"   {how}: SIGTERM to pid {proc.pid}; its runs checkpoint, and the same command resumes them")
                 proc.send_signal(signal.SIGTERM)
                 end = time.monotonic() + GRACE_S
