@@ -4,14 +4,12 @@
   reproduce doctor --data DIR_OR_FILE    also the read speed of a data set
   reproduce doctor --json                the same as one JSON document (tools/gpu_session.py keeps it)
 
-Reports torch, CUDA, cuDNN, NCCL and driver versions and every device with its memory; then
-checks, each by doing the thing: a few real training steps of ResNet-20 (engine.train_step) in
-fp32, in bf16 autocast, in channels_last and under torch.compile (reduce-overhead on a GPU,
-compiled in a child process so that a slow cold compile cannot hold the rest up); whether bf16
-is fast here; a matrix-multiplication rate (bench.harness.measure_peak); NCCL all-reduce
-bandwidth across the local GPUs when there are several; FFCV decoding a JPEG made here; the
-MLflow store or server (tracking.check_reachable; a local sqlite store is created or opened);
-the read speed of --data.
+Versions (torch, CUDA, cuDNN, NCCL, driver) and every device with its memory; then each
+capability proven by doing it: real training steps of ResNet-20 (engine.train_step) in fp32,
+bf16 autocast, channels_last and torch.compile (reduce-overhead on a GPU, in a child process with
+a deadline: a cold compile is slow); fast bf16; a matmul rate (bench.harness.measure_peak); NCCL
+all-reduce bandwidth across several local GPUs; FFCV decoding a JPEG made here; the MLflow store
+(tracking.check_reachable; a local sqlite store is created or opened); the read speed of --data.
 
 Exit status 0 when everything a training job needs works (the fp32 step on the device, the
 tracking store, the data when given), 1 otherwise, with one line naming the first thing that
@@ -154,21 +152,15 @@ FIXES = {
 # ---------------------------------------------------------------------------- what is here
 def versions() -> dict:
     import torch
-
-    def nccl() -> str:
-        try:
-            return ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:  # noqa: BLE001 (a build without NCCL)
-            return "none"
+    import torchvision
 
     try:
-        import torchvision
-        vision = torchvision.__version__
-    except ImportError:
-        vision = "not installed"
-    return {"torch": torch.__version__, "torchvision": vision, "cuda": str(torch.version.cuda),
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # noqa: BLE001 (a build without NCCL)
+        nccl = "none"
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": str(torch.version.cuda),
             "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
-            "nccl": nccl(), "driver": driver_version(), "python": platform.python_version()}
+            "nccl": nccl, "driver": driver_version(), "python": platform.python_version()}
 
 
 def driver_version() -> str:
@@ -250,9 +242,7 @@ class CompileProbe:
     def __init__(self, device):
         self.mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.start = time.perf_counter()
-        code = "import sys; from reproduce.doctor import compile_probe; compile_probe(sys.argv[1], sys.argv[2])"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(device), self.mode], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=_child_env(), start_new_session=True)
+        self.proc = _child("compile_probe", str(device), self.mode)
 
     def result(self, timeout: float) -> Check:
         left = max(0.0, timeout - (time.perf_counter() - self.start))
@@ -264,25 +254,18 @@ class CompileProbe:
                          f"a cold compile takes a minute or more on few CPU cores; rerun (the cache warms) or pass --compile-timeout {4 * timeout:.0f}",
                          seconds=round(timeout, 2))
         seconds = round(time.perf_counter() - self.start, 2)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        if self.proc.returncode != 0 or not lines:
-            tail = (err.strip().splitlines() or [f"exit status {self.proc.returncode}"])[-1][:200]
-            return Check("compile_step", "FAIL", tail, FIXES["compile_step"], seconds=seconds)
-        reply = json.loads(lines[-1])
+        reply = _reply(self.proc, out, err)
         if "error" in reply:
             return Check("compile_step", "FAIL", reply["error"], FIXES["compile_step"], seconds=seconds)
         return Check("compile_step", "ok", f"3 compiled steps of resnet20, mode {self.mode}: loss {reply['loss']:.2f} "
                      f"({seconds:.0f} s with compilation)", seconds=seconds)
 
 
-def compile_probe(device: str, mode: str) -> None:
-    """In the child of CompileProbe: one JSON line, the loss or the error."""
+def compile_probe(device: str, mode: str) -> dict:
+    """In the child of CompileProbe."""
     import torch
 
-    try:
-        print(json.dumps({"loss": tiny_steps(torch.device(device), False, False, mode, steps=3)}), flush=True)
-    except Exception as err:  # noqa: BLE001
-        print(json.dumps({"error": one_line(err)}), flush=True)
+    return {"loss": tiny_steps(torch.device(device), False, False, mode, steps=3)}
 
 
 def check_fast_bf16(device) -> Check:
@@ -321,13 +304,7 @@ def allreduce_bandwidth(backend: str, world: int, nbytes: int, timeout: float = 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = "from reproduce.doctor import allreduce_worker; allreduce_worker()"
-    procs = []
-    for rank in range(world):
-        env = {**_child_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "DOCTOR_BACKEND": backend, "DOCTOR_BYTES": str(nbytes)}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+    procs = [_child("allreduce_worker", backend, str(rank), str(world), str(port), str(nbytes)) for rank in range(world)]
     deadline, outputs = time.monotonic() + timeout, []
     try:
         for proc in procs:
@@ -337,45 +314,40 @@ def allreduce_bandwidth(backend: str, world: int, nbytes: int, timeout: float = 
     finally:
         for proc in procs:
             _kill_group(proc)
-    for proc, (out, err) in zip(procs, outputs):
-        if proc.returncode != 0:
-            raise RuntimeError(f"a {backend} rank exited {proc.returncode}: {(err.strip().splitlines() or [''])[-1][:200]}")
-    reply = json.loads([line for line in outputs[0][0].splitlines() if line.startswith("{")][-1])
-    if not reply["sum_ok"]:
-        raise RuntimeError(f"the {backend} all-reduce returned a wrong sum")
+    replies = [_reply(proc, out, err) for proc, (out, err) in zip(procs, outputs)]
+    reply = next((r for r in replies if "error" in r), replies[0])
+    if "error" in reply or not reply["sum_ok"]:
+        raise RuntimeError(reply.get("error", f"the {backend} all-reduce returned a wrong sum"))
     return nbytes * 2 * (world - 1) / world / reply["seconds"] / 1e9
 
 
-def allreduce_worker() -> None:
-    """One rank of allreduce_bandwidth (environment: RANK, WORLD_SIZE, MASTER_*, DOCTOR_*)."""
-    import datetime as dt
-
+def allreduce_worker(backend: str, rank: str, world: str, port: str, nbytes: str, reps: int = 10) -> dict:
+    """One rank of allreduce_bandwidth, in its own process: a checked sum, then the mean time
+    of `reps` all-reduces."""
     import torch
     import torch.distributed as dist
 
-    env = os.environ
-    rank, world, backend = int(env["RANK"]), int(env["WORLD_SIZE"]), env["DOCTOR_BACKEND"]
+    from reproduce.bench.harness import sync
+
+    rank, world = int(rank), int(world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", rank=rank,
-                            world_size=world, timeout=dt.timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
     try:
-        t = torch.full((int(env["DOCTOR_BYTES"]) // 4,), float(rank + 1), device=device)
+        t = torch.full((int(nbytes) // 4,), float(rank + 1), device=device)
         dist.all_reduce(t)
         sum_ok = bool((t == world * (world + 1) / 2).all())
         t.fill_(1.0)
         dist.all_reduce(t)  # warm-up
-        reps = 10
         dist.barrier()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(reps):
             dist.all_reduce(t)
-        _sync(device)
-        seconds = (time.perf_counter() - start) / reps
-        if rank == 0:
-            print(json.dumps({"seconds": seconds, "sum_ok": sum_ok}), flush=True)
+        sync(device)
+        return {"seconds": (time.perf_counter() - start) / reps, "sum_ok": sum_ok}
     finally:
         dist.destroy_process_group()
 
@@ -443,7 +415,8 @@ def check_data(path: Path | None) -> Check:
     seconds = time.perf_counter() - start
     if count == 0:
         return Check("", "FAIL", f"{path} holds no files", FIXES["data"])
-    return Check("", "ok", f"{total / 1e6 / seconds:.0f} MB/s, {count / seconds:.0f} files/s ({count} files, "
+    files_per_s = f", {count / seconds:.0f} files/s" if path.is_dir() else ""
+    return Check("", "ok", f"{total / 1e6 / seconds:.0f} MB/s{files_per_s} ({count} file{'s' if count > 1 else ''}, "
                  f"{total / 1e6:.1f} MB of {path} in {seconds:.1f} s; may be the page cache)")
 
 
@@ -456,12 +429,24 @@ def _files_in_order(folder: Path):
             yield Path(root) / name
 
 
-def _child_env() -> dict:
-    """This environment, with the checkout importable in `python -c` children."""
+def _child(function: str, *args: str) -> subprocess.Popen:
+    """`function(*args)` of this module in a fresh Python process of its own session (so it and
+    its helpers can be stopped together); it prints one JSON line, its result or {"error": ...}."""
     from reproduce.provenance import REPO
 
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+    code = (f"import json, sys\nfrom reproduce import doctor\ntry:\n    reply = doctor.{function}(*sys.argv[1:])\n"
+            "except Exception as err:\n    reply = {'error': doctor.one_line(err)}\nprint(json.dumps(reply), flush=True)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def _reply(proc: subprocess.Popen, out: str, err: str) -> dict:
+    """The JSON line a _child printed, or {"error": its last line of stderr}."""
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if lines:
+        return json.loads(lines[-1])
+    return {"error": (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -471,13 +456,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.communicate()
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

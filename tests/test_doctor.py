@@ -92,7 +92,7 @@ def test_data_read_speed_and_its_failures(tmp_path):
         (tmp_path / "set" / str(i) / "f.bin").write_bytes(bytes(5000))
     ok = doctor.check_data(tmp_path / "set")
     assert ok.status == "ok" and "(3 files, 0.0 MB" in ok.detail
-    assert "(1 files" in doctor.check_data(tmp_path / "set" / "0" / "f.bin").detail
+    assert "(1 file," in doctor.check_data(tmp_path / "set" / "0" / "f.bin").detail
 
 
 def test_a_check_that_raises_is_a_failure_with_its_fix():
@@ -125,3 +125,10 @@ def test_doctor_is_a_command(capsys):
     assert cli.main(["--help"]) == 0
     assert "reproduce doctor [--json] [--data PATH]" in capsys.readouterr().out
     assert cli.COMMANDS["doctor"] == "reproduce.doctor:main"
+
+
+def test_a_child_check_that_raises_reports_its_error():
+    proc = doctor._child("compile_probe", "cpu", "no-such-mode")
+    out, err = proc.communicate(timeout=120)
+    reply = doctor._reply(proc, out, err)
+    assert "no-such-mode" in reply["error"], (reply, err[-500:])
