@@ -1,7 +1,7 @@
 """CIFAR-10 sources, all decoded once into uint8 arrays (N, 32, 32, 3) and int64 labels.
 
 Accepted `data.path` values:
-  null                       torchvision's download into ./data (needs network)
+  null                       $REPRODUCE_CIFAR10 if set, else torchvision's download into ./data (needs network)
   .../cifar-10-batches-py    the original python batches (or the folder that holds it)
   .../tree                   an image-folder tree: train/<class>/*, test/<class>/*
   .../cifar.tar.gz           a .tar(.gz) of such a tree, read without unpacking
@@ -107,6 +107,8 @@ def cifar_stats(train_images: torch.Tensor, normalize: str) -> tuple[torch.Tenso
 
 
 def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> CifarArrays:
+    if path is None and os.environ.get("REPRODUCE_CIFAR10"):  # the machine's copy, as `reproduce study` reads it
+        path = Path(os.environ["REPRODUCE_CIFAR10"])
     if path is None:
         return _torchvision(download_root, download=True)
     path = Path(path)

@@ -1,0 +1,146 @@
+"""Every command in README.md runs, so none can go stale unnoticed.
+
+The commands are read from the README's ```bash blocks. Each runs as written, in README order,
+in one scratch folder with its own MLflow store, changed only in what a test machine needs
+(the scratch folder links the checkout's configs/, reproduce/ and slurm/):
+the data paths point at tiny generated data sets, training gets a tiny size (`key=value`
+overrides appended, which the README's commands accept), torchrun gets 2 processes on this
+host, and sbatch becomes the job script run with REPRODUCE_DRY_RUN=1 (the launcher checks the
+config, prints its srun command and stops). Sweeps are expanded with --dry-run and each of
+their runs checked with `reproduce check`. A README command that is neither run nor listed in
+NOT_RUN with its reason fails the test.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+NOT_RUN = {
+    "python3 -m venv .venv && . .venv/bin/activate": "creates the environment this suite runs in",
+    "pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[test]'": "installs what this suite runs with",
+    "python -m pytest": "this suite itself",
+    "mkdir -p slurm/logs": "a folder the repository already holds",
+    "export MLFLOW_TRACKING_URI=http://$(hostname):5000": "an environment setting for the server below",
+}
+SERVER = "mlflow server "  # starts a long-running server: tests/test_faults_tracking.py starts and stops a real one
+TINY = ["schedule.iterations=2", "schedule.milestones=[]", "schedule.warmup_iterations=0", "eval.every=2",
+        "run.checkpoint_every=2", "optim.batch_size=8", "data.workers=0", "run.progress=false", "eval.max_images=16",
+        "eval.batch_size=8", "run.device=cpu"]
+TINY_CIFAR = ["data.val_split=16"]
+TINY_IMAGENET = ["data.crop=32", "data.scale=[36,44]"]
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of README.md's bash blocks: continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(re.sub(r"\s+", " ", line))
+    return commands
+
+
+def _imagenet_tree(root: Path) -> Path:
+    """Two classes of small JPEGs in train/ and val/, as an ImageNet folder."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for label, wnid in enumerate(("n01440764", "n02102040")):
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 120 * label, 30, (48, 56, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=90)
+    return root
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny(command: str, paths: dict[str, str]) -> str:
+    """The README command as this machine runs it at tiny size (see the module docstring)."""
+    for original, replacement in paths.items():
+        command = command.replace(original, replacement)
+    imagenet = "configs/imagenet/" in command
+    overrides = " ".join(TINY + (TINY_IMAGENET if imagenet else TINY_CIFAR))
+    if " sbatch " in f" {command}":
+        env, _, rest = command.partition("sbatch ")
+        script = rest.split()[-1]
+        return f"{env} REPRODUCE_DRY_RUN=1 REPRODUCE_NPROC_PER_NODE=2 bash {script}"
+    if command.startswith("torchrun "):
+        command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ", 1)
+        command = command.replace("--nproc_per_node 8", "--nproc_per_node 2").replace("--nnodes 2", "--nnodes 1")
+        if "--rdzv_endpoint" not in command:
+            command = command.replace("--nproc_per_node 2", f"--nproc_per_node 2 --master_port {_port()}")
+        return f"{command} {overrides}"
+    if command.startswith("python reproduce/train.py") or command.startswith("reproduce train "):
+        return f"{command} {overrides}"
+    if command.startswith("reproduce study "):
+        return f"{command} --iterations 10 --models plain20 --seeds 0 " + \
+            " ".join(o for o in TINY + TINY_CIFAR if not o.startswith(("schedule.", "eval.every", "run.checkpoint")))
+    if command.startswith("reproduce prepare cifar10 "):
+        return f"{command} --val-split 16"
+    if command.startswith("reproduce prepare imagenet "):
+        return f"{command} --workers 1"
+    if command.startswith("reproduce sweep "):
+        return f"{command} --dry-run {overrides}"
+    return command
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_readme_command_runs(cifar_tar, tmp_path):
+    commands = readme_commands()
+    assert len(commands) > 20, commands  # the blocks were found
+    imagenet = _imagenet_tree(tmp_path / "imagenet")
+    paths = {"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
+             "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"), "/data/imagenet": str(imagenet),
+             "$HEAD:29500": f"127.0.0.1:{_port()}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HEAD": "127.0.0.1"}
+    # The README's commands run from the repository root; a scratch folder that links its code and
+    # configs in keeps their outputs (runs/, results/, data/, sweep-logs/) out of the checkout.
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("configs", "reproduce", "slurm"):
+        (work / name).symlink_to(REPO / name)
+    env["REPRODUCE_PYTHON"] = sys.executable
+    env["REPRODUCE_CIFAR10"] = str(cifar_tar)  # for the commands without data.path: tests never download
+    ran = []
+    for command in commands:
+        if command in NOT_RUN or command.startswith(SERVER):
+            continue
+        if "RUN_ID" in command:
+            (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list", max_results=1,
+                                        filter_string="attributes.status = 'FINISHED'")
+            command = command.replace("RUN_ID", run.info.run_id)
+        line = tiny(command, paths)
+        result = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"README: {command}\nran: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        if "--dry-run" in line:  # each run of the sweep must pass the same checks train makes
+            runs = [shlex.split(r)[2:] for r in result.stdout.splitlines() if r.startswith("reproduce train ")]
+            assert runs, result.stdout
+            for args in runs:
+                config, overrides = args[1], args[2:]
+                check = subprocess.run([sys.executable, "-m", "reproduce.cli", "check", config, *overrides], cwd=work,
+                                       env=env, capture_output=True, text=True, timeout=300)
+                assert check.returncode == 0, f"README: {command}\nrun: {args}\n{check.stderr}"
+        if "REPRODUCE_DRY_RUN=1" in line:
+            assert "reproduce: " in result.stdout and "srun " in result.stdout, result.stdout
+        ran.append(command)
+    assert len(ran) == len([c for c in commands if c not in NOT_RUN and not c.startswith(SERVER)])
