@@ -135,11 +135,13 @@ def test_every_readme_command_runs(cifar_tar, tmp_path):
         if "--dry-run" in line:  # each run of the sweep must pass the same checks train makes
             runs = [shlex.split(r)[2:] for r in result.stdout.splitlines() if r.startswith("reproduce train ")]
             assert runs, result.stdout
+            by_overrides: dict[tuple, list[str]] = {}  # one `check` of all configs per set of overrides
             for args in runs:
-                config, overrides = args[1], args[2:]
-                check = subprocess.run([sys.executable, "-m", "reproduce.cli", "check", config, *overrides], cwd=work,
+                by_overrides.setdefault(tuple(args[2:]), []).append(args[1])
+            for overrides, configs in by_overrides.items():
+                check = subprocess.run([sys.executable, "-m", "reproduce.cli", "check", *configs, *overrides], cwd=work,
                                        env=env, capture_output=True, text=True, timeout=300)
-                assert check.returncode == 0, f"README: {command}\nrun: {args}\n{check.stderr}"
+                assert check.returncode == 0, f"README: {command}\nruns: {configs} {overrides}\n{check.stderr}"
         if "REPRODUCE_DRY_RUN=1" in line:
             assert "reproduce: " in result.stdout and "srun " in result.stdout, result.stdout
         ran.append(command)
