@@ -89,7 +89,7 @@ def diagnose(data: Path | None = None, compile_timeout: float | None = None) -> 
     failed = [r for r in rows if r.needed and r.status == "FAIL"]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "host": socket.gethostname(), "device": str(device), "versions": versions(), "devices": devices(),
+        "host": socket.gethostname(), "device": str(device), "versions": versions(), "devices": _listed_devices(),
         "checks": [asdict(r) for r in rows], "ready": not failed,
         "verdict": verdict(rows), "seconds": round(time.perf_counter() - start, 1),
     }
@@ -193,6 +193,14 @@ def devices() -> list[dict]:
     out.append({"device": "cpu", "name": machine().split(", ")[0], "memory_gib": psutil.virtual_memory().total / 2**30,
                 "note": f"{os.cpu_count()} CPUs, torch uses {torch.get_num_threads()} threads"})
     return out
+
+
+def _listed_devices() -> list[dict]:
+    """devices(), or one line saying why they cannot be listed (a broken driver): the checks say the rest."""
+    try:
+        return devices()
+    except Exception as err:  # noqa: BLE001
+        return [{"device": "?", "name": f"devices not listed: {one_line(err)}", "memory_gib": 0.0}]
 
 
 # ---------------------------------------------------------------------------- checks

@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         atomic_write_json(state_path, state, indent=1)
 
-    def step(name: str, command: list[str], limit_s: float, cwd: Path, stdout: Path | None = None, bounded: bool = True) -> dict:
+    def step(name: str, command: list[str], limit_s: float, cwd: Path, stdout: Path | None = None, bounded: bool = True,
+             stop_signal: int = signal.SIGTERM) -> dict:
         """Run one step for at most `limit_s` (and within the budget when `bounded`), and record
         it. A step stopped at its own `limit_s` (tests, bench) is done: a rerun does not repeat it."""
         say(f"== {name}: {shlex.join(command)}")
         started, left = _now(), deadline - time.monotonic()
         own_limit = not bounded or limit_s < left
-        code, how = run_step(command, cwd, env, out / f"{name}.log", stdout, limit_s if own_limit else left)
+        code, how = run_step(command, cwd, env, out / f"{name}.log", stdout, limit_s if own_limit else left, stop_signal)
         if how == "stopped at the time limit" and not own_limit:
             how = "stopped at the budget"
         status = "done" if code == 0 or (bounded and own_limit and how == "stopped at the time limit") else how or f"exit {code}"
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         elif time.monotonic() >= deadline or STOP:
             skip(name, "not started", "the budget is spent" if not STOP else "stopped on request")
         else:
-            step(name, command, limit, REPO if name == "tests" else out)
+            step(name, command, limit, REPO if name == "tests" else out, stop_signal=signal.SIGINT)  # both end tidily on SIGINT
 
     switches, notes = recipe(doctor)
     state["recipe"] = {"switches": switches, "notes": notes}
@@ -185,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     return _finish(state, save, "complete" if not left else f"not complete ({', '.join(left)}): run the same command again to go on", 0)
 
 
-def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path | None, limit_s: float) -> tuple[int, str]:
+def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path | None, limit_s: float,
+             stop_signal: int = signal.SIGTERM) -> tuple[int, str]:
     """Run `command`, its output appended to `log` (stdout to the file `stdout` instead, when
     given, written whole or not at all), for at most `limit_s` seconds or until this process is
-    asked to stop: then SIGTERM, GRACE_S to finish, SIGKILL. (exit status, how it was stopped or "")."""
+    asked to stop: then `stop_signal` (the sweep: SIGTERM, its runs checkpoint; pytest and the
+    bench end tidily on SIGINT), GRACE_S to finish, SIGKILL. (exit status, how it was stopped or "")."""
     from reproduce.io import atomic_replace
 
     part = stdout.with_name(f".{stdout.name}.part") if stdout else None
@@ -205,8 +208,8 @@ def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path |
                 pass
             if not how and (time.monotonic() >= end or STOP):
                 how = "stopped at the time limit" if not STOP else "stopped on request"
-                say(f"   {how}: SIGTERM to pid {proc.pid}; its runs checkpoint, and the same command resumes them")
-                proc.send_signal(signal.SIGTERM)
+                say(f"   {how}: {signal.Signals(stop_signal).name} to pid {proc.pid} (a sweep's runs checkpoint: the same command resumes them)")
+                proc.send_signal(stop_signal)
                 end = time.monotonic() + GRACE_S
             elif how and time.monotonic() >= end:
                 proc.kill()
