@@ -107,8 +107,8 @@ def verdict(rows: list[Check]) -> str:
 def render(report: dict) -> str:
     v = report["versions"]
     lines = [f"reproduce doctor on {report['host']}, {report['date']} ({report['seconds']:.0f} s)",
-             f"  torch {v['torch']}, torchvision {v['torchvision']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
-             f"NCCL {v['nccl']}, driver {v['driver']}, Python {v['python']}"]
+             (f"  torch {v['torch']}, torchvision {v['torchvision']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
+              f"NCCL {v['nccl']}, driver {v['driver']}, Python {v['python']}")]
     for d in report["devices"]:
         lines.append(f"  {d['device']}: {d['name']}, {d['memory_gib']:.1f} GiB" + (f" ({d['note']})" if d.get("note") else ""))
     for c in report["checks"]:
