@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from reproduce.bench.allreduce import allreduce_bandwidth, child, kill_group, reply_of
 
 READ_LIMIT_S, READ_LIMIT_BYTES = 3.0, 2 << 30  # --data: read for at most 3 s or 2 GiB
 ALLREDUCE_BYTES = 256 << 20
@@ -250,19 +251,19 @@ class CompileProbe:
     def __init__(self, device):
         self.mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.start = time.perf_counter()
-        self.proc = _child("compile_probe", str(device), self.mode)
+        self.proc = child("reproduce.doctor", "compile_probe", str(device), self.mode)
 
     def result(self, timeout: float) -> Check:
         left = max(0.0, timeout - (time.perf_counter() - self.start))
         try:
             out, err = self.proc.communicate(timeout=left)
         except subprocess.TimeoutExpired:
-            _kill_group(self.proc)
+            kill_group(self.proc)
             return Check("compile_step", "unknown", f"mode {self.mode} not proven: still compiling after {timeout:.0f} s",
                          f"a cold compile takes a minute or more on few CPU cores; rerun (the cache warms) or pass --compile-timeout {4 * timeout:.0f}",
                          seconds=round(timeout, 2))
         seconds = round(time.perf_counter() - self.start, 2)
-        reply = _reply(self.proc, out, err)
+        reply = reply_of(self.proc, out, err)
         if "error" in reply:
             return Check("compile_step", "FAIL", reply["error"], FIXES["compile_step"], seconds=seconds)
         return Check("compile_step", "ok", f"3 compiled steps of resnet20, mode {self.mode}: loss {reply['loss']:.2f} "
@@ -304,60 +305,6 @@ def check_nccl(gpus: int) -> Check:
         return Check("", "skip", f"needs 2 or more GPUs, {gpus} visible (one process per GPU; nothing to all-reduce across)")
     busbw = allreduce_bandwidth("nccl", gpus, ALLREDUCE_BYTES)
     return Check("", "ok", f"{busbw:.0f} GB/s bus bandwidth, all-reduce of {ALLREDUCE_BYTES >> 20} MiB across {gpus} GPUs")
-
-
-def allreduce_bandwidth(backend: str, world: int, nbytes: int, timeout: float = 120.0) -> float:
-    """Bus bandwidth (GB/s, nccl-tests' convention: bytes x 2(n-1)/n / time) of a float32
-    all-reduce of `nbytes` among `world` fresh processes (one GPU each for nccl)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [_child("allreduce_worker", backend, str(rank), str(world), str(port), str(nbytes)) for rank in range(world)]
-    deadline, outputs = time.monotonic() + timeout, []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(0.1, deadline - time.monotonic())))
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the {backend} all-reduce did not finish within {timeout:.0f} s") from None
-    finally:
-        for proc in procs:
-            _kill_group(proc)
-    replies = [_reply(proc, out, err) for proc, (out, err) in zip(procs, outputs)]
-    reply = next((r for r in replies if "error" in r), replies[0])
-    if "error" in reply or not reply["sum_ok"]:
-        raise RuntimeError(reply.get("error", f"the {backend} all-reduce returned a wrong sum"))
-    return nbytes * 2 * (world - 1) / world / reply["seconds"] / 1e9
-
-
-def allreduce_worker(backend: str, rank: str, world: str, port: str, nbytes: str, reps: int = 10) -> dict:
-    """One rank of allreduce_bandwidth, in its own process: a checked sum, then the mean time
-    of `reps` all-reduces."""
-    import torch
-    import torch.distributed as dist
-
-    from reproduce.bench.harness import sync
-
-    rank, world = int(rank), int(world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
-    try:
-        t = torch.full((int(nbytes) // 4,), float(rank + 1), device=device)
-        dist.all_reduce(t)
-        sum_ok = bool((t == world * (world + 1) / 2).all())
-        t.fill_(1.0)
-        dist.all_reduce(t)  # warm-up
-        dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            dist.all_reduce(t)
-        sync(device)
-        return {"seconds": (time.perf_counter() - start) / reps, "sum_ok": sum_ok}
-    finally:
-        dist.destroy_process_group()
 
 
 def check_ffcv() -> Check:
@@ -435,35 +382,6 @@ def _files_in_order(folder: Path):
         dirs.sort()
         for name in sorted(names):
             yield Path(root) / name
-
-
-def _child(function: str, *args: str) -> subprocess.Popen:
-    """`function(*args)` of this module in a fresh Python process of its own session (so it and
-    its helpers can be stopped together); it prints one JSON line, its result or {"error": ...}."""
-    from reproduce.provenance import REPO
-
-    code = (f"import json, sys\nfrom reproduce import doctor\ntry:\n    reply = doctor.{function}(*sys.argv[1:])\n"
-            "except Exception as err:\n    reply = {'error': doctor.one_line(err)}\nprint(json.dumps(reply), flush=True)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-
-
-def _reply(proc: subprocess.Popen, out: str, err: str) -> dict:
-    """The JSON line a _child printed, or {"error": its last line of stderr}."""
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    if lines:
-        return json.loads(lines[-1])
-    return {"error": (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]}
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reproduce import cli, doctor
+from reproduce.bench.allreduce import child, reply_of
 from tests.conftest import run_cli
 
 ORDER = ["fp32_step", "bf16_step", "channels_last_step", "compile_step", "fast_bf16", "matmul", "nccl", "ffcv",
@@ -128,7 +129,7 @@ def test_doctor_is_a_command(capsys):
 
 
 def test_a_child_check_that_raises_reports_its_error():
-    proc = doctor._child("compile_probe", "cpu", "no-such-mode")
+    proc = child("reproduce.doctor", "compile_probe", "cpu", "no-such-mode")
     out, err = proc.communicate(timeout=120)
-    reply = doctor._reply(proc, out, err)
+    reply = reply_of(proc, out, err)
     assert "no-such-mode" in reply["error"], (reply, err[-500:])
