@@ -33,6 +33,9 @@ NOT_RUN = {
     "python -m pytest": "this suite itself",
     "mkdir -p slurm/logs": "a folder the repository already holds",
     "export MLFLOW_TRACKING_URI=http://$(hostname):5000": "an environment setting for the server below",
+    "python tools/gpu_session.py --out gpu-session --data ../shared/data/cifar10-jpeg.tar.gz --budget-min 14 "
+    "--tests-min 4 --bench-min 2 --parallel 10": "a 14-minute GPU session; tests/test_gpu_session.py runs the same "
+    "script on a CPU with a tiny budget",
 }
 SERVER = "mlflow server "  # starts a long-running server: tests/test_faults_tracking.py starts and stops a real one
 TINY = ["schedule.iterations=2", "schedule.milestones=[]", "schedule.warmup_iterations=0", "eval.every=2",
