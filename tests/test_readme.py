@@ -69,6 +69,24 @@ def _imagenet_tree(root: Path) -> Path:
     return root
 
 
+def _weights(tmp_path: Path) -> Path:
+    """Stand-ins of the right shapes for the weights the README names: the public CIFAR-10 ResNet-56
+    file (its format: `module.` prefix, `best_prec1`) and torchvision's ResNet-50 in the hub cache."""
+    import torch
+    from torchvision.models import resnet50
+
+    from reproduce.models import build_model
+
+    cifar = tmp_path / "cifar-resnet56.th"
+    state = {f"module.{k}": v for k, v in build_model("resnet56").state_dict().items()}
+    torch.save({"state_dict": state, "best_prec1": 93.0}, cifar)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(resnet50(weights=None).state_dict(), hub / "resnet50-0676ba61.pth")
+    torch.save(resnet50(weights=None).state_dict(), hub / "resnet50-11ad3fa6.pth")  # IMAGENET1K_V2
+    return cifar
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +97,7 @@ def tiny(command: str, paths: dict[str, str]) -> str:
     """The README command as this machine runs it at tiny size (see the module docstring)."""
     for original, replacement in paths.items():
         command = command.replace(original, replacement)
-    imagenet = "configs/imagenet/" in command
+    imagenet = "configs/imagenet/" in command or "configs/transfer/folder-" in command
     overrides = " ".join(TINY + (TINY_IMAGENET if imagenet else TINY_CIFAR))
     if " sbatch " in f" {command}":
         env, _, rest = command.partition("sbatch ")
@@ -96,6 +114,8 @@ def tiny(command: str, paths: dict[str, str]) -> str:
     if command.startswith("reproduce study "):
         return f"{command} --iterations 10 --models plain20 --seeds 0 " + \
             " ".join(o for o in TINY + TINY_CIFAR if not o.startswith(("schedule.", "eval.every", "run.checkpoint")))
+    if command.startswith("reproduce evaluate "):
+        return f"{command} eval.max_images=8 eval.batch_size=8 run.device=cpu" + (" data.crop=32" if "resnet50" in command else "")
     if command.startswith("reproduce prepare cifar10 "):
         return f"{command} --val-split 16"
     if command.startswith("reproduce prepare imagenet "):
@@ -111,7 +131,8 @@ def test_every_readme_command_runs(cifar_tar, tmp_path):
     commands = readme_commands()
     assert len(commands) > 20, commands  # the blocks were found
     imagenet = _imagenet_tree(tmp_path / "imagenet")
-    paths = {"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
+    weights = _weights(tmp_path)
+    paths = {"../shared/data/pretrained/cifar-resnet56-4bfd9763.th": str(weights), "my_images/": str(imagenet),"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
              "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"), "/data/imagenet": str(imagenet),
              "$HEAD:29500": f"127.0.0.1:{_port()}"}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -124,6 +145,7 @@ def test_every_readme_command_runs(cifar_tar, tmp_path):
         (work / name).symlink_to(REPO / name)
     env["REPRODUCE_PYTHON"] = sys.executable
     env["REPRODUCE_CIFAR10"] = str(cifar_tar)  # for the commands without data.path: tests never download
+    env["TORCH_HOME"] = str(tmp_path / "torch")  # the hub cache, holding torchvision-shaped weights made here
     ran = []
     for command in commands:
         if command in NOT_RUN or command.startswith(SERVER):

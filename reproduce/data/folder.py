@@ -24,6 +24,7 @@ from reproduce.config import Config
 from reproduce.data.augment import PAD
 from reproduce.data.base import Data, DataError, Split
 from reproduce.data.imagenet import MEAN, STD, eval_transform, image_folder, train_transform
+from reproduce.io import atomic_replace
 
 
 def build_data(cfg: Config) -> Data:
@@ -73,7 +74,7 @@ def unpacked(path: Path) -> Path:
     try:
         with tarfile.open(path) as tf:
             tf.extractall(tmp, filter="data")  # "data": no absolute paths, links out or devices
-        os.replace(tmp, target)
+        atomic_replace(tmp, target)  # a half-unpacked folder is never taken for the cache
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(f"cannot unpack {path}: {err} (truncated or not a tar file?)") from None
     finally:
