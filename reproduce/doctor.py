@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from reproduce import provenance
 from reproduce.bench.allreduce import allreduce_bandwidth, child, kill_group, reply_of
 
 READ_LIMIT_S, READ_LIMIT_BYTES = 3.0, 2 << 30  # --data: read for at most 3 s or 2 GiB
@@ -161,21 +162,7 @@ def versions() -> dict:
         nccl = "none"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": str(torch.version.cuda),
             "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
-            "nccl": nccl, "driver": driver_version(), "python": platform.python_version()}
-
-
-def driver_version() -> str:
-    """The NVIDIA driver (nvidia-smi), or "none" without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "none"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown (nvidia-smi failed)"
+            "nccl": nccl, "driver": provenance.driver_version(), "python": platform.python_version()}
 
 
 def devices() -> list[dict]:

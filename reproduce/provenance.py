@@ -64,6 +64,20 @@ def machine() -> str:
     return text
 
 
+def driver_version() -> str:
+    """The NVIDIA driver (from nvidia-smi), or "none" without a CUDA GPU."""
+    import subprocess
+
+    if not torch.cuda.is_available():
+        return "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown (nvidia-smi failed)"
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name for a CUDA device, else "none"."""
     if device.type == "cuda":

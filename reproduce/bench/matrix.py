@@ -31,7 +31,6 @@ import os
 import platform
 import shlex
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch
 from reproduce.bench.harness import bare_loop, loader_alone, measure_peak, release
 from reproduce.data import DataError, build_data, train_loader
 from reproduce.io import atomic_write_text
-from reproduce.provenance import CONFIGS, RESULTS, git_state
+from reproduce.provenance import CONFIGS, RESULTS, driver_version, git_state
 
 COMPUTE_BOUND_SHARE = 0.9  # real input at >= 90% of the synthetic speed: the loader keeps up
 
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": git.commit + (" (with uncommitted changes)" if git.dirty else ""),
-        "host": socket.gethostname(), "device": _device_name(device), "driver": _driver(device),
+        "host": socket.gethostname(), "device": _device_name(device), "driver": driver_version() if device.type == "cuda" else "-",
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
         "cpus": str(os.cpu_count()), "python": platform.python_version(),
         "peak": f"{peak:.1f} TFLOP/s ({peak_what}, measured at start)", "mlflow_run": run.info.run_id,
@@ -245,17 +244,6 @@ def _device_name(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _driver(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "-"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True)
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown (nvidia-smi failed)"
 
 
 if __name__ == "__main__":
