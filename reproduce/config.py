@@ -71,6 +71,22 @@ class ModelConfig(Section):
             raise ValueError(_did_you_mean(name, model_names(), "model"))
         return name
 
+    @field_validator("init")
+    @classmethod
+    def _weights_exist(cls, init: str | None) -> str | None:
+        """The file or folder must be there (whether it fits is checked when it is loaded)."""
+        import re
+
+        if init is None:
+            return init
+        if init.startswith("torchvision:"):
+            if not re.fullmatch(r"torchvision:resnet\d+\.\w+", init):
+                raise ValueError("give torchvision:resnet<depth>.<WEIGHTS>, e.g. torchvision:resnet50.IMAGENET1K_V1")
+        elif not Path(init).exists():
+            raise ValueError("no such file or folder; give a run directory, a checkpoint or state_dict file, "
+                             "or torchvision:resnet50.IMAGENET1K_V1")
+        return init
+
     @model_validator(mode="after")
     def _options(self) -> "ModelConfig":
         check_model_options(self.name, self.shortcut, self.variant)
