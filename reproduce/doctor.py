@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -238,9 +239,19 @@ class CompileProbe:
     def __init__(self, device):
         self.mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.start = time.perf_counter()
-        self.proc = child("reproduce.doctor", "compile_probe", str(device), self.mode)
+        # A private compiler cache: a probe stopped at its deadline can leave a half-written
+        # artefact, which would break every later torch.compile that shares the cache.
+        self.cache = tempfile.mkdtemp(prefix="reproduce-doctor-inductor-")
+        self.proc = child("reproduce.doctor", "compile_probe", str(device), self.mode,
+                          env={"TORCHINDUCTOR_CACHE_DIR": self.cache, "TRITON_CACHE_DIR": os.path.join(self.cache, "triton")})
 
     def result(self, timeout: float) -> Check:
+        try:
+            return self._result(timeout)
+        finally:
+            shutil.rmtree(self.cache, ignore_errors=True)
+
+    def _result(self, timeout: float) -> Check:
         left = max(0.0, timeout - (time.perf_counter() - self.start))
         try:
             out, err = self.proc.communicate(timeout=left)

@@ -86,8 +86,10 @@ def test_fault_files_split_in_several_are_all_read(tmp_path):
     (tests / "test_faults_train.py").write_text(f"def test_b():\n{doc.format('b')}\n\ndef test_c():\n    pass\n")
     (tests / "test_ffcv.py").write_text(f"def test_d():\n{doc.format('d')}\n\ndef test_e():\n    pass\n")
     (tests / "test_sweep.py").write_text("def test_f():\n    pass\n")
+    (tests / "test_slurm.py").write_text("def test_g():\n    pass\n")
     copy = _load_copy(tmp_path)
-    assert [s.name for s in copy.SUITES] == ["test_faults_data.py", "test_faults_train.py", "test_ffcv.py", "test_sweep.py"]
+    assert [s.name for s in copy.SUITES] == ["test_faults_data.py", "test_faults_train.py", "test_ffcv.py", "test_sweep.py",
+                                             "test_slurm.py"]
     stmts = copy.statements()
     assert list(stmts) == ["test_faults_data::test_a", "test_faults_train::test_b", "test_faults_train::test_c",
                            "test_ffcv::test_d"]

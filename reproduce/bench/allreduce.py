@@ -67,15 +67,16 @@ def allreduce_worker(backend: str, rank: str, world: str, port: str, nbytes: str
         dist.destroy_process_group()
 
 
-def child(module: str, function: str, *args: str) -> subprocess.Popen:
+def child(module: str, function: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     """`function(*args)` of `module` in a fresh Python process of its own session (so it and
-    its helpers can be stopped together); it prints one JSON line, its result or {"error": ...}."""
+    its helpers can be stopped together); it prints one JSON line, its result or {"error": ...}.
+    `env`: variables added to this process's environment for the child."""
     from reproduce.provenance import REPO
 
     code = (f"import json, sys, importlib\ntry:\n    reply = importlib.import_module({module!r}).{function}(*sys.argv[1:])\n"
             "except Exception as err:\n    reply = {'error': (str(err).splitlines() or [type(err).__name__])[0][:200]}\n"
             "print(json.dumps(reply), flush=True)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
 
