@@ -166,12 +166,9 @@ def _set(tree, path, value):
 
 
 def test_mutated_configs_are_refused_in_one_line(cifar_tar, tmp_path_factory, capsys):
-    """Fault: a bad config: a wrong type, a boolean for a number, a non-finite or out-of-range value,
-    an unknown choice, an impossible combination, a batch larger than the data, an unknown or missing key,
-    a key given twice, a file that is binary, not a mapping, or not YAML.
+    """Fault: a bad config: a wrong type, a boolean for a number, a non-finite or out-of-range value, an unknown choice, an impossible combination, a batch larger than the data, an unknown or missing key, a key given twice, a file that is binary, not a mapping, or not YAML.
     Injected: 300 configs drawn by hypothesis from the schema's own fields and bounds, one fault each.
-    Suite: `reproduce check` and `reproduce train` both refuse each: exit status 2, one line, no traceback,
-    no run directory and no MLflow store created.
+    Suite: `reproduce check` and `reproduce train` both refuse each: exit status 2, one line naming the key or file, no traceback, no run directory and no MLflow store created.
     Lost: nothing; nothing starts."""
 
     @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
