@@ -109,6 +109,24 @@ def tiny_overrides(data: Path, iterations: int = 6, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def sigterm_during(monkeypatch, iteration: int):
+    """From now on, train.py gets SIGTERM from itself during `iteration` (0-based), as a
+    scheduler's signal would arrive mid-run. Returns the real lr_at, to put back for the resume."""
+    import signal
+
+    from reproduce import train
+
+    real_lr_at = train.lr_at
+
+    def lr_then_sigterm(it, *args):
+        if it == iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(it, *args)
+
+    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    return real_lr_at
+
+
 def stop_and_resume_matches_straight(data: Path, tmp_path: Path, monkeypatch, **extra) -> None:
     """8 iterations straight against 4, SIGTERM (as a scheduler's, during the 4th iteration),
     resume 4 more: asserts the exit statuses and bitwise-identical final weights."""
@@ -120,14 +138,7 @@ def stop_and_resume_matches_straight(data: Path, tmp_path: Path, monkeypatch, **
     straight = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, **extra})
     assert train.main(["--config", config, *straight]) == 0
     resumed = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100, **extra})
-    real_lr_at = train.lr_at
-
-    def lr_then_sigterm(iteration, *args):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(iteration, *args)
-
-    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    real_lr_at = sigterm_during(monkeypatch, 3)
     assert train.main(["--config", config, *resumed]) == 128 + signal.SIGTERM
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "resumed")] == ["ckpt-00000004.pt"]
     monkeypatch.setattr(train, "lr_at", real_lr_at)

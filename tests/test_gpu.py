@@ -27,7 +27,7 @@ from reproduce import checkpoint, train
 from reproduce.config import load_config
 from reproduce.data import build_data, train_loader
 from reproduce.distributed import DistInfo
-from tests.conftest import REPO, stop_and_resume_matches_straight, tiny_overrides
+from tests.conftest import REPO, sigterm_during, stop_and_resume_matches_straight, tiny_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -195,14 +195,7 @@ def test_stop_and_resume_of_the_session_recipe_continues_the_same_run(cifar_tar,
     MLflow run, logs each iteration once, and finishes."""
     config = str(CIFAR / "resnet20.yaml")
     overrides = cuda_overrides(cifar_tar, iterations=8, **{**SESSION_RECIPE, "run.dir": tmp_path / "run", "run.checkpoint_every": 100})
-    real_lr_at = train.lr_at
-
-    def lr_then_sigterm(iteration, *args):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(iteration, *args)
-
-    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    real_lr_at = sigterm_during(monkeypatch, 3)
     assert train.main(["--config", config, *overrides]) == 128 + signal.SIGTERM
     (stopped,) = _runs()
     assert stopped.info.status == "KILLED"

@@ -18,7 +18,7 @@ from reproduce import checkpoint, train
 from reproduce.config import load_config
 from reproduce.data import TrainBatches
 from reproduce.models import build_model
-from tests.conftest import REPO, shared_file, tiny_overrides
+from tests.conftest import REPO, shared_file, sigterm_during, tiny_overrides
 
 CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
 
@@ -208,14 +208,7 @@ def test_auto_numerics_are_recorded_and_kept_on_resume(cifar_tar, tmp_path, monk
     checkpoint and reused by the resumed segment (which does not measure again)."""
     overrides = tiny_overrides(cifar_tar, 4, **{"run.amp": "auto", "run.channels_last": "auto", "run.dir": tmp_path / "run",
                                                 "schedule.milestones": "[]", "run.checkpoint_every": 100})
-    real_lr_at = train.lr_at
-
-    def lr_then_sigterm(iteration, *args):
-        if iteration == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(iteration, *args)
-
-    monkeypatch.setattr(train, "lr_at", lr_then_sigterm)
+    real_lr_at = sigterm_during(monkeypatch, 1)
     assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
     (run,) = _runs()
     tags = run.data.tags
