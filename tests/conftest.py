@@ -26,14 +26,16 @@ def shared_file(name: str) -> Path:
     return path
 
 
-# Skips that must not pass unnoticed where everything can run. `.ci/run` installs FFCV, SLURM
-# and shellcheck itself, so it sets REPRODUCE_REQUIRE="ffcv slurm data": a test skipped for one of
-# these reasons then fails instead (FFCV installed but failing to import would otherwise skip 20
-# tests in silence). "data" applies only when ../shared/data exists: a clone without it skips.
+# Skips that must not pass unnoticed where everything can run. `.ci/run` installs FFCV, SLURM,
+# shellcheck and headless Chromium itself, so it sets REPRODUCE_REQUIRE="ffcv slurm data browser":
+# a test skipped for one of these reasons then fails instead (FFCV installed but failing to import
+# would otherwise skip 20 tests in silence). "data" applies only when ../shared/data exists: a
+# clone without it skips.
 REQUIRED_SKIPS = {
     "ffcv": ("FFCV is not installed", "could not import 'ffcv'"),
     "slurm": ("apt-get install slurmctld", "shellcheck is absent", "runs its daemons as root"),
     "data": ("is absent (real data lives in ../shared/data",),
+    "browser": ("apt-get install -y --no-install-recommends chromium chromium-driver", "could not import 'selenium'"),
 }
 
 
