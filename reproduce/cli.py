@@ -9,6 +9,7 @@
   reproduce sweep --configs F... --seeds S... [--parallel N] [k=v]   a configs x seeds grid, N runs at a time
   reproduce report --study cifar10|imagenet [--experiment N] [--out DIR] [--export F | --from-export F]
                                        tables, figures and provenance beside the paper's numbers
+  reproduce runs [--experiment N] [--csv]   the training runs of the tracking store, one line each
   reproduce analyze responses --run ID Fig. 7: std of the layer responses of a trained run
   reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
   reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
@@ -34,6 +35,7 @@ COMMANDS = {
     "prepare": "reproduce.data.ffcv.prepare:main",
     "sweep": "reproduce.runs.sweep:main",
     "report": "reproduce.report:main",
+    "runs": "reproduce.report.listing:main",
     "analyze": "reproduce.report.responses:main",
     "bench": "reproduce.bench.overhead:main",
     "bench-loaders": "reproduce.bench.loaders:main",

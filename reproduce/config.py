@@ -79,7 +79,10 @@ class ModelConfig(Section):
 
         if init is None:
             return init
-        if init.startswith("torchvision:"):
+        if init.startswith(("runs:/", "models:/")):
+            if not re.fullmatch(r"runs:/\w+(/.+)?|models:/[^/]+/\S+", init):
+                raise ValueError("give runs:/<run id>[/model] or models:/<registered name>/<version>")
+        elif init.startswith("torchvision:"):
             if not re.fullmatch(r"torchvision:resnet\d+\.\w+", init):
                 raise ValueError("give torchvision:resnet<depth>.<WEIGHTS>, e.g. torchvision:resnet50.IMAGENET1K_V1")
         elif not Path(init).exists():
@@ -212,6 +215,13 @@ class RunConfig(Section):
                                     "server before writing unsent metrics to the run directory")
     collective_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer than this for the others fails, "
                                         "naming the stalled rank, instead of hanging")
+    system_metrics: bool | Literal["auto"] = Field("auto", description="MLflow system metrics (system/*: CPU, memory, "
+                                                   "GPU use) every 10 s; auto = on for CUDA jobs, off on the CPU, unless "
+                                                   "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise")
+    log_model: bool = Field(True, description="when the run finishes, log the network as an MLflow model (artifact "
+                            "`model`: mlflow.pytorch.load_model('runs:/<run id>/model'), reproduce evaluate --weights runs:/<run id>)")
+    register_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="also register that model in the MLflow model "
+                                       "registry under this name (a new version per run); null = not registered")
 
 
     @field_validator("dir")
@@ -225,6 +235,8 @@ class RunConfig(Section):
     def _compile_mode_needs_compile(self) -> "RunConfig":
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"run.compile_mode={self.compile_mode} has no effect while run.compile is false; set run.compile=true")
+        if self.register_model is not None and not self.log_model:
+            raise ValueError("run.register_model needs run.log_model=true (the registered version is the logged model)")
         return self
 
 

@@ -3,11 +3,14 @@
   reproduce evaluate --weights runs/cifar10/resnet20-s0-1a2b3c4d --model resnet20 --data cifar-10-batches-py
   reproduce evaluate --weights cifar-resnet56-4bfd9763.th --model resnet56 --data cifar10-exact-subset.npz
   reproduce evaluate --weights torchvision:resnet50.IMAGENET1K_V1 --model resnet50 --protocol tencrop --data /data/imagenet
+  reproduce evaluate --weights runs:/<MLflow run id> --data cifar-10-batches-py
   torchrun --nproc_per_node 8 -m reproduce.evaluate --weights FILE --config configs/imagenet/resnet50.yaml
 
---weights: a run directory, a checkpoint, a state_dict file or torchvision:<model>.<WEIGHTS> (see
-reproduce/weights.py for how the architecture is found and when it must be stated). The network is
-the weights' architecture; --model / --config / model.* overrides must agree with it. Only the
+--weights: a run directory, a checkpoint, a state_dict file, a network the suite logged to MLflow
+(runs:/<run id>, models:/<name>/<version>) or torchvision:<model>.<WEIGHTS> (see
+reproduce/weights.py for how the architecture is found and when it must be stated; --model may be
+left out where the weights store it). The network is the weights' architecture; --model /
+--config / model.* overrides must agree with it. Only the
 test split is read (ImageNet-style: data.path/val/<class>/*; CIFAR-10: its test images, normalised
 by data.normalize; the public CIFAR-10 checkpoints take data.normalize=imagenet unless it is given).
 Each evaluation is one MLflow run (tag reproduce.kind=evaluation) in the experiment of --config,
@@ -32,17 +35,19 @@ from reproduce.engine import evaluate
 from reproduce.io import atomic_write_json
 from reproduce.models import MODELS
 from reproduce.provenance import device_name, git_state, host
-from reproduce.weights import Weights, WeightsError, load_weights
+from reproduce.weights import Weights, WeightsError, load_weights, stored_model_name
 
 log = logging.getLogger("reproduce.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="run dir, checkpoint, state_dict file or torchvision:NAME.WEIGHTS")
-    which = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--weights", required=True, help="run dir, checkpoint, state_dict file, runs:/<MLflow run id>, "
+                        "models:/<name>/<version> or torchvision:NAME.WEIGHTS")
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--config", help="a YAML file under configs/ (model, data and eval settings)")
-    which.add_argument("--model", help="a registry name (`reproduce models`), with defaults for the rest")
+    which.add_argument("--model", help="a registry name (`reproduce models`), with defaults for the rest; may be "
+                       "left out for weights that say which network they are (the suite's run dirs, checkpoints, runs:/)")
     parser.add_argument("--protocol", choices=[p.value for p in Protocol], help="default: the config's, else "
                         "single (CIFAR) / center224 (ImageNet)")
     parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
@@ -102,6 +107,12 @@ def test_split(cfg: Config) -> tuple[Split, int, str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _, _, _, world_size = distributed.launch_env()
+    if not (args.config or args.model):
+        args.model = stored_model_name(args.weights)
+        if args.model is None:
+            print(f"error: {args.weights} does not say which network it holds; give --model NAME or --config FILE",
+                  file=sys.stderr)
+            return 2
     try:
         cfg = eval_config(args, world_size)
         info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
@@ -149,7 +160,7 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
     """One MLflow run and the JSON file, on rank 0."""
     import mlflow
 
-    from reproduce.tracking import check_reachable, prepare_store
+    from reproduce.tracking import check_reachable, describe_experiment, prepare_store
 
     git = git_state()
     check_reachable()
@@ -162,7 +173,7 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
             "reproduce.git_commit": git.commit, "reproduce.git_dirty": str(git.dirty).lower(), "reproduce.host": host(),
             "reproduce.gpu": device_name(info.device), "reproduce.world_size": str(info.world_size),
             "reproduce.launcher": info.launcher, "reproduce.torch": torch.__version__}
-    mlflow.set_experiment(cfg.experiment)
+    describe_experiment(mlflow.set_experiment(cfg.experiment))
     with mlflow.start_run(run_name=f"eval-{cfg.model.name}-{cfg.eval.protocol.value}", tags=tags) as active:
         mlflow.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "data", "eval")})
         mlflow.log_metrics({k: float(v) for k, v in result.items()})

@@ -5,7 +5,13 @@ the run id from rank 0 and log nothing. With MLFLOW_TRACKING_URI unset MLflow us
 local default (an sqlite file in the working directory), so no server is needed.
 
 What a run holds (the report reads these names):
-  params   the resolved config, flattened (`optim.lr`, `model.name`, ...)
+  params   the config keys that describe the run, flattened (`optim.lr`, `model.name`, ...),
+           plus model.depth, model.family (plain / resnet), model.block (basic / bottleneck) and
+           model.shortcut as resolved (A/B/C, or none for a plain net); keys that do not apply to
+           the dataset or loader, and plumbing, are only in the config.yaml artifact (run_params)
+  MLflow's own fields: mlflow.source.git.commit, the run description (mlflow.note.content: the
+           command, recipe, data and what each metric means), the dataset as an input (name,
+           digest = our fingerprint, source), the experiment's description
   tags     reproduce.model / study / recipe / seed / git_commit / git_dirty / torch /
            cuda / host / gpu / world_size / launcher / slurm_job_id / data_fingerprint /
            data / eval_protocol / run_dir (of the first segment; a resumed run adds
@@ -14,7 +20,10 @@ What a run holds (the report reads these names):
            by evaluation: val_top1_err, val_top5_err, val_loss, test_top1_err, test_top5_err
            (CIFAR: the test split is evaluated with the validation split, for Fig. 6;
            the last value, at step = iterations, is the final result under eval.protocol)
-  artifacts config.yaml, final_metrics.json
+  artifacts config.yaml, final_metrics.json, and for a finished run the network as an MLflow
+           model (`model`, mlflow.pytorch.load_model("runs:/<id>/model"); run.log_model)
+  system/* MLflow's system metrics (run.system_metrics: on for CUDA jobs by default); the UI
+           charts them under "System metrics", apart from the model metrics
 
 Robustness: metrics go through a background sender that never blocks training; while
 the server is away they queue and are retried, and whatever is still unsent when the job
@@ -28,6 +37,7 @@ import logging
 import os
 import platform
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -59,6 +69,117 @@ def log_metric_batches(client, run_id: str, metrics: list) -> None:
     """Send `metrics` (mlflow.entities.Metric) to `run_id` in batches MLflow accepts."""
     for first in range(0, len(metrics), BATCH_LIMIT):
         client.log_batch(run_id, metrics=metrics[first:first + BATCH_LIMIT])
+
+
+# ---------------------------------------------------------------------------- what a run says
+# Keys left out of a run's params (they stay in its config.yaml artifact): the ImageNet input
+# pipeline for CIFAR networks, and plumbing that changes neither the network nor its numbers.
+IMAGENET_INPUT = ("data.scale", "data.crop", "data.lighting", "data.train_crop")
+PLUMBING = ("run.dir", "run.progress", "run.tracking_flush_s", "run.collective_timeout_s", "run.system_metrics",
+            "run.log_model", "run.register_model", "run.keep_checkpoints")
+METRICS_MEANING = [
+    ("train_loss", "cross-entropy on the training batches of the last run.log_every iterations (augmented images)"),
+    ("train_top1_err", "% of those training images misclassified: the paper's dashed curves"),
+    ("val_top1_err / val_top5_err", "% top-1 / top-5 error on the held-out validation split"),
+    ("test_top1_err / test_top5_err", "% error on the test split (CIFAR-10 test set, ImageNet val); the paper's "
+     "bold curves and tables; the value at step = schedule.iterations is the final result under the protocol"),
+    ("val_loss / test_loss", "mean cross-entropy on that split"),
+    ("lr", "the learning rate of the step"),
+    ("images_per_sec", "training images per second, all processes together, evaluation time excluded"),
+    ("epoch", "passes over the training split so far"),
+]
+
+
+def run_params(cfg: Config) -> dict:
+    """What a run's params are: the keys that describe it, with depth, family, block and the
+    resolved shortcut spelled out (a plain net's is `none`, not a missing value)."""
+    from reproduce.models import MODELS
+
+    spec = MODELS[cfg.model.name]
+    drop = set(PLUMBING)
+    if spec.family == "cifar":
+        drop.update(IMAGENET_INPUT)
+    if cfg.data.loader == "gpu" or cfg.data.synthetic:
+        drop.add("data.workers")  # no worker processes or threads there
+    if cfg.data.synthetic:
+        drop.add("data.path")
+    if cfg.model.init is None:
+        drop.add("optim.pretrained_lr_scale")
+    if not cfg.schedule.warmup_iterations:
+        drop.update(("schedule.warmup_iterations", "schedule.warmup_lr"))
+    params = {k: v for k, v in cfg.flat().items() if k not in drop and v is not None}
+    shortcut = cfg.model.shortcut or spec.default_shortcut
+    params.update({"model.shortcut": shortcut.value if shortcut else "none", "model.depth": spec.depth,
+                   "model.family": "resnet" if spec.residual else "plain",
+                   "model.block": "bottleneck" if spec.bottleneck else "basic"})
+    return params
+
+
+def describe_run(cfg: Config, data_description: str, data_fingerprint: str) -> str:
+    """The run's description (Markdown, shown on its page in the MLflow UI)."""
+    import shlex
+    import sys
+
+    from reproduce.models import MODELS
+
+    spec, o, sch = MODELS[cfg.model.name], cfg.optim, cfg.schedule
+    shortcut = cfg.model.shortcut or spec.default_shortcut
+    net = (f"{'ResNet' if spec.residual else 'plain net'} of {spec.depth} layers, "
+           f"{'bottleneck' if spec.bottleneck else 'basic'} blocks, "
+           + (f"shortcut option {shortcut.value}" if shortcut else "no shortcuts"))
+    drops = f"lr divided by {1 / sch.gamma:g} at {', '.join(map(str, sch.milestones))}" if sch.milestones else "constant lr"
+    warm = f", warm-up at {sch.warmup_lr:g} for {sch.warmup_iterations} iterations" if sch.warmup_iterations else ""
+    lines = [f"**{cfg.model.name}** ({net}), seed {cfg.seed}.", "",
+             f"- command: `{shlex.join(['reproduce' if Path(sys.argv[0]).name == 'reproduce' else sys.argv[0], *sys.argv[1:]])}`",
+             f"- recipe `{cfg.recipe_hash()}`: SGD momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}, global batch "
+             f"{o.batch_size}, lr {o.lr:g}, {drops}{warm}, weight decay {o.weight_decay:g}, {sch.iterations} iterations",
+             f"- data: {data_description} (fingerprint {data_fingerprint})",
+             f"- final protocol: {cfg.eval.protocol.value}; evaluated every {cfg.eval.every} iterations", "",
+             "Metrics (step = iteration):"]
+    lines += [f"- `{key}`: {meaning}" for key, meaning in METRICS_MEANING]
+    lines += ["", "The full resolved config is the artifact config.yaml."]
+    return "\n".join(lines)
+
+
+EXPERIMENT_DESCRIPTION = (
+    "Runs of the ResNet reproduction suite (He et al., Deep Residual Learning for Image Recognition, CVPR 2016). "
+    "The training runs are under *Model training*: show the columns model.depth, model.family and the metrics "
+    "test_top1_err / train_top1_err, group by model.name, and select runs to compare. Runs tagged "
+    "reproduce.kind = evaluation score given weights; the run tagged reproduce.kind = report holds the tables "
+    "and figures of `reproduce report`, the paper's numbers beside ours.")
+
+
+def describe_experiment(experiment) -> None:
+    """The experiment's description, and MLflow's tag for its kind (model development, not
+    GenAI). A user's own values are kept. (MLflow 3.17's UI opens on its GenAI view whatever the
+    tag says: its GenAI / Model training switch is a setting of the browser; the README says so.)"""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in (("mlflow.note.content", EXPERIMENT_DESCRIPTION), ("mlflow.experimentKind", "custom_model_development")):
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def _log_dataset(cfg: Config, data_description: str, data_fingerprint: str) -> None:
+    """The data as an MLflow input, so the runs table's Dataset column names it."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if cfg.data.synthetic:
+        source = HTTPDatasetSource(f"synthetic://{cfg.data.dataset}")
+    elif cfg.data.path is not None:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them a local file
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(cfg.data.path).resolve()))
+    else:  # CIFAR-10 downloaded by torchvision
+        source = HTTPDatasetSource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
+    name = cfg.data.dataset + ("-synthetic" if cfg.data.synthetic else "")
+    mlflow.log_input(MetaDataset(source, name=name, digest=data_fingerprint[:36]), context="training")
 
 
 class TrackingUnreachable(RuntimeError):
@@ -147,8 +268,8 @@ class Tracker:
             "reproduce.run_dir": str(self.run_dir.resolve()),
         }
         prepare_store()
-        mlflow.set_experiment(cfg.experiment)
-        system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() != "false"
+        describe_experiment(mlflow.set_experiment(cfg.experiment))
+        system = self._system_metrics(cfg)
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system)
             # The tags of the first segment stay; each resumed segment adds where and from what it ran.
@@ -168,13 +289,57 @@ class Tracker:
             for key in run.data.metrics:  # steps logged after the checkpoint by the stopped segment
                 self._logged_upto[key] = max(m.step for m in client.get_metric_history(run.info.run_id, key))
         else:
+            tags.update({"mlflow.source.git.commit": commit, "mlflow.source.name": "reproduce train",
+                         "mlflow.note.content": describe_run(cfg, data_description, data_fingerprint)})
             run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=system)
-            mlflow.log_params(cfg.flat())
+            mlflow.log_params(run_params(cfg))
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            _log_dataset(cfg, data_description, data_fingerprint)
         self.run_id = run.info.run_id
         self._sender = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._sender.start()
         return self.run_id
+
+    def _system_metrics(self, cfg: Config) -> bool:
+        """run.system_metrics: true/false as given; auto = MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+        where set, else on for a CUDA job (on the CPU they cost a core's share and say little)."""
+        if cfg.run.system_metrics != "auto":
+            return bool(cfg.run.system_metrics)
+        env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+        if env is not None:
+            return env.lower() not in ("false", "0", "")
+        return self.info.device.type == "cuda"
+
+    def log_model(self, model: torch.nn.Module, cfg: Config, num_classes: int) -> None:
+        """The finished network as an MLflow model named `model` (and a registered version when
+        run.register_model names one). A failure is a warning: the checkpoints hold the weights."""
+        if not (self.active and self.run_id and cfg.run.log_model):
+            return
+        import copy
+
+        import mlflow.pytorch
+        import numpy as np
+
+        from reproduce.models import MODELS
+
+        spec = MODELS[cfg.model.name]
+        size = spec.input_size if spec.family == "cifar" else cfg.data.crop
+        net = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+        shortcut = cfg.model.shortcut or spec.default_shortcut
+        metadata = {"reproduce.architecture": {"name": cfg.model.name, "shortcut": shortcut.value if shortcut else None,
+                                               "variant": cfg.model.variant.value},
+                    "reproduce.num_classes": num_classes, "reproduce.normalize": cfg.data.normalize.value,
+                    "reproduce.input": f"float32 N x 3 x {size} x {size}, normalised as data.normalize={cfg.data.normalize.value}"}
+        try:
+            # MLflow's default pt2 format: torch.export of the network in eval mode, loadable without
+            # this suite's code and without unpickling code. A batch of 2 keeps the batch size free.
+            mlflow.pytorch.log_model(
+                net, name="model", input_example=np.zeros((2, 3, size, size), dtype=np.float32), metadata=metadata,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],  # no inference subprocess
+                registered_model_name=cfg.run.register_model)
+        except Exception as err:
+            log.warning("could not log the network as an MLflow model (%s); the checkpoints in %s hold it", _short(err),
+                        self.run_dir)
 
     def log_numerics(self, numerics) -> None:
         """What run.amp / run.channels_last were in effect (`auto` decided), as tags."""
@@ -283,6 +448,36 @@ class Tracker:
         atomic_write_json(path, record)
         log.warning("MLflow did not take %d metrics and the final status %s; they are in %s: send them with "
                     "`reproduce sync %s` once the server is back", len(self._pending), status, path, self.run_dir)
+
+
+def log_report(experiment: str, study: str, folder: Path, files: list[str], command: str, git: GitState) -> str:
+    """The report's tables and figures as artifacts of one run per study in `experiment`
+    (tag reproduce.kind=report, named report-<study>), so the UI shows the paper beside the
+    reproduction; a later report replaces its files. Returns the run id."""
+    import mlflow
+
+    check_reachable()
+    prepare_store()
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment) or client.get_experiment(client.create_experiment(experiment))
+    describe_experiment(exp)
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`reproduce.kind` = 'report' and "
+                               f"tags.`reproduce.report_of` = '{study}'", max_results=1, order_by=["attributes.start_time DESC"])
+    table = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
+    table = re.sub(r"!\[([^\]]*)\]\([^)]*\)", r"\1 (an artifact of this run)", table)  # the note cannot show files
+    note = (f"The report of `{command}` ({study}; commit {git}): the paper's numbers beside ours, figures as "
+            f"artifacts ({', '.join(files)}).\n\n" + table)
+    tags = {"reproduce.kind": "report", "reproduce.report_of": study, "reproduce.git_commit": git.commit,
+            "reproduce.git_dirty": str(git.dirty).lower(), "mlflow.source.git.commit": git.commit,
+            "reproduce.command": command[:5000], "mlflow.note.content": note[:60000]}
+    run = client.get_run(found[0].info.run_id) if found else \
+        client.create_run(exp.experiment_id, run_name=f"report-{study}", tags=tags)
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    for name in files:
+        client.log_artifact(run.info.run_id, str(folder / name))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def sync(run_dir: Path) -> int:

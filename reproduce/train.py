@@ -242,6 +242,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         final = _final_eval(run)
         run.save(iterations)
         tracker.log_final(final)
+        tracker.log_model(run.unwrapped, cfg, data.num_classes)
         status = "FINISHED"
         if info.is_main:
             log.info("final: %s", ", ".join(f"{k} {v:.2f}" for k, v in final.items()))

@@ -4,6 +4,8 @@ was made for (`reproduce evaluate --weights`, `model.init`).
 Accepted sources:
   RUN_DIR                          the suite's run directory: its newest intact checkpoint
   .../ckpt-NNNNNNNN.pt             one of the suite's checkpoints (sha256 checked)
+  runs:/<run id>[/model], models:/<name>/<version>   a network the suite logged to MLflow
+                                   (run.log_model); its architecture is in the model's metadata
   torchvision:resnet50.IMAGENET1K_V1   torchvision's named weights, read from the local torch
                                    hub cache (torch.hub.get_dir()/checkpoints); never downloaded
   any other file                   a state_dict (or a dict holding one under `state_dict`), keys
@@ -38,6 +40,7 @@ from reproduce.models import MODELS, Shortcut, Variant, build_model, check_model
 from reproduce.models.imagenet import LAYERS
 
 TORCHVISION_PREFIX = "torchvision:"
+MLFLOW_PREFIXES = ("runs:/", "models:/")
 
 
 class WeightsError(ValueError):
@@ -94,6 +97,8 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
         return _torchvision_named(text, stated)
+    if text.startswith(MLFLOW_PREFIXES):
+        return _mlflow_model(text, stated)
     path = Path(text)
     if path.is_dir():
         latest = checkpoint.find_latest(path)
@@ -117,6 +122,29 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     extra = {"best_prec1": float(obj["best_prec1"])} if public else {}
     arch, classes = _resolve(state, stated, str(path), residual_hint=public, variant_hint=None)
     return Weights(state, arch, classes, "public-cifar" if public else "state_dict", str(path), _sha256(path), extra)
+
+
+def stored_model_name(source: str | Path) -> str | None:
+    """The registry name the weights say they are, for sources that store it (the suite's run
+    directories and checkpoints, its MLflow models); None for files that only hold tensors."""
+    text = str(source)
+    if text.startswith(MLFLOW_PREFIXES):
+        import mlflow
+
+        uri = text.rstrip("/") + "/model" if text.startswith("runs:/") and text.rstrip("/").count("/") == 1 else text
+        try:
+            stored = (mlflow.models.get_model_info(uri).metadata or {}).get("reproduce.architecture")
+        except Exception:
+            return None  # load_weights says why, in one line
+        return stored["name"] if stored else None
+    path = Path(text)
+    latest = checkpoint.find_latest(path) if path.is_dir() else path if checkpoint.NAME.match(path.name) else None
+    if latest is None or not latest.is_file():
+        return None
+    try:
+        return checkpoint.architecture_of(checkpoint.load(latest))["name"]
+    except (checkpoint.CheckpointError, KeyError):
+        return None
 
 
 def check_fits(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
@@ -180,6 +208,36 @@ def _torchvision_named(text: str, stated: tuple) -> Weights:
     if arch.name != model_name:
         raise WeightsError(f"{text} holds weights of {model_name}, but {arch} was asked for")
     return Weights(state, arch, classes, "torchvision-named", str(path), _sha256(path), {"weights": spec})
+
+
+def _mlflow_model(uri: str, stated: tuple) -> Weights:
+    """A network logged by the suite (`run.log_model`), or any MLflow PyTorch model of a ResNet
+    this suite knows (its architecture then recognised from the tensors)."""
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
+        uri = uri.rstrip("/") + "/model"  # runs:/<id> names the run; its network is `model`
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+        info = mlflow.models.get_model_info(str(local))
+        net = mlflow.pytorch.load_model(str(local), map_location="cpu")
+    except Exception as err:  # no such run or model, no model in it, store unreachable, not a PyTorch model
+        raise WeightsError(f"{uri}: cannot load an MLflow PyTorch model ({str(err).splitlines()[0][:160]}); give "
+                           "runs:/<run id of a finished training run> or models:/<name>/<version>") from None
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    stored = (info.metadata or {}).get("reproduce.architecture")
+    if stored:
+        arch = Arch(stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"]))
+        check_same(arch, stated, uri)
+        classes = _classes(state)
+    else:
+        arch, classes = _resolve(state, stated, uri, residual_hint=False, variant_hint=None)
+    files = sorted(p for p in (local / "data").rglob("*") if p.is_file()) if (local / "data").is_dir() else []
+    digest = hashlib.sha256(b"".join(_sha256(p).encode() for p in files)).hexdigest()
+    return Weights(state, arch, classes, "mlflow-model", uri, digest, {"model_uuid": info.model_uuid or ""})
 
 
 def _torch_load(path: Path):

@@ -106,6 +106,7 @@ def tiny_overrides(data: Path, iterations: int = 6, **extra) -> list[str]:
         "schedule.milestones": f"[{iterations // 2}]", "eval.every": max(1, iterations // 2),
         "eval.batch_size": 64, "run.checkpoint_every": max(1, iterations // 2), "run.log_every": 1,
         "run.deterministic": "true", "run.progress": "false", "run.device": "cpu",
+        "run.log_model": "false",  # 3 s per run; the MLflow model has tests of its own (test_tracking.py)
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -76,6 +76,8 @@ def bad_values(path: tuple, field):
         return st.sampled_from(["/nonexistent/cifar", 5, [1]])
     if path == ("run", "dir"):
         return st.sampled_from([5, [1], str(REPO / "README.md")])  # a file, not a folder
+    if path == ("run", "register_model"):  # a free name: empty, not a string, or with characters outside [A-Za-z0-9._-]
+        return st.sampled_from(["", 7, [1], True, "my model/v1", "-x"])
     if path == ("experiment",):
         return st.sampled_from(["", 5, [1], {"a": 1}])
     if path == ("data", "scale"):

@@ -2,8 +2,8 @@
 on synthetic input: plain20 seed 0, resnet20 seeds 0 and 1), a real `mlflow server` over their
 store, and headless Chromium (Debian's, driven by selenium) on two pages:
 
-  #/experiments/<id>/runs?workflowType=machine_learning   the runs table ("Model training"; the
-                                                          experiment page itself opens on GenAI)
+  #/experiments/<id>/runs?workflowType=machine_learning   the runs table ("Model training"; without
+                                                          the parameter a fresh browser opens GenAI)
   #/compare-runs?runs=[...]&experiments=[...]             the compare page of the three runs
 
 The expected values come from the store (MlflowClient), the shown ones from the page; each page is
@@ -151,7 +151,8 @@ def test_mlflow_ui_shows_runs_and_comparison(browser, tmp_path):
         names = {run_id: r.info.run_name for run_id, r in runs.items()}
         assert sorted(names.values()) == sorted(f"{c}-s{s}" for c, s in RUNS), names
 
-        # (a) the runs table: each run's name links to that run's page
+        # (a) the runs table, as the README's link opens it (the UI's GenAI / Model training switch is a
+        # setting of the browser, GenAI by default); each run's name links to that run's page
         driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
         shot = tmp_path / "runs.png"
 

@@ -37,7 +37,9 @@ NOT_RUN = {
     "--tests-min 4 --bench-min 2 --parallel 10": "a 14-minute GPU session; tests/test_gpu_session.py runs the same "
     "script on a CPU with a tiny budget",
 }
-SERVER = "mlflow server "  # starts a long-running server: tests/test_faults_tracking.py starts and stops a real one
+# Long-running servers: tests/test_faults_tracking.py starts and stops a real `mlflow server`,
+# tests/test_mlflow_ui.py the UI, with a real browser looking at it.
+SERVER = ("mlflow server ", "mlflow ui ")
 TINY = ["schedule.iterations=2", "schedule.milestones=[]", "schedule.warmup_iterations=0", "eval.every=2",
         "run.checkpoint_every=2", "optim.batch_size=8", "data.workers=0", "run.progress=false", "eval.max_images=16",
         "eval.batch_size=8", "run.device=cpu"]

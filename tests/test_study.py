@@ -16,6 +16,9 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
     assert code == 0
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
+    (report,) = [r for r in runs if r.data.tags.get("reproduce.kind") == "report"]  # the table and Fig. 6, in MLflow
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(report.info.run_id)} >= {"table.md", "fig6.png"}
+    runs = [r for r in runs if r is not report]
     assert sorted((r.data.tags["reproduce.model"], r.data.tags["reproduce.seed"]) for r in runs) == [
         ("plain20", "0"), ("plain20", "1"), ("resnet20", "0"), ("resnet20", "1")]
     assert all(r.info.status == "FINISHED" for r in runs)

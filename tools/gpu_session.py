@@ -251,7 +251,8 @@ def mlflow_runs(db: Path) -> list[dict]:
     return [{"run_id": r.info.run_id, "model": r.data.params.get("model.name"), "seed": r.data.tags.get("reproduce.seed"),
              "status": r.info.status, "test_top1_err": r.data.metrics.get("test_top1_err"),
              "iterations": r.data.params.get("schedule.iterations")}
-            for r in client.search_runs([experiment.experiment_id], max_results=1000)]
+            for r in client.search_runs([experiment.experiment_id], max_results=1000)
+            if "reproduce.kind" not in r.data.tags]  # training runs: not the report's or an evaluation's
 
 
 def plan(configs: list[str], peak_tflops: float, shares: list[float], us_per_op: float) -> str:

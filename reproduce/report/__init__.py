@@ -4,7 +4,8 @@ Modules, each importing only those above it:
   runs       the runs of a study, from MLflow or an export file; which of them make the table
   tables     the table beside results/paper.csv, the provenance, table.md
   figures    Fig. 4 / Fig. 6 (depth curves) and Fig. 7 (layer responses), from the chosen runs
-  command    `reproduce report` (main), writing the files above
+  command    `reproduce report` (main), writing the files above (and storing them in MLflow)
+  listing    `reproduce runs`: every training run, one line each, from mlflow.search_runs
   responses  `reproduce analyze responses`: measures what Fig. 7 draws (needs no other module here)
 
 Importing this package imports none of them (nor pandas, MLflow or matplotlib).

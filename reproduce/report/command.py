@@ -9,6 +9,8 @@ Writes into results/<study>/ (relative to the working directory) or --out:
   table.md / table.csv   ours (mean ± std over seeds) next to results/paper.csv, per model
   provenance.csv         every run read: status, why it is in or out, commit, host, GPU, data
   fig6.png (CIFAR-10) or fig4.png (ImageNet); fig7.png when `reproduce analyze responses` ran
+and, read from MLflow, stores the same files as the artifacts of the run `report-<study>` of the
+experiment (tag reproduce.kind=report; replaced by the next report; --no-mlflow: not stored).
 
 Which runs make the table (the same rule for MLflow and for an export):
   * only FINISHED runs with a final test error; RUNNING, KILLED and FAILED runs are counted
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-export", type=Path, metavar="FILE", help="read the runs from an export, not MLflow")
     parser.add_argument("--export", type=Path, metavar="FILE", help="also write the runs read to FILE (JSON)")
     parser.add_argument("--paper", type=Path, default=PAPER_CSV, help="reference numbers (default results/paper.csv)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not store the report in the tracking store (by "
+                        "default, read from MLflow, it becomes the artifacts of the run report-<study> in the experiment)")
     return parser.parse_args(argv)
 
 
@@ -77,9 +81,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = args.out or Path("results") / study
     out.mkdir(parents=True, exist_ok=True)
-    written = write_report(runs, study, out, load_paper(args.paper), "reproduce report " + shlex.join(argv), source)
+    command = "reproduce report " + shlex.join(argv)
+    written = write_report(runs, study, out, load_paper(args.paper), command, source)
     print("wrote " + ", ".join(str(out / name) for name in written))
+    if not (args.from_export or args.no_mlflow):
+        store_report(experiment, study, out, written, command)
     return 0
+
+
+def store_report(experiment: str, study: str, out: Path, written: list[str], command: str) -> None:
+    """The files just written, as the artifacts of the experiment's report run; a tracking store
+    that fails here leaves the files in place, with a warning."""
+    import mlflow
+
+    from reproduce.provenance import git_state
+    from reproduce.tracking import TrackingUnreachable, log_report
+
+    try:
+        run_id = log_report(experiment, study, out, written, command, git_state())
+    except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
+        print(f"warning: the report is in {out} but not in MLflow ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+        return
+    print(f"stored in MLflow: run report-{study} ({run_id}) of experiment `{experiment}` at {mlflow.get_tracking_uri()}")
 
 
 def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, command: str, source: str) -> list[str]:

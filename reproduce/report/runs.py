@@ -107,7 +107,7 @@ class Selection:
 def model_key(run: dict) -> tuple[str, str, str, str]:
     p = run["params"]
     shortcut = p.get("model.shortcut", "")
-    return (p.get("model.name", run["tags"].get("reproduce.model", "?")), "" if shortcut == "None" else shortcut,
+    return (p.get("model.name", run["tags"].get("reproduce.model", "?")), "" if shortcut in ("None", "none") else shortcut,
             p.get("model.variant", ""), run["tags"].get("reproduce.eval_protocol", p.get("eval.protocol", "")))
 
 

@@ -74,7 +74,8 @@ def evaluation_table(runs: list[dict], study: str, paper: pd.DataFrame) -> pd.Da
         for metric in [m for m in FINAL_METRICS[study] if m in run["metrics"]]:
             ref = paper_reference(paper, key, metric)
             ours = float(run["metrics"][metric])
-            rows.append({"weights": Path(tags.get("reproduce.weights", "?")).name, "format": tags.get("reproduce.weights_format", ""),
+            source = tags.get("reproduce.weights", "?")
+            rows.append({"weights": source if source.startswith(("runs:/", "models:/")) else Path(source).name, "format": tags.get("reproduce.weights_format", ""),
                          "model": key[0], "shortcut": key[1], "variant": key[2], "protocol": key[3], "metric": metric,
                          **ref, "ours": ours, "diff": ours - ref["reference"],
                          "images": int(run["metrics"].get("images", 0)), "data": tags.get("reproduce.data", ""),

@@ -249,7 +249,7 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings)
     import mlflow
 
     from reproduce.io import atomic_write_text
-    from reproduce.report.command import write_report
+    from reproduce.report.command import store_report, write_report
     from reproduce.report.runs import load_mlflow_runs
     from reproduce.report.tables import load_paper
 
@@ -257,6 +257,7 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings)
     source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
     command = "reproduce study " + shlex.join(argv)
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
+    store_report(args.experiment, "cifar10", args.out, written, command)
     git = provenance.git_state()
     atomic_write_text(args.out / "study.md", f"# The depth study\n\nCommand: `{command}`\n\nCommit {git}; machine: "
                       f"{provenance.machine()}\n\n```\n{findings.text}\n```\n")

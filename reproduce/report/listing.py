@@ -1,0 +1,98 @@
+"""`reproduce runs`: the runs of the tracking store as one compact table in the terminal.
+
+  reproduce runs                          every training run of every experiment
+  reproduce runs --experiment cifar10     one experiment
+  reproduce runs --csv > runs.csv         the same rows as CSV (for pandas, spreadsheets)
+
+One row per training run: experiment, model, family, depth, seed, status, iterations done of
+the schedule, final (or latest) training / validation / test error in %, start time and run id,
+read with `mlflow.search_runs`. Evaluations and report runs (tag reproduce.kind) are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+COLUMNS = ["experiment", "model", "family", "depth", "seed", "status", "iterations", "train_top1_err",
+           "val_top1_err", "test_top1_err", "start_time", "run_id"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="reproduce runs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", action="append", help="an MLflow experiment name (repeatable; default: all)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of the aligned table")
+    return parser.parse_args(argv)
+
+
+def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
+    """The COLUMNS of every training run, typed (depth and seed integers, errors floats), ordered
+    by experiment, plain before residual, depth, seed."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if experiments:
+        found = {name: client.get_experiment_by_name(name) for name in experiments}
+        missing = [name for name, exp in found.items() if exp is None]
+        if missing:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise LookupError(f"no MLflow experiment {', '.join(missing)} at {mlflow.get_tracking_uri()} (experiments: {known})")
+        ids = [exp.experiment_id for exp in found.values()]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    frame = mlflow.search_runs(experiment_ids=ids, filter_string="tags.`reproduce.recipe` != ''") if ids else pd.DataFrame()
+    if frame.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    frame = frame[frame.get("tags.reproduce.kind", pd.Series(index=frame.index, dtype=object)).isna()]
+    col = lambda name: frame[name] if name in frame else pd.Series(index=frame.index, dtype=object)  # noqa: E731
+    total = pd.to_numeric(col("params.schedule.iterations"), errors="coerce")
+    done = [_iterations_done(client, run_id, status, t) for run_id, status, t in zip(frame.run_id, frame.status, total)]
+    rows = pd.DataFrame({
+        "experiment": frame.experiment_id.map(names), "model": col("params.model.name"),
+        "family": col("params.model.family"), "depth": pd.to_numeric(col("params.model.depth"), errors="coerce").astype("Int64"),
+        "seed": pd.to_numeric(col("params.seed"), errors="coerce").astype("Int64"), "status": frame.status,
+        "iterations": [f"{d}/{int(t)}" if pd.notna(t) else str(d) for d, t in zip(done, total)],
+        **{m: pd.to_numeric(col(f"metrics.{m}"), errors="coerce").round(2) for m in COLUMNS[7:10]},
+        "start_time": pd.to_datetime(frame.start_time).dt.strftime("%Y-%m-%d %H:%M"), "run_id": frame.run_id})
+    from reproduce.models import MODELS
+
+    known = rows.model.map(lambda m: MODELS.get(m))  # runs logged before model.family / model.depth were params
+    rows["family"] = rows.family.fillna(known.map(lambda s: None if s is None else ("resnet" if s.residual else "plain")))
+    rows["depth"] = rows.depth.fillna(known.map(lambda s: None if s is None else s.depth)).astype("Int64")
+    rows["_order"] = rows.family.ne("plain")
+    return rows.sort_values(["experiment", "_order", "depth", "model", "seed", "start_time"]).drop(columns="_order") \
+        .reset_index(drop=True)[COLUMNS]
+
+
+def _iterations_done(client, run_id: str, status: str, total) -> int:
+    """Iterations a run has done: the whole schedule once FINISHED, else its latest logged step."""
+    if status == "FINISHED" and pd.notna(total):
+        return int(total)
+    steps = [m.step for m in client.get_metric_history(run_id, "lr")]
+    return max(steps, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import mlflow
+
+    try:
+        rows = training_runs(args.experiment)
+    except LookupError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    except mlflow.exceptions.MlflowException as err:
+        print(f"error: cannot read the tracking store {mlflow.get_tracking_uri()} ({str(err).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return 2
+    if args.csv:
+        sys.stdout.write(rows.to_csv(index=False))
+        return 0
+    if rows.empty:
+        print(f"no training runs at {mlflow.get_tracking_uri()}")
+        return 0
+    print(rows.to_string(index=False, na_rep="-"))
+    print(f"{len(rows)} runs at {mlflow.get_tracking_uri()}; errors in % (final for FINISHED runs, latest otherwise)")
+    return 0

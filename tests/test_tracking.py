@@ -1,0 +1,167 @@
+"""What a run looks like in MLflow (issue 17): params that describe it, MLflow's own fields, the
+trained network as an MLflow model, the report stored in the tracking store, `reproduce runs`."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+
+from reproduce import checkpoint, evaluate, train
+from reproduce.config import load_config
+from reproduce.distributed import DistInfo
+from reproduce.models import build_model
+from reproduce.report import command as report
+from reproduce.report.listing import training_runs
+from reproduce.report.runs import load_mlflow_runs
+from reproduce.tracking import Tracker, run_params
+from tests.conftest import REPO, tiny_overrides
+
+CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
+PLAIN = REPO / "configs" / "cifar10" / "plain20.yaml"
+IMAGENET = REPO / "configs" / "imagenet" / "resnet50.yaml"
+
+
+def _runs(experiment: str = "cifar10"):
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_params_describe_the_run_and_nothing_else():
+    plain = run_params(load_config(PLAIN, ["data.loader=gpu"]))
+    assert plain["model.shortcut"] == "none" and plain["model.family"] == "plain"
+    assert plain["model.depth"] == 20 and plain["model.block"] == "basic"
+    for key in ("data.crop", "data.lighting", "data.scale", "data.train_crop", "data.workers",  # not CIFAR / not this loader
+                "run.progress", "run.tracking_flush_s", "run.collective_timeout_s", "run.dir",  # plumbing
+                "optim.pretrained_lr_scale", "schedule.warmup_lr"):  # unused here
+        assert key not in plain, key
+    assert None not in plain.values() and "None" not in map(str, plain.values())
+    assert plain["optim.lr"] == 0.1 and plain["schedule.iterations"] == 64000 and plain["data.val_split"] == 5000
+
+    big = run_params(load_config(IMAGENET, ["data.synthetic=true"]))
+    assert big["model.shortcut"] == "B" and big["model.family"] == "resnet" and big["model.block"] == "bottleneck"
+    assert big["model.depth"] == 50 and big["data.crop"] == 224 and big["data.train_crop"] == "scale"
+    r20 = run_params(load_config(CIFAR, ["model.shortcut=null"]))  # the paper's default, spelled out
+    assert r20["model.shortcut"] == "A" and r20["data.workers"] == 4
+
+
+def test_system_metrics_default_to_gpu_jobs(monkeypatch):
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), launcher="python", slurm_job_id=None)
+    cuda = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), launcher="python", slurm_job_id=None)
+    cfg = load_config(CIFAR)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    assert not Tracker(cpu, "r")._system_metrics(cfg) and Tracker(cuda, "r")._system_metrics(cfg)
+    assert Tracker(cpu, "r")._system_metrics(load_config(CIFAR, ["run.system_metrics=true"]))
+    assert not Tracker(cuda, "r")._system_metrics(load_config(CIFAR, ["run.system_metrics=false"]))
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # the user's environment rules `auto`
+    assert not Tracker(cuda, "r")._system_metrics(cfg)
+
+
+@pytest.fixture
+def logged_run(cifar_tar):
+    """A finished tiny run with its network logged and registered."""
+    overrides = tiny_overrides(cifar_tar, **{"run.log_model": "true", "run.register_model": "tiny-resnet20"})
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    (run,) = _runs()
+    return run, load_config(CIFAR, overrides)
+
+
+def test_mlflow_fields_are_filled(logged_run, cifar_tar):
+    run, cfg = logged_run
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == tags["reproduce.git_commit"] and len(tags["reproduce.git_commit"]) >= 7
+    note = tags["mlflow.note.content"]
+    for text in ("**resnet20** (ResNet of 20 layers, basic blocks, shortcut option A), seed 0", "global batch 16",
+                 "lr divided by 10 at 3", "6 iterations", tags["reproduce.data_fingerprint"], "`train_top1_err`: %",
+                 "`test_top1_err / test_top5_err`", "images_per_sec", "final protocol: single"):
+        assert text in note, text
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "cifar10" and dataset.dataset.digest == tags["reproduce.data_fingerprint"]
+    assert str(cifar_tar) in dataset.dataset.source
+    experiment = mlflow.get_experiment_by_name("cifar10")
+    assert "Model training" in experiment.tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's own field for the kind
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # a CPU job: off by default
+
+
+def test_the_logged_network_is_the_trained_one(logged_run, cifar_tar, tmp_path, capsys):
+    run, cfg = logged_run
+    net = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    trained = build_model("resnet20")
+    trained.load_state_dict(torch.load(checkpoint.list_checkpoints(cfg.run_dir())[-1], weights_only=True)["model"])
+    images = torch.randn(5, 3, 32, 32)  # another batch size than the logged example's
+    with torch.no_grad():
+        assert torch.allclose(net(images), trained.eval()(images), atol=1e-5)
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.metadata["reproduce.architecture"] == {"name": "resnet20", "shortcut": "A", "variant": "v1"}
+    assert [list(t.shape) for t in info.signature.inputs.inputs][0] == [-1, 3, 32, 32]
+    registered = mlflow.pytorch.load_model("models:/tiny-resnet20/1")
+    with torch.no_grad():
+        assert torch.equal(registered(images), net(images))
+
+    # `reproduce evaluate` takes the run (or the registered model) as weights: the same test error
+    # as the run's own final evaluation, on the same images.
+    data = ["--data", str(cifar_tar), "data.val_split=40", "eval.batch_size=64", "run.device=cpu"]
+    outs = {}
+    for name, weights in (("run", f"runs:/{run.info.run_id}"), ("registry", "models:/tiny-resnet20/1"),
+                          ("dir", str(cfg.run_dir()))):
+        outs[name] = tmp_path / f"{name}.json"
+        assert evaluate.main(["--weights", weights, "--model", "resnet20", "--out", str(outs[name]), *data]) == 0
+    results = {name: pd.read_json(path, typ="series") for name, path in outs.items()}
+    assert results["run"]["weights_format"] == "mlflow-model"
+    for name in ("run", "registry"):
+        assert results[name]["test_top1_err"] == pytest.approx(run.data.metrics["test_top1_err"], abs=1e-6)
+        assert results[name]["test_top1_err"] == pytest.approx(results["dir"]["test_top1_err"], abs=1e-6)
+    assert evaluate.main(["--weights", f"runs:/{run.info.run_id}", "--out", str(tmp_path / "bare.json"), *data]) == 0
+    assert pd.read_json(tmp_path / "bare.json", typ="series")["model"] == "resnet20"  # the model's metadata says it
+    assert evaluate.main(["--weights", f"runs:/{run.info.run_id}", "--model", "plain20", *data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "resnet20 (shortcut A, v1)" in err and "plain20" in err
+    assert evaluate.main(["--weights", "runs:/0123456789abcdef", "--model", "resnet20", *data]) == 2
+    assert "cannot load an MLflow PyTorch model" in capsys.readouterr().err
+
+
+def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
+    for config in (CIFAR, PLAIN):
+        assert train.main(["--config", str(config), *tiny_overrides(cifar_tar)]) == 0
+    out = tmp_path / "report"
+    for _ in range(2):  # a second report replaces the first one's files, in the same run
+        assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
+    runs = mlflow.search_runs(experiment_names=["cifar10"], filter_string="tags.`reproduce.kind` = 'report'",
+                              output_format="list")
+    assert len(runs) == 1 and runs[0].info.run_name == "report-cifar10" and runs[0].info.status == "FINISHED"
+    artifacts = {a.path: a for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert {"table.md", "table.csv", "provenance.csv", "fig6.png"} <= set(artifacts)
+    stored = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="table.md")
+    assert open(stored).read() == (out / "table.md").read_text()
+    assert "| ResNet-20 A | single | test_top1_err | 8.75 |" in runs[0].data.tags["mlflow.note.content"]
+    assert len(load_mlflow_runs("cifar10", "cifar10")) == 2  # the report run is not read as a training run
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "again"), "--no-mlflow"]) == 0
+
+
+def test_runs_lists_the_comparison(cifar_tar):
+    for config, seed in ((CIFAR, 0), (CIFAR, 1), (PLAIN, 0)):
+        assert train.main(["--config", str(config), f"seed={seed}", *tiny_overrides(cifar_tar)]) == 0
+    evaluate_run = mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("cifar10").experiment_id,
+                                    tags={"reproduce.kind": "evaluation", "reproduce.recipe": "x"})
+    mlflow.end_run()
+    rows = training_runs()
+    assert list(rows.model) == ["plain20", "resnet20", "resnet20"] and list(rows.seed) == [0, 0, 1]
+    assert list(rows.depth) == [20, 20, 20] and list(rows.family) == ["plain", "resnet", "resnet"]
+    assert set(rows.status) == {"FINISHED"} and set(rows.iterations) == {"6/6"}
+    assert evaluate_run.info.run_id not in set(rows.run_id)
+    finals = {r.info.run_id: r.data.metrics["test_top1_err"] for r in _runs() if r.info.run_id != evaluate_run.info.run_id}
+    assert all(v == pytest.approx(round(finals[i], 2)) for i, v in zip(rows.run_id, rows.test_top1_err))
+
+    cli = [sys.executable, "-m", "reproduce.cli", "runs"]
+    text = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    assert "plain20 plain" in " ".join(text.split()) and "3 runs at sqlite:///" in text
+    csv = subprocess.run(cli + ["--csv"], capture_output=True, text=True, check=True).stdout
+    parsed = pd.read_csv(io.StringIO(csv))
+    assert list(parsed.columns[:6]) == ["experiment", "model", "family", "depth", "seed", "status"]
+    assert parsed.depth.dtype.kind == "i" and parsed.test_top1_err.dtype.kind == "f"
+    missing = subprocess.run(cli + ["--experiment", "nope"], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no MLflow experiment nope" in missing.stderr
