@@ -66,3 +66,38 @@ def test_bench_matrix_refuses_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "empty.tar.gz" in err and "\n" not in err, err
     assert not list(tmp_path.glob("matrix.*"))  # refused before any cell
+
+
+@pytest.mark.slow
+def test_bench_loaders_on_imagenet_sized_images(tmp_path, capsys):
+    """The ImageNet-sized set is made from the real Imagenette archives (seeded: the same images
+    and sizes each time), both loaders stream it with the paper's scale augmentation, and each is
+    held against its library's measured decode limit."""
+    pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
+    from PIL import Image
+
+    from reproduce.bench import loaders
+    from tests.conftest import shared_file
+
+    shared_file("imagenette-224-train-1of2.tar.gz")
+    first = loaders.make_imagenet_sized(tmp_path / "a", 30)
+    again = loaders.make_imagenet_sized(tmp_path / "b", 30)
+    files = sorted(p.relative_to(first) for p in first.glob("train/*/*"))
+    assert len(files) == 30 and files == sorted(p.relative_to(again) for p in again.glob("train/*/*"))
+    sizes = [Image.open(first / f).size for f in files]
+    assert sizes == [Image.open(again / f).size for f in files]
+    assert all(w == h and 333 <= w <= 500 for w, h in sizes) and len(set(sizes)) > 10
+    assert len({f.parts[1] for f in files}) == 10  # picked over every class of both archives
+
+    code = loaders.main(["--set", "imagenet-sized", "--images", "64", "--batch", "16", "--epochs", "2", "--rounds", "1",
+                         "--crop", "scale", "--size", "224", "--variants", "ffcv-jpg,ffcv-raw"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "set imagenet-sized: 64 JPEGs" in out and "scale crop to 224" in out
+    limits = re.search(r"decode limit per core: PIL ([\d,]+) images/s, FFCV imdecode \(libjpeg-turbo\) ([\d,]+)", out)
+    assert limits and all(float(v.replace(",", "")) > 0 for v in limits.groups()), out
+    rows = {m[1]: m for m in re.finditer(r"^(torchvision|ffcv-jpg|ffcv-raw)\s+([\d,]+)\s+([\d,]+)\s+.*?([\d.]+)x\s+(\S+)", out, re.M)}
+    assert set(rows) == {"torchvision", "ffcv-jpg", "ffcv-raw"}, out
+    raw_line = next(line for line in out.splitlines() if line.startswith("ffcv-raw "))
+    assert rows["torchvision"][4] == "1.00" and raw_line.endswith("(of FFCV's)")  # raw: a share of the JPEG limit
+    assert float(rows["ffcv-raw"][2].replace(",", "")) > float(rows["ffcv-jpg"][2].replace(",", ""))  # raw takes more disk

@@ -1,23 +1,39 @@
 """Loader benchmark: training images/s of data.loader=ffcv against data.loader=torchvision
-(DataLoader worker processes, PIL decode) on the same real JPEGs, side by side in one run.
+(DataLoader worker processes, PIL decode) on the same real JPEGs, side by side in one run, and
+each against the decode limit of its JPEG library.
 
-  reproduce bench-loaders [--source ../shared/data/imagenette-224-val.tar.gz] [--workers 2]
-                          [--batch 64] [--epochs 4] [--rounds 2] [--crop random_resized --size 160]
+  reproduce bench-loaders [--set imagenette-val | imagenet-sized] [--workers 2] [--batch 64]
+                          [--epochs 4] [--rounds 2] [--crop random_resized|scale] [--size 160]
+                          [--variants ffcv-jpg,ffcv-mix,...]
 
-The JPEGs (Imagenette val, 3,925 images of 224 x 224) are unpacked into a temporary folder
-and prepared by `reproduce prepare imagenet` three ways: all JPEG (quality 90: the same kind
-of bytes PIL decodes), FFCV's ResNet-50 mix (50% JPEG) and all raw. Every loader produces the
-training batches of configs/imagenet/resnet18.yaml through `train_loader`, with the same
-augmentation (RandomResizedCrop to --size + flip + PCA lighting + normalisation, or the
-paper's scale augmentation with --crop scale), batch, number of workers (DataLoader
-processes / FFCV threads) and device (CPU). Each loader streams --epochs epochs in one call,
-the first not timed (worker start-up, numba's JIT); the loaders take turns for --rounds
-rounds, so that drift of a shared machine's speed falls on all of them alike.
+Image sets (nothing is downloaded; both come from ../shared/data):
+  imagenette-val   the 3,925 Imagenette validation JPEGs as they are (224 x 224, quality 75)
+  imagenet-sized   --images (2,000) of the Imagenette training JPEGs, picked evenly and resized
+                   to ImageNet's sizes: square, side drawn uniformly from 333..500 px (seeded),
+                   quality 90. Upscaled from 224 px, they hold less detail than photographs of
+                   that size, so they decode somewhat faster than ImageNet's own JPEGs would.
+
+The set is unpacked into a temporary folder and prepared by `reproduce prepare imagenet` once per
+--variants entry (VARIANTS: the share stored raw, the JPEG quality, the longer side). Every
+loader produces the training batches of configs/imagenet/resnet18.yaml through `train_loader`,
+with the same augmentation (the paper's scale augmentation with --crop scale, or
+RandomResizedCrop, to --size, + flip + PCA lighting + normalisation), batch, number of workers
+(DataLoader processes / FFCV threads) and device (CPU). Each loader streams --epochs epochs in
+one call, the first not timed (worker start-up, numba's JIT); the loaders take turns for
+--rounds rounds, so that drift of a shared machine's speed falls on all of them alike.
+
+The decode limit: one core decoding the set's JPEG bytes in memory with the library the loader
+uses, nothing else (PIL's open + convert("RGB"), as torchvision's ImageFolder loads; FFCV's
+imdecode, libjpeg-turbo, on the JPEGs of the all-JPEG file as prepared), times --workers. A
+loader's share of it is its images/s over that limit (a file holding raw images can pass 100%:
+those need no decoding).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import random
 import shutil
 import sys
 import tarfile
@@ -25,25 +41,112 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reproduce.provenance import CONFIGS, REPO
 
-VARIANTS = {"ffcv-jpg": 1.0, "ffcv-mix": 0.5, "ffcv-raw": 0.0}  # --compress-probability of each preparation
+SHARED = REPO.parent / "shared" / "data"
+SETS = ("imagenette-val", "imagenet-sized")
+# name -> (what it is, `reproduce prepare imagenet` options)
+VARIANTS = {
+    "ffcv-jpg": ("every image JPEG, quality 90", ["--compress-probability", "1"]),
+    "ffcv-mix": ("`prepare`'s default (FFCV's ResNet-50): 50% JPEG q90, 50% raw", ["--compress-probability", "0.5"]),
+    "ffcv-raw": ("every image raw", ["--compress-probability", "0"]),
+    "ffcv-jpg-q75": ("every image JPEG, quality 75", ["--compress-probability", "1", "--jpeg-quality", "75"]),
+    "ffcv-mix-q75": ("50% JPEG q75, 50% raw", ["--compress-probability", "0.5", "--jpeg-quality", "75"]),
+    "ffcv-jpg-256": ("every image JPEG q90, longer side at most 256 (changes what the crops see)",
+                     ["--compress-probability", "1", "--max-side", "256"]),
+}
+DEFAULT_VARIANTS = "ffcv-jpg,ffcv-mix,ffcv-raw"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="reproduce bench-loaders", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "imagenette-224-val.tar.gz",
-                        help="a .tar.gz of <split>/<class>/*.JPEG, or such a folder")
+    parser.add_argument("--set", choices=SETS, default="imagenette-val", help="the images (see above)")
+    parser.add_argument("--source", type=Path, default=None, help="imagenette-val: a .tar.gz of <split>/<class>/*.JPEG "
+                        "or such a folder (default ../shared/data/imagenette-224-val.tar.gz)")
+    parser.add_argument("--images", type=int, default=2000, help="imagenet-sized: how many")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes = FFCV threads")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4, help="per loader and round; the first is not timed")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--crop", choices=["random_resized", "scale"], default="random_resized")
     parser.add_argument("--size", type=int, default=160, help="output crop in pixels")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"FFCV preparations to run, from {list(VARIANTS)}")
-    return parser.parse_args(argv)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"FFCV preparations to run, from {list(VARIANTS)}")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def make_imagenet_sized(root: Path, count: int, seed: int = 0) -> Path:
+    """tree/train/<class>/*.JPEG: `count` Imagenette training images picked evenly over both
+    archives, each resized to a square of side uniform in 333..500 (seeded), saved at quality 90;
+    tree/val/<class>/: one image per class (not measured)."""
+    from PIL import Image
+
+    archives = sorted(SHARED.glob("imagenette-224-train-*of2.tar.gz"))
+    if len(archives) != 2:
+        raise FileNotFoundError(f"the two imagenette-224-train-*of2.tar.gz archives are not in {SHARED}")
+    names = []
+    for archive in archives:
+        with tarfile.open(archive) as tf:
+            names += [(archive, m.name) for m in tf if m.isfile() and m.name.endswith(".JPEG")]
+    names.sort(key=lambda item: item[1])
+    picked = {names[i * len(names) // count] for i in range(min(count, len(names)))}
+    rng, tree = random.Random(seed), root / "tree"
+    for archive in archives:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if (archive, member.name) not in picked:
+                    continue
+                wnid = Path(member.name).parent.name
+                side = rng.randint(333, 500)  # drawn in archive order: the same sizes every time
+                image = Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB").resize((side, side), Image.BICUBIC)
+                for split in ("train",) + (("val",) if not (tree / "val" / wnid).exists() else ()):
+                    (tree / split / wnid).mkdir(parents=True, exist_ok=True)
+                    image.save(tree / split / wnid / Path(member.name).name, quality=90)
+    return tree
+
+
+def decode_rate(blobs: list[bytes], decode) -> float:
+    """Images/s of one core decoding `blobs` (in memory) with `decode`: the better of two passes."""
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for blob in blobs:
+            decode(blob)
+        best = max(best, len(blobs) / (time.perf_counter() - start))
+    return best
+
+
+def pil_rate(tree: Path, limit: int = 600) -> float:
+    from PIL import Image
+
+    files = sorted(tree.glob("train/*/*"))
+    blobs = [f.read_bytes() for f in files[:: max(1, len(files) // limit)]]
+    return decode_rate(blobs, lambda b: Image.open(io.BytesIO(b)).convert("RGB"))
+
+
+def ffcv_jpeg_rate(beton: Path, limit: int = 600) -> tuple[float, int]:
+    """(images/s of FFCV's imdecode on the JPEG images of `beton`, one thread; how many of its
+    images are JPEG)."""
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    meta, table = reader.metadata["f0"], reader.alloc_table
+    sizes = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+    mapped = np.memmap(beton, dtype=np.uint8, mode="r")
+    jpegs = [i for i in range(reader.num_samples) if meta["mode"][i] == 0]
+    picked = jpegs[:: max(1, len(jpegs) // limit)]
+    items = [(np.array(mapped[int(meta["data_ptr"][i]): int(meta["data_ptr"][i]) + sizes[int(meta["data_ptr"][i])]]),
+              int(meta["height"][i]), int(meta["width"][i])) for i in picked]
+    buffer = np.empty(int(max(h * w for _, h, w in items)) * 3, np.uint8)
+    rate = decode_rate(items, lambda item: imdecode(item[0], buffer, item[1], item[2], item[1], item[2], 0, 0, 1, 1, False, False))
+    return rate, len(jpegs)
 
 
 def make_tree(source: Path, root: Path) -> Path:
@@ -90,28 +193,40 @@ def main(argv=None) -> int:
     from reproduce.config import load_config
     from reproduce.data.ffcv import prepare
 
-    if not args.source.exists():
-        print(f"error: {args.source} not found (see ../shared/data/README.md)", file=sys.stderr)
+    source = args.source or SHARED / "imagenette-224-val.tar.gz"
+    if args.set == "imagenette-val" and not source.exists():
+        print(f"error: {source} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     variants = [v for v in args.variants.split(",") if v]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
-        tree = make_tree(args.source, Path(tmp))
-        n = sum(1 for p in (tree / "train").glob("*/*") if p.is_file())
+        try:
+            tree = make_tree(source, Path(tmp)) if args.set == "imagenette-val" else make_imagenet_sized(Path(tmp), args.images)
+        except FileNotFoundError as err:
+            print(f"error: {err} (see ../shared/data/README.md)", file=sys.stderr)
+            return 2
+        files = [p for p in (tree / "train").glob("*/*") if p.is_file()]
+        n, source_mb = len(files), sum(p.stat().st_size for p in files) / 1e6
+        pixels = sum(_pixels(p) for p in files[:: max(1, n // 200)]) / len(files[:: max(1, n // 200)])
         base = [f"data.workers={args.workers}", f"optim.batch_size={args.batch}", f"data.crop={args.size}",
                 f"data.train_crop={args.crop}", f"schedule.iterations={args.epochs * (n // args.batch)}",
                 "schedule.milestones=[]", "run.device=cpu"]
         configs = {"torchvision": load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}"])}
+        disk = {"torchvision": source_mb}
+        limits = {"torchvision": pil_rate(tree)}
         for name in variants:
             out = Path(tmp) / name
             prepared_at = time.perf_counter()
             if prepare.main(["imagenet", "--source", str(tree), "--out", str(out), "--workers", str(args.workers),
-                             "--compress-probability", str(VARIANTS[name])]) != 0:
+                             *VARIANTS[name][1]]) != 0:
                 return 2
-            print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, "
-                  f"{(out / 'train.beton').stat().st_size / 1e6:.0f} MB", file=sys.stderr)
-            configs[name] = load_config(CONFIGS / "imagenet" / "resnet18.yaml",
-                                        base + [f"data.path={out}", "data.loader=ffcv"])
+            disk[name] = (out / "train.beton").stat().st_size / 1e6
+            print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {disk[name]:.0f} MB", file=sys.stderr)
+            rate, jpegs = ffcv_jpeg_rate(out / "train.beton") if "raw" not in name else (0.0, 0)
+            if jpegs == n:  # an all-JPEG file: its JPEGs are what FFCV decodes
+                limits[name] = rate
+            configs[name] = load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={out}", "data.loader=ffcv"])
+        ffcv_limit = limits.get("ffcv-jpg") or next((limits[v] for v in variants if v in limits), None)
         results = {name: [] for name in configs}
         for round_ in range(args.rounds):
             for name, cfg in configs.items():
@@ -120,14 +235,29 @@ def main(argv=None) -> int:
                       file=sys.stderr)
     reference = sum(results["torchvision"]) / len(results["torchvision"])
     print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs")
-    print(f"{n:,} JPEGs from {args.source.name}; {args.crop} crop to {args.size} + flip + lighting + normalise; "
-          f"batch {args.batch}; {args.workers} workers; {args.rounds} rounds x {args.epochs - 1} timed epochs; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'loader':<12} {'images/s':>9} {'min':>7} {'max':>7}  ratio to torchvision")
+    print(f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
+          f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
+          f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}")
+    print(f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
+          + (f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images" if ffcv_limit else "")
+          + f"; x {args.workers} workers")
+    print(f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}")
     for name, speeds in results.items():
         mean = sum(speeds) / len(speeds)
-        print(f"{name:<12} {mean:>9,.0f} {min(speeds):>7,.0f} {max(speeds):>7,.0f}  {mean / reference:.2f}x")
+        limit = limits.get(name) or (limits["torchvision"] if name == "torchvision" else ffcv_limit)
+        share = f"{mean / (limit * args.workers):.0%}" + ("" if name in limits else " (of FFCV's)") if limit else "-"
+        print(f"{name:<14} {disk[name]:>8,.0f} {mean:>9,.0f} {min(speeds):>7,.0f} {max(speeds):>7,.0f} "
+              f"{mean / reference:>14.2f}x {share:>16}")
+    for name in variants:
+        print(f"  {name}: {VARIANTS[name][0]}")
     return 0
+
+
+def _pixels(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.width * image.height
 
 
 if __name__ == "__main__":
