@@ -105,10 +105,11 @@ class DataConfig(Section):
         "null = torchvision download into ./data. ImageNet: a folder with train/ and val/.",
     )
     synthetic: bool = Field(False, description="random tensors of the dataset's shapes (benchmarks only)")
-    loader: Literal["torchvision", "ffcv", "gpu"] = Field(
+    loader: Literal["torchvision", "ffcv", "gpu", "device"] = Field(
         "torchvision",
         description="torchvision: DataLoader worker processes decoding with PIL; ffcv: the .beton files that "
-        "`reproduce prepare` wrote into data.path; gpu: CIFAR-10 held on the device and augmented there per batch",
+        "`reproduce prepare` wrote into data.path; gpu: CIFAR-10 held on the device and augmented there per batch; "
+        "device: ImageNet JPEGs read by workers, decoded in batches and augmented on run.device (nvJPEG on a GPU)",
     )
     val_split: int = Field(0, ge=0, description="images held out of train as the validation split")
     workers: int = Field(4, ge=0, description="per rank: DataLoader worker processes (torchvision), decoding threads "
@@ -141,7 +142,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _loader_fits(self) -> "DataConfig":
         if self.loader == "gpu" and self.dataset != "cifar10":
-            raise ValueError("data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv or torchvision")
+            raise ValueError("data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv, device or torchvision")
+        if self.loader == "device" and self.dataset != "imagenet":
+            raise ValueError("data.loader=device decodes ImageNet-style JPEG folders; for cifar10 use gpu, ffcv or torchvision")
         if self.loader == "ffcv" and self.normalize == Normalize.IMAGENET:
             raise ValueError("data.normalize=imagenet is not in the .beton manifests; use data.loader=torchvision or gpu")
         if self.loader == "ffcv" and self.path is None and not self.synthetic:

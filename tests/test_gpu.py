@@ -155,6 +155,27 @@ def test_gpu_loader_feeds_the_device(cifar_tar):
     _finished_on_gpu()
 
 
+def test_device_decode_loader_on_cuda_matches_its_cpu_path(tmp_path):
+    """data.loader=device: nvJPEG decodes the batch on the GPU; the same draws on the CPU path give
+    nearly the same pixels (two JPEG decoders and resize kernels), and a run trains on it."""
+    from tests.test_device_decode import CONFIG, jpeg_tree
+
+    tree = jpeg_tree(tmp_path / "tree")
+    overrides = [f"data.path={tree}", "data.loader=device", "data.crop=32", "data.scale=[36,44]", "optim.batch_size=4",
+                 "schedule.iterations=4", "schedule.milestones=[]", "eval.every=2", "eval.batch_size=4",
+                 "run.checkpoint_every=2", "run.progress=false", "data.workers=2", "run.log_model=false"]
+    batches = {}
+    for device in ("cpu", "cuda"):
+        cfg = load_config(CONFIG, [*overrides, f"run.device={device}"])
+        info = DistInfo(0, 0, 1, torch.device(device, 0) if device == "cuda" else torch.device("cpu"), "python", None)
+        batches[device] = [(x.cpu(), y.cpu()) for x, y in train_loader(build_data(cfg), cfg, info, 0)]
+    assert len(batches["cuda"]) == 4
+    for (a, la), (b, lb) in zip(batches["cpu"], batches["cuda"]):
+        assert torch.equal(la, lb) and a.shape == b.shape and (a - b).abs().mean() < 0.05
+    assert train.main(["--config", str(CONFIG), *overrides, "run.device=cuda"]) == 0
+    _finished_on_gpu()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba's finalizers at exit
 def test_ffcv_loader_feeds_the_device(cifar_tree, tmp_path):
     pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]' after its apt packages)")

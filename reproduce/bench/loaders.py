@@ -74,6 +74,8 @@ def parse_args(argv):
     parser.add_argument("--crop", choices=["random_resized", "scale"], default="random_resized")
     parser.add_argument("--size", type=int, default=160, help="output crop in pixels")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"FFCV preparations to run, from {list(VARIANTS)}")
+    parser.add_argument("--device-loader", action="store_true", help="also data.loader=device (decode on run.device: "
+                        "the CPU here, in one process)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
@@ -214,6 +216,9 @@ def main(argv=None) -> int:
         configs = {"torchvision": load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}"])}
         disk = {"torchvision": source_mb}
         limits = {"torchvision": pil_rate(tree)}
+        if args.device_loader:
+            configs["device"] = load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}", "data.loader=device"])
+            disk["device"] = source_mb
         for name in variants:
             out = Path(tmp) / name
             prepared_at = time.perf_counter()
@@ -244,8 +249,9 @@ def main(argv=None) -> int:
     print(f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}")
     for name, speeds in results.items():
         mean = sum(speeds) / len(speeds)
-        limit = limits.get(name) or (limits["torchvision"] if name == "torchvision" else ffcv_limit)
-        share = f"{mean / (limit * args.workers):.0%}" + ("" if name in limits else " (of FFCV's)") if limit else "-"
+        limit = limits.get(name) or (limits["torchvision"] if name in ("torchvision", "device") else ffcv_limit)
+        shown = {"device": " (of PIL's)"}.get(name, "" if name in limits else " (of FFCV's)")
+        share = f"{mean / (limit * args.workers):.0%}{shown}" if limit else "-"
         print(f"{name:<14} {disk[name]:>8,.0f} {mean:>9,.0f} {min(speeds):>7,.0f} {max(speeds):>7,.0f} "
               f"{mean / reference:>14.2f}x {share:>16}")
     for name in variants:

@@ -9,7 +9,8 @@ batch between them (so 1 and N processes see the same global batches).
 
 `data.loader` picks the backend behind this interface (BACKENDS): `torchvision` (DataLoader
 workers, PIL decode; torchvision_loader.py), `ffcv` (.beton files written by `reproduce
-prepare`; ffcv/) or `gpu` (CIFAR-10 resident on the device; gpu.py); `data.synthetic` replaces
+prepare`; ffcv/), `gpu` (CIFAR-10 resident on the device; gpu.py) or `device` (ImageNet JPEGs
+decoded in batches on the device; device_decode.py); `data.synthetic` replaces
 the data with random tensors (synthetic.py). Each backend module has build_data(cfg),
 train_batches(split, cfg, info, start) and eval_batches(split, cfg, info), and is imported on
 first use. All use the same order (order.py) and, for CIFAR-10, the same split, statistics
@@ -47,6 +48,7 @@ def _module(name: str) -> Callable[[], ModuleType]:
 BACKENDS: dict[str, Callable[[], ModuleType]] = {  # data.loader (or "synthetic") -> its module, imported on first use
     "torchvision": _module("reproduce.data.torchvision_loader"),
     "gpu": _module("reproduce.data.gpu"),
+    "device": _module("reproduce.data.device_decode"),
     "ffcv": ffcv_module,
     "synthetic": _module("reproduce.data.synthetic"),
 }
