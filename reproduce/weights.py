@@ -131,9 +131,8 @@ def stored_model_name(source: str | Path) -> str | None:
     if text.startswith(MLFLOW_PREFIXES):
         import mlflow
 
-        uri = text.rstrip("/") + "/model" if text.startswith("runs:/") and text.rstrip("/").count("/") == 1 else text
         try:
-            stored = (mlflow.models.get_model_info(uri).metadata or {}).get("reproduce.architecture")
+            stored = (mlflow.models.get_model_info(_model_uri(text)).metadata or {}).get("reproduce.architecture")
         except Exception:
             return None  # load_weights says why, in one line
         return stored["name"] if stored else None
@@ -210,6 +209,11 @@ def _torchvision_named(text: str, stated: tuple) -> Weights:
     return Weights(state, arch, classes, "torchvision-named", str(path), _sha256(path), {"weights": spec})
 
 
+def _model_uri(text: str) -> str:
+    """runs:/<id> names the run; the network the suite logged in it is its `model`."""
+    return text.rstrip("/") + "/model" if text.startswith("runs:/") and text.rstrip("/").count("/") == 1 else text
+
+
 def _mlflow_model(uri: str, stated: tuple) -> Weights:
     """A network logged by the suite (`run.log_model`), or any MLflow PyTorch model of a ResNet
     this suite knows (its architecture then recognised from the tensors)."""
@@ -218,8 +222,7 @@ def _mlflow_model(uri: str, stated: tuple) -> Weights:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-    if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
-        uri = uri.rstrip("/") + "/model"  # runs:/<id> names the run; its network is `model`
+    uri = _model_uri(uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(uri))
         info = mlflow.models.get_model_info(str(local))
