@@ -124,6 +124,7 @@ def test_the_logged_network_is_the_trained_one(logged_run, cifar_tar, tmp_path, 
     assert "cannot load an MLflow PyTorch model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two tiny trainings and three reports
 def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
     for config in (CIFAR, PLAIN):
         assert train.main(["--config", str(config), *tiny_overrides(cifar_tar)]) == 0
@@ -142,6 +143,7 @@ def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
     assert report.main(["--study", "cifar10", "--out", str(tmp_path / "again"), "--no-mlflow"]) == 0
 
 
+@pytest.mark.slow  # three tiny trainings
 def test_runs_lists_the_comparison(cifar_tar):
     for config, seed in ((CIFAR, 0), (CIFAR, 1), (PLAIN, 0)):
         assert train.main(["--config", str(config), f"seed={seed}", *tiny_overrides(cifar_tar)]) == 0
