@@ -32,16 +32,14 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
     import mlflow
 
     client = mlflow.MlflowClient()
+    names = {e.experiment_id: e.name for e in client.search_experiments()}  # read once: ids and their names
+    ids = list(names)
     if experiments:
-        found = {name: client.get_experiment_by_name(name) for name in experiments}
-        missing = [name for name, exp in found.items() if exp is None]
+        missing = [name for name in experiments if name not in names.values()]
         if missing:
-            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            known = ", ".join(names.values()) or "none"
             raise LookupError(f"no MLflow experiment {', '.join(missing)} at {mlflow.get_tracking_uri()} (experiments: {known})")
-        ids = [exp.experiment_id for exp in found.values()]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    names = {e.experiment_id: e.name for e in client.search_experiments()}
+        ids = [i for i, name in names.items() if name in experiments]
     frame = mlflow.search_runs(experiment_ids=ids, filter_string="tags.`reproduce.recipe` != ''") if ids else pd.DataFrame()
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
