@@ -31,6 +31,7 @@ those need no decoding).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import random
@@ -76,6 +77,9 @@ def parse_args(argv):
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"FFCV preparations to run, from {list(VARIANTS)}")
     parser.add_argument("--device-loader", action="store_true", help="also data.loader=device (decode on run.device: "
                         "the CPU here, in one process)")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default thresholds, under which "
+                        "every freed block over 32 MiB goes back to the kernel (a CPU job raises them: "
+                        "reproduce.distributed.reuse_freed_host_memory)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
@@ -222,6 +226,9 @@ def main(argv=None) -> int:
         print(f"error: {source} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     variants = [v for v in args.variants.split(",") if v]
+    from reproduce.distributed import reuse_freed_host_memory
+
+    reused = not args.default_malloc and reuse_freed_host_memory()  # as train.py's setup does for a CPU job
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
         try:
@@ -244,9 +251,10 @@ def main(argv=None) -> int:
         for name in variants:
             out = Path(tmp) / name
             prepared_at = time.perf_counter()
-            if prepare.main(["imagenet", "--source", str(tree), "--out", str(out), "--workers", str(args.workers),
-                             *VARIANTS[name][1]]) != 0:
-                return 2
+            with contextlib.redirect_stdout(sys.stderr):  # its "wrote ..." lines: stdout is the table
+                if prepare.main(["imagenet", "--source", str(tree), "--out", str(out), "--workers", str(args.workers),
+                                 *VARIANTS[name][1]]) != 0:
+                    return 2
             disk[name] = (out / "train.beton").stat().st_size / 1e6
             print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {disk[name]:.0f} MB", file=sys.stderr)
             rate, jpegs = ffcv_jpeg_rate(out / "train.beton") if "raw" not in name else (0.0, 0)
@@ -267,7 +275,8 @@ def main(argv=None) -> int:
     print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs")
     print(f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
           f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
-          f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}")
+          f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}; "
+          f"freed host memory {'reused (blocks up to 1 GiB)' if reused else 'glibc default (blocks over 32 MiB unmapped)'}")
     print(f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
           + (f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images" if ffcv_limit else "")
           + f"; x {args.workers} workers")
