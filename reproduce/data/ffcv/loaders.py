@@ -215,7 +215,7 @@ def _finish_train(images, labels, where: slice, draws, split: BetonSplit, cfg: C
     shift = torch.zeros(len(labels), 3)
     if cfg.data.augment:  # crop and flip are the decoder's
         shift = (draws["alphas"][where] * PCA_EIGVAL) @ PCA_EIGVEC.T  # AlexNet PCA lighting, (B, 3) on [0, 1] pixels
-    return _normalized(images.permute(0, 3, 1, 2), shift, device), labels
+    return _normalized(images, shift, device), labels
 
 
 _COPY_STREAMS: dict = {}
@@ -237,22 +237,25 @@ def _on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _normalized(images: torch.Tensor, shift: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """((uint8 / 255 + shift) - MEAN) / STD as one pass over the images (uint8 in, float32 out,
-    channels-last like FFCV's batches): images * 1 / (255 STD) + (shift - MEAN) / STD."""
+    """((uint8 / 255 + shift) - MEAN) / STD as one pass over FFCV's uint8 (B, [10,] H, W, 3)
+    batch, float32 (B, [10,] 3, H, W) out, channels-last like FFCV's batches:
+    images * 1 / (255 STD) + (shift - MEAN) / STD. On the CPU in numba's threads, on a GPU there."""
     mean, std = torch.tensor(MEAN), torch.tensor(STD)
-    scale = (1 / (255 * std)).to(device)
-    bias = ((shift - mean) / std).to(device)
-    views = [1] * (images.dim() - 4)  # the 10 views of a 10-crop batch share their image's bias
-    return torch.addcmul(bias.view(-1, *views, 3, 1, 1), images, scale.view(3, 1, 1))
+    scale, bias = 1 / (255 * std), (shift - mean) / std
+    views = images.shape[1:-3]  # the 10 views of a 10-crop batch share their image's bias
+    nchw = (0, *range(1, len(views) + 1), images.dim() - 1, images.dim() - 3, images.dim() - 2)
+    if device.type == "cpu":
+        flat = bias.repeat_interleave(views.numel(), dim=0)
+        return ffcv_library().affine_cpu(images.reshape(-1, *images.shape[-3:]), scale, flat).view(images.shape).permute(*nchw)
+    bias = bias.to(device).view(-1, *[1] * len(views), 1, 1, 3)
+    return torch.addcmul(bias, images, scale.to(device)).permute(*nchw)
 
 
 def _finish_eval(images, labels, split: BetonSplit, cfg: Config, device: torch.device):
     labels, images, shift = _on_device(labels.view(-1), device).clone(), _on_device(images, device), torch.zeros(len(labels), 3)
     if split.dataset == "cifar10":
         return normalize(images.permute(0, 3, 1, 2).contiguous(), *_cifar_stats(split, cfg, device)), labels
-    if split.role == "tencrop":  # (B, 10, H, W, 3)
-        return _normalized(images.permute(0, 1, 4, 2, 3), shift, device), labels
-    return _normalized(images.permute(0, 3, 1, 2), shift, device), labels
+    return _normalized(images, shift, device), labels  # 10-crop: (B, 10, H, W, 3)
 
 
 def _cifar_stats(split: BetonSplit, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

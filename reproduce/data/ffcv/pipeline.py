@@ -160,6 +160,28 @@ class _Epoch(EpochIterator):
             self.memory_context.__exit__(None, None, None)
 
 
+@numba.njit(parallel=True)
+def _affine(images, scale, bias, out):
+    """out[i, p, c] = images[i, p, c] * scale[c] + bias[i, c] for (N, P, 3) uint8 -> float32,
+    images in parallel (torch's addcmul on these mixed types took 9 times as long on 2 cores)."""
+    s0, s1, s2 = scale[0], scale[1], scale[2]
+    for i in numba.prange(images.shape[0]):
+        b0, b1, b2 = bias[i, 0], bias[i, 1], bias[i, 2]
+        for px in range(images.shape[1]):
+            out[i, px, 0] = images[i, px, 0] * s0 + b0
+            out[i, px, 1] = images[i, px, 1] * s1 + b1
+            out[i, px, 2] = images[i, px, 2] * s2 + b2
+
+
+def affine_cpu(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A new float32 tensor of `images`' shape, (N, ..., 3) uint8 channels-last, holding
+    images * scale + bias[n] per channel (scale (3,), bias (N, 3)), in numba's threads."""
+    out = torch.empty(images.shape, dtype=torch.float32)
+    n = images.shape[0]
+    _affine(images.reshape(n, -1, 3).numpy(), scale.numpy(), bias.contiguous().numpy(), out.view(n, -1, 3).numpy())
+    return out
+
+
 def iterate(loader: Loader, order: np.ndarray, what: str):
     """(images, labels) of `loader` for the sample indices `order`, cut into loader.batch_size
     batches (the last may be short). Errors of FFCV's thread arrive here as DataError."""
