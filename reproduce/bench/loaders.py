@@ -21,6 +21,8 @@ RandomResizedCrop, to --size, + flip + PCA lighting + normalisation), batch, num
 (DataLoader processes / FFCV threads) and device (CPU). Each loader streams --epochs epochs in
 one call, the first not timed (worker start-up, numba's JIT); the loaders take turns for
 --rounds rounds, so that drift of a shared machine's speed falls on all of them alike.
+The process keeps freed host memory for reuse as a CPU job does (distributed.setup); with
+--default-malloc it keeps glibc's defaults, to measure what that setting buys.
 
 The decode limit: one core decoding the set's JPEG bytes in memory with the library the loader
 uses, nothing else (PIL's open + convert("RGB"), as torchvision's ImageFolder loads; FFCV's
