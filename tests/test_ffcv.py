@@ -467,3 +467,21 @@ def test_undecodable_source_image_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: 1 images of train could not be decoded, e.g. ") and "broken.jpg" in err[-1]
     assert not (tmp_path / "out" / "train.beton").exists()
+
+
+@pytest.mark.parametrize("shape", [(5, 24, 40, 3), (3, 10, 16, 16, 3)])
+def test_finishing_step_on_the_cpu_is_the_formula(shape):
+    """The CPU finishing step (numba, in parallel) gives ((uint8 / 255 + lighting shift) - MEAN) / STD
+    per image, channels-last NCHW (10-crop: each image's views share its shift), as torch computes it."""
+    from reproduce.data.ffcv.loaders import _normalized
+    from reproduce.data.imagenet import MEAN, STD
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    shift = torch.randn(shape[0], 3, generator=generator) * 0.1
+    got = _normalized(images, shift, torch.device("cpu"))
+    expected = (images.float() / 255 + shift.view(-1, *[1] * (len(shape) - 2), 3) - torch.tensor(MEAN)) / torch.tensor(STD)
+    expected = expected.permute(0, 3, 1, 2) if len(shape) == 4 else expected.permute(0, 1, 4, 2, 3)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=2e-6), (got - expected).abs().max()
+    assert got.stride()[-3] == 1  # channels-last, as FFCV's batches
