@@ -16,7 +16,7 @@ What a run holds (the report reads these names):
            cuda / host / gpu / world_size / launcher / slurm_job_id / data_fingerprint /
            data / eval_protocol / run_dir (of the first segment; a resumed run adds
            reproduce.resumes, reproduce.resume<N>, and reproduce.mixed_commits when the code changed)
-  metrics  by iteration: train_loss, train_top1_err (%), lr, images_per_sec;
+  metrics  by iteration: train_loss, train_top1_err (%), lr, images_per_sec, checkpoint_iteration;
            by evaluation: val_top1_err, val_top5_err, val_loss, test_top1_err, test_top5_err
            (CIFAR: the test split is evaluated with the validation split, for Fig. 6;
            the last value, at step = iterations, is the final result under eval.protocol)
@@ -87,6 +87,7 @@ METRICS_MEANING = [
     ("lr", "the learning rate of the step"),
     ("images_per_sec", "training images per second, all processes together, evaluation time excluded"),
     ("epoch", "passes over the training split so far"),
+    ("checkpoint_iteration", "the iteration of the latest checkpoint in the run directory: where a resume starts"),
 ]
 
 

@@ -171,6 +171,7 @@ class Run:
         if self.info.is_main:
             state = checkpoint.contents(self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git, self.numerics)
             checkpoint.save(self.cfg.run_dir(), done, state, keep=self.cfg.run.keep_checkpoints)
+            self.tracker.log_metrics({"checkpoint_iteration": done}, step=done)  # where a resume starts
         distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
 
 

@@ -167,3 +167,24 @@ def test_runs_lists_the_comparison(cifar_tar):
     assert parsed.depth.dtype.kind == "i" and parsed.test_top1_err.dtype.kind == "f"
     missing = subprocess.run(cli + ["--experiment", "nope"], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no MLflow experiment nope" in missing.stderr
+
+
+def test_runs_shows_a_stopped_run_at_its_checkpoint(cifar_tar, tmp_path, monkeypatch):
+    """A run stopped by SIGTERM mid-run is listed at the iteration its checkpoint holds (where a
+    resume starts), not at its latest logged step, and at the whole schedule once resumed."""
+    import signal
+
+    from tests.conftest import sigterm_during
+
+    overrides = tiny_overrides(cifar_tar, iterations=8, **{"run.log_every": 3, "run.checkpoint_every": 100,
+                                                           "run.dir": tmp_path / "runs"})
+    real_lr_at = sigterm_during(monkeypatch, 4)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
+    (stopped,) = training_runs().itertuples()
+    (run_dir,) = [p.parent for p in (tmp_path / "runs").rglob("config.yaml")]
+    kept = int(checkpoint.find_latest(run_dir).stem.split("-")[1])
+    assert stopped.status == "KILLED" and kept == 5 and stopped.iterations == "5/8"  # the last logged step is 3
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    (finished,) = training_runs().itertuples()
+    assert finished.status == "FINISHED" and finished.iterations == "8/8" and finished.run_id == stopped.run_id

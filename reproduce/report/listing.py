@@ -65,9 +65,15 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
 
 
 def _iterations_done(client, run_id: str, status: str, total) -> int:
-    """Iterations a run has done: the whole schedule once FINISHED, else its latest logged step."""
+    """Iterations a run has done: the whole schedule once FINISHED; for a stopped or failed run its
+    latest checkpoint's (what a resume keeps); else, and for runs older than that metric, its
+    latest logged step."""
     if status == "FINISHED" and pd.notna(total):
         return int(total)
+    if status != "RUNNING":
+        kept = [int(m.value) for m in client.get_metric_history(run_id, "checkpoint_iteration")]
+        if kept:
+            return max(kept)
     steps = [m.step for m in client.get_metric_history(run_id, "lr")]
     return max(steps, default=0)
 
