@@ -34,7 +34,7 @@ from reproduce.data import Data, DataError, Split, build_data, eval_loader
 from reproduce.engine import evaluate
 from reproduce.io import atomic_write_json
 from reproduce.models import MODELS
-from reproduce.provenance import device_name, git_state, host
+from reproduce.provenance import code_state, device_name, host
 from reproduce.weights import Weights, WeightsError, load_weights, stored_model_name
 
 log = logging.getLogger("reproduce.evaluate")
@@ -162,7 +162,7 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
 
     from reproduce.tracking import check_reachable, describe_experiment, prepare_store
 
-    git = git_state()
+    git = code_state()
     check_reachable()
     prepare_store()
     tags = {"reproduce.kind": "evaluation", "reproduce.eval_protocol": cfg.eval.protocol.value,

@@ -1,10 +1,13 @@
 """Where a number came from: the repository, its git state, the host and the device.
 
-The one place that computes the repository root and reads git; a run reads the git state
-once (at start) and passes it on.
+The one place that computes the repository root and reads git. The suite's code records
+`code_state()`: the checkout's git state read once per process, at its first use, so that the
+runs a sweep or study trains one after another in one process all carry the commit of the code
+that process loaded, not HEAD as it was when each started.
 """
 from __future__ import annotations
 
+import functools
 import platform
 import socket
 import subprocess
@@ -40,6 +43,12 @@ def git_state(repo: Path = REPO) -> GitState:
     except (OSError, subprocess.CalledProcessError):
         return GitState("unknown", False)
     return GitState(commit, bool(status.strip()))
+
+
+@functools.cache
+def code_state() -> GitState:
+    """git_state of this checkout, read once per process (see the module docstring)."""
+    return git_state(REPO)
 
 
 def host() -> str:

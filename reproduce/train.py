@@ -38,7 +38,7 @@ from reproduce.engine import Numerics, build_optimizer, evaluate, lr_at, resolve
 from reproduce.models import build_model
 from reproduce.weights import WeightsError, initialise
 from reproduce.io import atomic_write_text
-from reproduce.provenance import GitState, git_state
+from reproduce.provenance import GitState, code_state
 from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable
 
 log = logging.getLogger("reproduce.train")
@@ -219,7 +219,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     if cfg.run.compile:
         model = torch.compile(model, mode=cfg.run.compile_mode)
 
-    git = git_state()  # read once per run: the checkpoints and MLflow record the same state
+    git = code_state()  # read once per process: the checkpoints and MLflow record the same state
     tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
     run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics)

@@ -8,10 +8,17 @@ import sys
 import tarfile
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+# hypothesis is imported here, at start-up, while the process has one thread. Otherwise its pytest
+# plugin imports it in the terminal summary of a session that did not use it, and pytest's
+# assertion rewriting then parses its modules beside the background threads earlier tests left
+# (numba, MLflow): there CPython 3.11.7 has failed with "SystemError: AST constructor recursion
+# depth mismatch" (a CPython bug, fixed in later 3.11 releases), failing a run whose tests passed.
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

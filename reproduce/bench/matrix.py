@@ -40,7 +40,7 @@ import torch
 from reproduce.bench.harness import bare_loop, loader_alone, measure_peak, release
 from reproduce.data import DataError, build_data, train_loader
 from reproduce.io import atomic_write_text
-from reproduce.provenance import CONFIGS, RESULTS, driver_version, git_state
+from reproduce.provenance import CONFIGS, RESULTS, code_state, driver_version
 
 COMPUTE_BOUND_SHARE = 0.9  # real input at >= 90% of the synthetic speed: the loader keeps up
 
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         return 2
     mlflow.set_experiment("bench")
     run = mlflow.start_run(run_name="bench-matrix", log_system_metrics=False)
-    git = git_state()
+    git = code_state()
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -94,11 +94,11 @@ def store_report(experiment: str, study: str, out: Path, written: list[str], com
     that fails here leaves the files in place, with a warning."""
     import mlflow
 
-    from reproduce.provenance import git_state
+    from reproduce.provenance import code_state
     from reproduce.tracking import TrackingUnreachable, log_report
 
     try:
-        run_id = log_report(experiment, study, out, written, command, git_state())
+        run_id = log_report(experiment, study, out, written, command, code_state())
     except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
         print(f"warning: the report is in {out} but not in MLflow ({str(err).splitlines()[0][:200]})", file=sys.stderr)
         return

@@ -258,7 +258,7 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings)
     command = "reproduce study " + shlex.join(argv)
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
     store_report(args.experiment, "cifar10", args.out, written, command)
-    git = provenance.git_state()
+    git = provenance.code_state()
     atomic_write_text(args.out / "study.md", f"# The depth study\n\nCommand: `{command}`\n\nCommit {git}; machine: "
                       f"{provenance.machine()}\n\n```\n{findings.text}\n```\n")
     names = ["study.md", *written]
