@@ -63,6 +63,8 @@ class ModelConfig(Section):
     init: str | None = Field(None, description="start from these weights (a run dir, checkpoint, state_dict file or "
                              "torchvision:resnet50.IMAGENET1K_V1; reproduce/weights.py); the classifier is replaced "
                              "when the number of classes differs; null = He initialisation")
+    init_classifier: bool = Field(True, description="with model.init: take the weights' classifier when it has as many "
+                                  "classes as the data (false: always a new one, for other classes of the same number)")
 
     @field_validator("name")
     @classmethod
@@ -93,6 +95,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _options(self) -> "ModelConfig":
         check_model_options(self.name, self.shortcut, self.variant)
+        if not self.init_classifier and self.init is None:
+            raise ValueError("model.init_classifier=false needs model.init (without it every layer is newly initialised)")
         return self
 
 

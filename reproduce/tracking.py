@@ -105,7 +105,7 @@ def run_params(cfg: Config) -> dict:
     if cfg.data.synthetic:
         drop.add("data.path")
     if cfg.model.init is None:
-        drop.add("optim.pretrained_lr_scale")
+        drop.update(("optim.pretrained_lr_scale", "model.init_classifier"))
     if not cfg.schedule.warmup_iterations:
         drop.update(("schedule.warmup_iterations", "schedule.warmup_lr"))
     params = {k: v for k, v in cfg.flat().items() if k not in drop and v is not None}

@@ -199,6 +199,10 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     # model.init: the given weights (also on resume, where the checkpoint then overwrites them: the
     # optimizer's parameter groups depend on which layers they provided).
     pretrained = initialise(unwrapped, cfg.model, data.num_classes) if cfg.model.init else set()
+    if cfg.optim.pretrained_lr_scale == 0 and pretrained and all(n in pretrained for n, _ in unwrapped.named_parameters()):
+        raise WeightsError(f"optim.pretrained_lr_scale=0 freezes every layer: model.init {cfg.model.init} also gave the "
+                           f"classifier ({data.num_classes} classes, as the data); set model.init_classifier=false to "
+                           "train a new one, or a pretrained_lr_scale above 0")
     unwrapped.to(info.device, memory_format=numerics.memory_format)
     optimizer = build_optimizer(_param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)

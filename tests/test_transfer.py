@@ -73,6 +73,31 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path):
     assert (state[key] - build_model("resnet20").state_dict()[key]).norm() > given[key].norm()
 
 
+def test_a_classifier_of_as_many_classes_is_kept_unless_told_otherwise(tmp_path, caplog, capsys):
+    """Weights with a 3-class classifier, 3-class data: by default the file's classifier is taken
+    (so freezing what the file gave leaves nothing to train: refused in one line);
+    model.init_classifier=false starts a new one (trained, logged), the frozen layers exactly the file's."""
+    torch.manual_seed(7)
+    given = build_model("resnet20", num_classes=3).state_dict()
+    torch.save(given, tmp_path / "w3.pt")
+    frozen = {"optim.pretrained_lr_scale": 0}
+    assert train.main(["--config", CONFIG, *overrides(tmp_path / "all", tmp_path / "w3.pt", **frozen)]) == 2  # nothing to train
+    assert "freezes every layer" in capsys.readouterr().err
+    assert train.main(["--config", CONFIG, *overrides(tmp_path / "keep", tmp_path / "w3.pt", **{"optim.pretrained_lr_scale": 0.1})]) == 0
+    kept, start = final_state(tmp_path / "keep"), build_model("resnet20", num_classes=3)  # start: a new draw
+    # trained from the file's classifier: nearer to it than to a new one
+    assert (kept["linear.weight"] - given["linear.weight"]).norm() < (kept["linear.weight"] - start.linear.weight).norm()
+    with caplog.at_level(logging.INFO, logger="reproduce.weights"):
+        assert train.main(["--config", CONFIG, *overrides(tmp_path / "new", tmp_path / "w3.pt", **frozen,
+                                                          **{"model.init_classifier": "false"})]) == 0
+    assert "classifier replaced (model.init_classifier=false)" in caplog.text
+    fresh = final_state(tmp_path / "new")
+    assert not torch.equal(fresh["linear.weight"], given["linear.weight"])
+    assert torch.equal(fresh["layer3.2.conv2.weight"], given["layer3.2.conv2.weight"])
+    with pytest.raises(ConfigError, match="model.init_classifier=false needs model.init"):
+        load_config(CONFIG, [f"data.path={tmp_path / 'keep' / 'tree'}", "model.init=null", "model.init_classifier=false"])
+
+
 def test_init_of_another_architecture_is_refused_in_one_line(tmp_path, capsys):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pt")
     argv = ["--config", CONFIG, *overrides(tmp_path, tmp_path / "r18.pt", **{"model.name": "resnet18", "data.crop": 32,
