@@ -136,7 +136,7 @@ def test_a_model_that_does_not_fit_the_weights_is_refused(tmp_path, capsys):
     assert "val" in capsys.readouterr().err
 
 
-def test_public_cifar_checkpoint_on_exact_test_pixels():
+def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):
     subset = shared_file("cifar10-exact-subset.npz")
     files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [shared_file("pretrained/cifar-resnet20-*.th")]
     result = _evaluate("--weights", str(files[0]), "--model", "resnet20", "--data", str(subset), "eval.max_images=300")
@@ -153,9 +153,17 @@ def test_public_cifar_checkpoint_on_exact_test_pixels():
     row = evaluation_table(selection.evaluations, "cifar10", load_paper()).iloc[0]
     assert (row.model, row.shortcut, row.protocol, row.reference) == ("resnet20", "A", "single", 8.75)
     assert row.ours == pytest.approx(result["test_top1_err"]) and row.images == 300
-    text = markdown("cifar10", build_table([], "cifar10", load_paper()), build_table([], "cifar10", load_paper()),
-                    selection, provenance(runs, selection), [], "reproduce report --study cifar10", "test")
+    paper = load_paper()
+    text = markdown("cifar10", build_table([], "cifar10", paper), build_table([], "cifar10", paper),
+                    selection, provenance(runs, selection), [], "reproduce report --study cifar10", "test", paper)
     assert f"| {files[0].name} (public-cifar) | ResNet-20 A | single | test_top1_err | 8.75 | Table 6 | " in text
+    edited = paper.copy()  # `reproduce report --paper FILE`: its numbers, in this section too
+    edited.loc[(edited.model == "resnet20") & (edited.metric == "top1_err"), "value"] = 9.99
+    from reproduce.report.command import write_report
+
+    write_report(runs, "cifar10", tmp_path, edited, "reproduce report --study cifar10 --paper edited.csv", "test")
+    text = (tmp_path / "table.md").read_text()
+    assert f"| {files[0].name} (public-cifar) | ResNet-20 A | single | test_top1_err | 9.99 | Table 6 | " in text
 
 
 @pytest.mark.slow

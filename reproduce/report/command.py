@@ -119,7 +119,7 @@ def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, c
         atomic_write_bytes(out / name, png(fig, dpi=120))
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "provenance.csv", prov.to_csv(index=False))
-    atomic_write_text(out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source))
+    atomic_write_text(out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source, paper))
     return ["table.md", "table.csv", "provenance.csv", *figures]
 
 

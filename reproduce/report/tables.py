@@ -107,14 +107,14 @@ def _num(x: float, digits: int = 2) -> str:
 
 
 def markdown(study: str, table: pd.DataFrame, other: pd.DataFrame, selection: Selection, prov: pd.DataFrame,
-             figures: list[str], command: str, source: str, paper: pd.DataFrame | None = None) -> str:
+             figures: list[str], command: str, source: str, paper: pd.DataFrame) -> str:
     title = {"cifar10": "CIFAR-10 (paper Table 6)", "imagenet": "ImageNet (paper Tables 2-4)"}[study]
     data_ids = {d: f"d{i + 1}" for i, d in enumerate(dict.fromkeys(table.get("data", [])))}
     out = [f"# {title}: reproduced vs. He et al., CVPR 2016", "",
            f"Built by `{command}` from {source}.", "", _md_rows(table, data_ids), ""]
     if selection.evaluations:
         out += ["## Given weights evaluated (`reproduce evaluate`), beside the paper", "",
-                _md_evaluations(evaluation_table(selection.evaluations, study, load_paper() if paper is None else paper)), ""]
+                _md_evaluations(evaluation_table(selection.evaluations, study, paper)), ""]
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(selection.left_out.items())) or "none"
     out += [f"Runs left out of the table: {counts}.", "",
             "- ours: final test error (%) at step = schedule.iterations, under the row's protocol; mean ± sample "
