@@ -12,7 +12,7 @@ from reproduce.runs import study
 def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp_path, capsys):
     code = study.main(["--data", str(cifar_tar), "--models", "plain20", "resnet20", "--seeds", "0", "1",
                        "--iterations", "10", "--out", str(tmp_path / "out"),
-                       "optim.batch_size=16", "data.val_split=40", "run.progress=false", "eval.batch_size=64"])
+                       "optim.batch_size=16", "run.progress=false", "eval.batch_size=64"])
     assert code == 0
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
@@ -24,6 +24,9 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
     assert all(r.info.status == "FINISHED" for r in runs)
     # the start of the paper's schedule at its starting rate for deep nets: lr 0.01 throughout
     assert {(r.data.params["schedule.milestones"], r.data.params["optim.lr"]) for r in runs} == {("[]", "0.01")}
+    # no validation split: the study reads training and test error only, so none is held out or evaluated
+    assert {r.data.params["data.val_split"] for r in runs} == {"0"}
+    assert not any(key.startswith("val_") for r in runs for key in r.data.metrics)
     table = out[out.index("model "):]
     client = mlflow.MlflowClient()
     for model in ("plain20", "resnet20"):
