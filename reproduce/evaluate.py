@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--config", help="a YAML file under configs/ (model, data and eval settings)")
     which.add_argument("--model", help="a registry name (`reproduce models`), with defaults for the rest; may be "
-                       "left out for weights that say which network they are (the suite's run dirs, checkpoints, runs:/)")
+                       "left out for weights that say which network they are (the suite's run dirs, checkpoints, runs:/) "
+                       "or whose tensors do (a ResNet with projection shortcuts, the public CIFAR-10 files)")
     parser.add_argument("--protocol", choices=[p.value for p in Protocol], help="default: the config's, else "
                         "single (CIFAR) / center224 (ImageNet)")
     parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
@@ -105,14 +107,20 @@ def test_split(cfg: Config) -> tuple[Split, int, str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from reproduce.tracking import TrackingUnreachable, check_reachable
+
     args = parse_args(argv)
     _, _, _, world_size = distributed.launch_env()
-    if not (args.config or args.model):
-        args.model = stored_model_name(args.weights)
-        if args.model is None:
-            print(f"error: {args.weights} does not say which network it holds; give --model NAME or --config FILE",
-                  file=sys.stderr)
-            return 2
+    if problem := _out_problem(args.out or Path("runs") / "evaluations" / "result.json"):  # before any work: a result that cannot be recorded would be lost
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        check_reachable()
+        if not (args.config or args.model):  # the network the weights store, else the one their tensors tell
+            args.model = stored_model_name(args.weights) or load_weights(args.weights).arch.name
+    except (TrackingUnreachable, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         cfg = eval_config(args, world_size)
         info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
@@ -126,6 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.teardown(info)
+
+
+def _out_problem(out: Path | None) -> str | None:
+    """Why the JSON result could not be written to --out, or None."""
+    if out is None:
+        return None
+    if out.is_dir():
+        return f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'result.json'}"
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be written ({parent} is not a writable folder); give a writable path"
+    return None
 
 
 def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> int:
@@ -151,20 +171,17 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> in
     result = evaluate(model, eval_loader(split, cfg, info), info, amp, layout)
     seconds = time.perf_counter() - start
     result = {**{f"test_{k}": v for k, v in result.items()}, "images": images, "images_per_sec": images / seconds}
-    if info.is_main:
-        record(args, cfg, info, weights, result, fingerprint, description)
-    return 0
+    return record(args, cfg, info, weights, result, fingerprint, description) if info.is_main else 0
 
 
-def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint: str, description: str) -> None:
-    """One MLflow run and the JSON file, on rank 0."""
+def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint: str, description: str) -> int:
+    """One MLflow run and the JSON file, on rank 0. A tracking store that fails now (the server
+    went away during the evaluation) still leaves the JSON file, and the exit status says so."""
     import mlflow
 
-    from reproduce.tracking import check_reachable, describe_experiment, prepare_store
+    from reproduce.tracking import TrackingUnreachable
 
     git = code_state()
-    check_reachable()
-    prepare_store()
     tags = {"reproduce.kind": "evaluation", "reproduce.eval_protocol": cfg.eval.protocol.value,
             "reproduce.weights": weights.extra.get("weights", weights.source), "reproduce.weights_sha256": weights.sha256,
             "reproduce.weights_format": weights.format, "reproduce.model": cfg.model.name,
@@ -173,11 +190,10 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
             "reproduce.git_commit": git.commit, "reproduce.git_dirty": str(git.dirty).lower(), "reproduce.host": host(),
             "reproduce.gpu": device_name(info.device), "reproduce.world_size": str(info.world_size),
             "reproduce.launcher": info.launcher, "reproduce.torch": torch.__version__}
-    describe_experiment(mlflow.set_experiment(cfg.experiment))
-    with mlflow.start_run(run_name=f"eval-{cfg.model.name}-{cfg.eval.protocol.value}", tags=tags) as active:
-        mlflow.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "data", "eval")})
-        mlflow.log_metrics({k: float(v) for k, v in result.items()})
-        run_id = active.info.run_id
+    try:
+        run_id, failure = _log_evaluation(cfg, tags, result), None
+    except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
+        run_id, failure = None, str(err).splitlines()[0][:300] if str(err) else type(err).__name__
     out = args.out or Path("runs") / "evaluations" / f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}.json"
     doc = {**result, "model": cfg.model.name, "architecture": weights.arch.as_dict(), "protocol": cfg.eval.protocol.value,
            "weights": tags["reproduce.weights"], "weights_sha256": weights.sha256, "weights_format": weights.format,
@@ -185,8 +201,28 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
            "world_size": info.world_size, "git_commit": git.commit, "git_dirty": git.dirty, "mlflow_run_id": run_id}
     atomic_write_json(out, doc, indent=1)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
+    if failure is not None:
+        print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; wrote {out}")
+        print(f"error: the result is in {out} but not in MLflow ({failure})", file=sys.stderr)
+        return 1
     print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
           f"MLflow run {run_id}; wrote {out}")
+    return 0
+
+
+def _log_evaluation(cfg: Config, tags: dict, result: dict) -> str:
+    """The evaluation as one MLflow run; its id."""
+    import mlflow
+
+    from reproduce.tracking import check_reachable, describe_experiment, prepare_store
+
+    check_reachable()
+    prepare_store()
+    describe_experiment(mlflow.set_experiment(cfg.experiment))
+    with mlflow.start_run(run_name=f"eval-{cfg.model.name}-{cfg.eval.protocol.value}", tags=tags) as active:
+        mlflow.log_params({k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("model", "data", "eval")})
+        mlflow.log_metrics({k: float(v) for k, v in result.items()})
+        return active.info.run_id
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -134,6 +135,48 @@ def test_a_model_that_does_not_fit_the_weights_is_refused(tmp_path, capsys):
     assert "\n" not in err and "depth 18" in err and "resnet34" in err
     assert evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(tmp_path), "run.device=cpu"]) == 2
     assert "val" in capsys.readouterr().err
+
+
+def test_what_could_not_be_recorded_is_refused_before_evaluating(tmp_path, capsys, monkeypatch):
+    """An --out that is a folder, an unreachable tracking server and missing weights are each refused
+    in one line with exit status 2 before anything is evaluated. Without --model the network comes
+    from the tensors where they tell it, and a failure says what is wrong with the weights."""
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    path = weights_file(tmp_path / "w.pt")  # resnet18 with projection shortcuts: the tensors say which net
+    base = ["--data", str(root), "data.crop=32", "data.workers=0", "run.device=cpu"]
+    assert evaluate.main(["--weights", str(path), *base, "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        assert evaluate.main(["--weights", str(path), *base]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"http://127.0.0.1:{port} is unreachable" in err
+    assert evaluate.main(["--weights", str(tmp_path / "missing.pt"), *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "missing.pt not found" in err
+    assert not Path("runs").exists() and not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    out = tmp_path / "result.json"
+    assert evaluate.main(["--weights", str(path), *base, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["architecture"]["name"] == "resnet18"
+
+
+def test_a_store_failing_after_the_evaluation_keeps_the_result(tmp_path, capsys, monkeypatch):
+    """The tracking store fails only when the result is logged (here: its folder is a file): the
+    JSON result is written all the same and the exit status is 1, with the reason in one line."""
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    path = weights_file(tmp_path / "w.pt")
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'not-a-folder' / 'mlflow.db'}")
+    out = tmp_path / "result.json"
+    assert evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(root), "data.crop=32",
+                          "data.workers=0", "run.device=cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: the result is in {out} but not in MLflow (")
+    doc = json.loads(out.read_text())
+    assert doc["mlflow_run_id"] is None and 0 <= doc["test_top1_err"] <= 100 and doc["images"] == 2
 
 
 def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):

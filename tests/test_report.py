@@ -180,6 +180,22 @@ def test_report_without_runs_fails_clearly(tmp_path, capsys, store):
     assert report.main([]) == 2
 
 
+def test_report_refuses_an_unreachable_server_and_an_unwritable_out_in_one_line(tmp_path, capsys, monkeypatch, store):
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "below"):  # --out a file, or under one
+        assert report.main(["--study", "cifar10", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"error: cannot write the report to {out} (") and "--out" in err
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "o"), "--export", str(tmp_path / "a-file" / "x")]) == 2
+    assert "cannot write the export" in capsys.readouterr().err
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "o")]) == 2  # at once: no retries for minutes
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: MLflow tracking server {uri} is unreachable")
+    assert not (tmp_path / "o").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,10 +2,13 @@
 table beside the paper's number, the findings are stated, and the report's table and Fig. 6 are written."""
 from __future__ import annotations
 
+import fcntl
 import math
 
 import mlflow
+import pandas as pd
 
+from reproduce.config import load_config
 from reproduce.runs import study
 
 
@@ -57,3 +60,38 @@ def test_verdict_needs_a_margin_larger_than_the_spread():
 def test_study_refuses_a_bad_override_before_training(capsys):
     assert study.main(["--models", "plain20", "optim.lr=-1"]) == 2
     assert "optim.lr = -1" in capsys.readouterr().err
+
+
+def test_study_refuses_an_unknown_model_and_an_unwritable_out_before_training(tmp_path, capsys):
+    assert study.main(["--models", "plain20", "resnet57"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--models resnet57: not a CIFAR-10 network; did you mean 'resnet56'?" in err
+    assert study.main(["--models", "resnet50"]) == 2  # an ImageNet net
+    assert "--models resnet50: not a CIFAR-10 network" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert study.main(["--models", "plain20", "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing trained
+
+
+def test_a_failed_run_leaves_the_table_of_the_others_and_only_this_studys_recipe(cifar_tar, tmp_path, capsys):
+    """plain20's run directory is held by another job, so its run fails; the study still compares
+    and reports the run that finished, says the finding that needed plain20 is not measured, and
+    exits 1. Its table holds this study's recipe only, not an earlier study's longer run of the
+    same net in the same experiment."""
+    tiny = ["--data", str(cifar_tar), "--seeds", "0", "--out", str(tmp_path / "out"), "optim.batch_size=16",
+            "run.progress=false", "eval.batch_size=64", "run.amp=false", "run.channels_last=false"]
+    assert study.main([*tiny, "--models", "resnet20", "--iterations", "12"]) == 0
+    argv = [*tiny, "--models", "resnet20", "plain20", "--iterations", "10"]
+    run_dir = load_config(study.CONFIGS / "plain20.yaml", study.run_overrides(study.parse_args(argv))).run_dir()
+    run_dir.mkdir(parents=True)
+    capsys.readouterr()
+    with open(run_dir / ".lock", "a+") as held:  # another job's lock on plain20's run directory
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert study.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "residual learning at 20 layers: not measured (a run did not finish)" in out
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| ResNet-20 A |" in table and "| plain-20 |" not in table
+    runs = pd.read_csv(tmp_path / "out" / "provenance.csv")
+    assert list(runs.model) == ["resnet20"] and list(runs.iterations) == [10]  # not the earlier 12-iteration run

@@ -71,18 +71,35 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import mlflow
 
+        from reproduce.tracking import TrackingUnreachable, check_reachable
+
         study, experiment = args.study, args.experiment or args.study
+        try:
+            check_reachable()
+        except TrackingUnreachable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         runs = load_mlflow_runs(experiment, study)
         source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
     if args.export:
-        write_export(args.export, runs, study, experiment)
+        try:
+            write_export(args.export, runs, study, experiment)
+        except OSError as err:
+            print(f"error: cannot write the export {args.export} ({err.strerror or err}); give a writable path",
+                  file=sys.stderr)
+            return 2
     if not runs:
         print(f"error: no {study} runs in {source}", file=sys.stderr)
         return 1
     out = args.out or Path("results") / study
-    out.mkdir(parents=True, exist_ok=True)
     command = "reproduce report " + shlex.join(argv)
-    written = write_report(runs, study, out, load_paper(args.paper), command, source)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = write_report(runs, study, out, load_paper(args.paper), command, source)
+    except OSError as err:
+        print(f"error: cannot write the report to {out} ({err.strerror or err}); give --out a writable folder",
+              file=sys.stderr)
+        return 2
     print("wrote " + ", ".join(str(out / name) for name in written))
     if not (args.from_export or args.no_mlflow):
         store_report(experiment, study, out, written, command)

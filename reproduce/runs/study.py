@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if problem := unknown_model(args.models) or _out_problem(args.out):  # before any training
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     common = run_overrides(args)
     if args.budget == "cpu":
         try:
@@ -122,12 +125,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget == "full" and args.parallel > 1:
         sweep_args += ["--parallel", str(args.parallel)]
     code = sweep.main(sweep_args + common)
-    if code != 0:
+    if code not in (0, 1):  # refused before training (2) or stopped on request (143): nothing to compare
         return code
+    # A failed run (1) leaves the others: the table shows them, and a finding that needs it says
+    # "not measured"; the exit status still says that a run failed.
     findings = compare(args, configs)
     print()
     print(findings.text)
-    return write_outputs(args, argv, findings)
+    return write_outputs(args, argv, findings, configs) or code
+
+
+def unknown_model(names: list[str]) -> str | None:
+    """Why one of the --models is not a CIFAR-10 network of the registry, or None."""
+    import difflib
+
+    from reproduce.models import MODELS
+
+    cifar = [name for name, spec in MODELS.items() if spec.family == "cifar"]
+    for name in names:
+        if name not in cifar:
+            close = difflib.get_close_matches(name, cifar, n=1)
+            return (f"--models {name}: not a CIFAR-10 network" + (f"; did you mean {close[0]!r}?" if close else "") +
+                    f" (one of {', '.join(sorted(cifar))})")
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the report could not be written to --out (checked before hours of training), or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder for the table and Fig. 6"
+    parent = next((p for p in [out.absolute(), *out.absolute().parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be written ({parent} is not a writable folder); give a writable folder"
+    return None
 
 
 def numerics_for(args: argparse.Namespace, common: list[str]) -> list[str]:
@@ -245,8 +275,9 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings) -> int:
-    """The report's table and Fig. 6 for the study's experiment, plus the study's own summary."""
+def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings, configs: dict) -> int:
+    """The report's table and Fig. 6 of this study's runs (its recipes only: the experiment may hold
+    runs of other lengths from earlier studies), plus the study's own summary."""
     import mlflow
 
     from reproduce.io import atomic_write_text
@@ -254,7 +285,8 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings)
     from reproduce.report.runs import load_mlflow_runs
     from reproduce.report.tables import load_paper
 
-    runs = load_mlflow_runs(args.experiment, "cifar10")
+    recipes = {cfg.recipe_hash() for cfg in configs.values()}
+    runs = [r for r in load_mlflow_runs(args.experiment, "cifar10") if r["tags"].get("reproduce.recipe") in recipes]
     source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
     command = "reproduce study " + shlex.join(argv)
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
