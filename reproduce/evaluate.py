@@ -12,7 +12,9 @@ reproduce/weights.py for how the architecture is found and when it must be state
 left out where the weights store it). The network is the weights' architecture; --model /
 --config / model.* overrides must agree with it. Only the
 test split is read (ImageNet-style: data.path/val/<class>/*; CIFAR-10: its test images, normalised
-by data.normalize; the public CIFAR-10 checkpoints take data.normalize=imagenet unless it is given).
+as the weights were trained where they say so: the suite's checkpoints and MLflow models record
+data.normalize, the public CIFAR-10 checkpoints take imagenet; data.normalize=... on the command
+line overrides that, else the config's value is used).
 Each evaluation is one MLflow run (tag reproduce.kind=evaluation) in the experiment of --config,
 else the dataset's name; its numbers also go to --out as JSON. Under torchrun each rank evaluates
 a disjoint share and the sums are exact.
@@ -78,15 +80,23 @@ def stated_model(cfg: Config) -> tuple:
     return cfg.model.name, cfg.model.shortcut, cfg.model.variant if "variant" in given else None
 
 
-def with_weights(cfg: Config, weights: Weights) -> Config:
-    """cfg with the weights' architecture (options the user left unset, resolved) and, for the
-    public CIFAR-10 checkpoints, the normalisation they were trained with unless one is given."""
+def with_weights(cfg: Config, weights: Weights, overrides: list[str] = ()) -> Config:
+    """cfg with the weights' architecture (options the user left unset, resolved) and, for CIFAR
+    weights that say how their input was normalised (the suite's checkpoints and MLflow models,
+    the public CIFAR-10 files), that normalisation: a config's default or YAML value would score
+    them on the wrong statistics. Only data.normalize given on the command line overrides it."""
     arch = weights.arch
     model = ModelConfig(name=arch.name, shortcut=arch.shortcut, variant=arch.variant)
     data = cfg.data
-    if weights.format == "public-cifar" and "normalize" not in data.model_fields_set:
-        log.info("public CIFAR-10 checkpoint: data.normalize=imagenet (the statistics it was trained with)")
-        data = data.model_copy(update={"normalize": Normalize.IMAGENET})
+    given = any(o.startswith("data.normalize=") for o in overrides)
+    if cfg.data.dataset == "cifar10" and weights.normalize and weights.normalize != data.normalize.value:
+        if given:
+            log.warning("data.normalize=%s as given, though %s was trained with data.normalize=%s",
+                        data.normalize.value, weights.source, weights.normalize)
+        else:
+            log.info("data.normalize=%s: what %s was trained with (the config says %s)",
+                     weights.normalize, weights.source, data.normalize.value)
+            data = data.model_copy(update={"normalize": Normalize(weights.normalize)})
     return cfg.model_copy(update={"model": model, "data": data})
 
 
@@ -157,7 +167,7 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> in
     # Rank 0 checks first (all ranks refuse together); then the others read the same.
     weights = distributed.agree(lambda: load_weights(source, *stated_model(cfg)), info) or \
         load_weights(source, *stated_model(cfg))
-    cfg = with_weights(cfg, weights)
+    cfg = with_weights(cfg, weights, args.overrides)
     split, classes, fingerprint, description = distributed.agree(lambda: test_split(cfg), info) or test_split(cfg)
     if classes != weights.num_classes:
         raise WeightsError(f"{weights.source} has {weights.num_classes} classes but the data has {classes}; "

@@ -80,6 +80,7 @@ class Weights:
     source: str  # the file read
     sha256: str  # of the file read
     extra: dict = field(default_factory=dict)  # e.g. best_prec1 of a public CIFAR checkpoint
+    normalize: str | None = None  # the data.normalize the network was trained with, where the source says
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The network of `arch` with these weights, loaded strictly."""
@@ -121,7 +122,8 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     state = {k.removeprefix("module."): v for k, v in state.items()}
     extra = {"best_prec1": float(obj["best_prec1"])} if public else {}
     arch, classes = _resolve(state, stated, str(path), residual_hint=public, variant_hint=None)
-    return Weights(state, arch, classes, "public-cifar" if public else "state_dict", str(path), _sha256(path), extra)
+    return Weights(state, arch, classes, "public-cifar" if public else "state_dict", str(path), _sha256(path), extra,
+                   normalize="imagenet" if public else None)  # the public CIFAR-10 files: ImageNet's mean and std
 
 
 def stored_model_name(source: str | Path) -> str | None:
@@ -181,7 +183,8 @@ def _suite(path: Path, stated: tuple, verified: bool) -> Weights:
     check_same(arch, stated, str(path))
     classes = _classes(state["model"])
     return Weights(state["model"], arch, classes, "checkpoint", str(path), _sha256(path),
-                   {"iteration": state["iteration"], "mlflow_run_id": state.get("mlflow_run_id")})
+                   {"iteration": state["iteration"], "mlflow_run_id": state.get("mlflow_run_id")},
+                   normalize=state.get("config", {}).get("data", {}).get("normalize"))
 
 
 def _torchvision_named(text: str, stated: tuple) -> Weights:
@@ -240,7 +243,8 @@ def _mlflow_model(uri: str, stated: tuple) -> Weights:
         arch, classes = _resolve(state, stated, uri, residual_hint=False, variant_hint=None)
     files = sorted(p for p in (local / "data").rglob("*") if p.is_file()) if (local / "data").is_dir() else []
     digest = hashlib.sha256(b"".join(_sha256(p).encode() for p in files)).hexdigest()
-    return Weights(state, arch, classes, "mlflow-model", uri, digest, {"model_uuid": info.model_uuid or ""})
+    return Weights(state, arch, classes, "mlflow-model", uri, digest, {"model_uuid": info.model_uuid or ""},
+                   normalize=(info.metadata or {}).get("reproduce.normalize"))
 
 
 def _torch_load(path: Path):

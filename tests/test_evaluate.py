@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from tests.conftest import REPO, SHARED_DATA, shared_file
+from tests.conftest import REPO, SHARED_DATA, shared_file, tiny_overrides
 
 from reproduce import evaluate
 from reproduce.data.imagenet import MEAN, MULTISCALE_SIDES, STD, MultiScale
@@ -177,6 +177,26 @@ def test_a_store_failing_after_the_evaluation_keeps_the_result(tmp_path, capsys,
     assert err[-1].startswith(f"error: the result is in {out} but not in MLflow (")
     doc = json.loads(out.read_text())
     assert doc["mlflow_run_id"] is None and 0 <= doc["test_top1_err"] <= 100 and doc["images"] == 2
+
+
+def test_weights_are_scored_with_the_normalisation_they_were_trained_with(cifar_tar, tmp_path):
+    """A run trained with data.normalize=channel is evaluated with per-channel statistics although
+    the CIFAR configs (and --model's defaults) say pixel_mean; data.normalize on the command line
+    still overrides it, and that gives another error."""
+    from reproduce import train
+
+    overrides = tiny_overrides(cifar_tar, iterations=4, **{"run.dir": tmp_path / "run", "data.normalize": "channel"})
+    assert train.main(["--config", str(REPO / "configs/cifar10/resnet20.yaml"), *overrides]) == 0
+    base = ["--weights", str(tmp_path / "run"), "--data", str(cifar_tar), "data.workers=0", "data.val_split=40", "run.device=cpu"]
+    results = {}
+    for name, extra in (("model", ["--model", "resnet20"]), ("config", ["--config", str(REPO / "configs/cifar10/resnet20.yaml")]),
+                        ("given", ["--model", "resnet20", "data.normalize=pixel_mean"])):
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main([*base, *extra, "--out", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        results[name] = (mlflow.get_run(doc["mlflow_run_id"]).data.params["data.normalize"], doc["test_loss"])
+    assert results["model"][0] == results["config"][0] == "channel" and results["given"][0] == "pixel_mean"
+    assert results["model"][1] == pytest.approx(results["config"][1]) and results["given"][1] != pytest.approx(results["model"][1])
 
 
 def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):
