@@ -11,7 +11,8 @@
 reproduce/weights.py for how the architecture is found and when it must be stated; --model may be
 left out where the weights store it). The network is the weights' architecture; --model /
 --config / model.* overrides must agree with it. Only the
-test split is read (ImageNet-style: data.path/val/<class>/*; CIFAR-10: its test images, normalised
+test split is read (ImageNet-style: data.path/val/<class>/*; data.dataset=folder, for networks
+fine-tuned on your own images: its val/, transformed as in training; CIFAR-10: its test images, normalised
 as the weights were trained where they say so: the suite's checkpoints and MLflow models record
 data.normalize, the public CIFAR-10 checkpoints take imagenet; data.normalize=... on the command
 line overrides that, else the config's value is used).
@@ -67,7 +68,12 @@ def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
     if args.model:
         spec = MODELS.get(args.model)
         dataset = "imagenet" if spec is not None and spec.family == "imagenet" else "cifar10"
-        base = {"experiment": dataset, "model": {"name": args.model}, "data": {"dataset": dataset},
+        data = {"dataset": dataset}
+        if "data.dataset=folder" in args.overrides:  # your own images: ImageNet's statistics (data/folder.py),
+            data = {"dataset": "folder", "normalize": "imagenet"}  # at a CIFAR net's own input size unless data.crop is given
+            if spec is not None and spec.family == "cifar":
+                data["crop"] = spec.input_size
+        base = {"experiment": dataset, "model": {"name": args.model}, "data": data,
                 "optim": {"batch_size": world_size, "lr": 0.1}, "schedule": {"iterations": 1},
                 "eval": {"every": 1, "protocol": "center224" if dataset == "imagenet" else "single"},
                 "run": {"checkpoint_every": 1}}
@@ -101,8 +107,9 @@ def with_weights(cfg: Config, weights: Weights, overrides: list[str] = ()) -> Co
 
 
 def test_split(cfg: Config) -> tuple[Split, int, str, str]:
-    """(test split, number of classes, fingerprint, description): only what evaluation reads."""
-    if cfg.data.dataset == "cifar10" or cfg.data.synthetic:
+    """(test split, number of classes, fingerprint, description): only what evaluation reads; an
+    image folder's test split (val/) is made as its training run made it (data/folder.py)."""
+    if cfg.data.dataset in ("cifar10", "folder") or cfg.data.synthetic:
         data: Data = build_data(cfg)
         return data.test, data.num_classes, data.fingerprint, data.description
     from reproduce.data.imagenet import eval_transform, image_folder

@@ -114,3 +114,29 @@ def test_folder_dataset_config_is_checked():
         load_config(CONFIG, ["data.path=.", "data.normalize=pixel_mean"])
     with pytest.raises(ConfigError, match="pretrained_lr_scale"):
         load_config(CONFIG, ["data.path=.", "optim.pretrained_lr_scale=-1"])
+
+
+def test_a_network_trained_on_an_image_folder_is_evaluated_as_its_run_tested_it(tmp_path, capsys):
+    """`reproduce evaluate` of a run fine-tuned on an image folder scores its val/ with the run's
+    own test transform: the same error as the run's final test error. Without data.dataset=folder
+    the folder is refused in one line that says to add it."""
+    import json
+
+    import mlflow
+
+    from reproduce import evaluate
+
+    cifar_weights(tmp_path / "w.th")
+    assert train.main(["--config", CONFIG, *overrides(tmp_path, tmp_path / "w.th")]) == 0
+    (run,) = mlflow.search_runs(experiment_names=["transfer"], output_format="list")
+    base = ["--weights", str(tmp_path / "run"), "--data", str(tmp_path / "tree"), "data.workers=0", "run.device=cpu"]
+    capsys.readouterr()
+    assert evaluate.main(base) == 2  # the name comes from the run, the data is taken for CIFAR-10
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "add data.dataset=folder" in err
+    out = tmp_path / "eval.json"
+    assert evaluate.main([*base, "data.dataset=folder", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 6 and doc["test_top1_err"] == pytest.approx(run.data.metrics["test_top1_err"])
+    assert doc["test_loss"] == pytest.approx(run.data.metrics["test_loss"], rel=1e-5)
+

@@ -121,7 +121,8 @@ def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> Cifar
             return _torchvision(path, download=False)
         if (path / "train").is_dir() and (path / "test").is_dir():
             return _cached(path, _read_tree)
-        raise DataError(f"{path} holds neither cifar-10-batches-py nor train/ and test/ class folders")
+        hint = "; for your own images in train/ and val/ add data.dataset=folder" if (path / "val").is_dir() else ""
+        raise DataError(f"{path} holds neither cifar-10-batches-py nor train/ and test/ class folders{hint}")
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
         return _cached(path, _read_tar)
     if path.suffix == ".npz":
