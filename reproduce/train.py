@@ -261,13 +261,18 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
 
 
 def _param_groups(model: torch.nn.Module, pretrained: set[str], scale: float) -> list[dict]:
-    """One group at optim.lr, plus one at lr x scale for the layers model.init provided (frozen,
-    requires_grad off, when scale is 0)."""
+    """One group at optim.lr, plus one at lr x scale for the layers model.init provided (frozen
+    when scale is 0: requires_grad off, and their batch norms keep the running statistics the
+    weights came with: momentum 0, so training batches still normalise by their own statistics
+    but do not move the stored ones)."""
     new = [p for n, p in model.named_parameters() if n not in pretrained]
     old = [p for n, p in model.named_parameters() if n in pretrained]
     if scale == 0:
         for p in old:
             p.requires_grad_(False)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in pretrained:
+                module.momentum = 0.0
     return [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": scale}] if old else [])
 
 

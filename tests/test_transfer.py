@@ -56,8 +56,9 @@ def test_frozen_transfer_keeps_the_given_weights_and_replaces_the_classifier(tmp
     assert "classifier replaced (10 -> 3 classes)" in caplog.text
     state = final_state(tmp_path)
     assert state["linear.weight"].shape == (3, 64)
-    for key in ("conv1.weight", "layer2.0.conv1.weight", "layer3.2.bn2.weight", "layer3.2.bn2.bias"):
-        assert torch.equal(state[key], given[key]), key  # frozen: exactly the file's
+    for key in ("conv1.weight", "layer2.0.conv1.weight", "layer3.2.bn2.weight", "layer3.2.bn2.bias",
+                "bn1.running_mean", "layer3.2.bn2.running_var"):
+        assert torch.equal(state[key], given[key]), key  # frozen: exactly the file's, batch-norm statistics too
     fresh = build_model("resnet20", num_classes=3)  # the run's new classifier was trained, not left as drawn
     assert not torch.equal(state["linear.bias"], fresh.linear.bias)
 
