@@ -329,10 +329,11 @@ def _loop(run: Run) -> None:
 
 
 def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
-    """Validation error; for CIFAR also the test error (Fig. 6 plots test error curves)."""
+    """Validation error; for CIFAR also the test error (Fig. 6 plots test error curves), and for an
+    image folder, which has no validation split, the test error on its val/."""
     cfg, data = run.cfg, run.data
     out = {}
-    splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset == "cifar10" else [])
+    splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset in ("cifar10", "folder") else [])
     for name, split in splits:
         if split is not None:
             result = evaluate(model, eval_loader(split, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
@@ -343,7 +344,7 @@ def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
 def _final_eval(run: Run) -> dict[str, float]:
     cfg = run.cfg
     final = _periodic_eval(run, run.unwrapped)
-    if cfg.data.dataset != "cifar10":  # the test split (ImageNet val) under the configured protocol
+    if cfg.data.dataset == "imagenet":  # the test split (ImageNet val) under the configured protocol
         result = evaluate(run.unwrapped, eval_loader(run.data.test, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
         final.update({f"test_{k}": v for k, v in result.items()})
     run.tracker.log_metrics(final, step=cfg.schedule.iterations)

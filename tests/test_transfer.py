@@ -118,8 +118,9 @@ def test_folder_dataset_config_is_checked():
 
 
 def test_a_network_trained_on_an_image_folder_is_evaluated_as_its_run_tested_it(tmp_path, capsys):
-    """`reproduce evaluate` of a run fine-tuned on an image folder scores its val/ with the run's
-    own test transform: the same error as the run's final test error. Without data.dataset=folder
+    """A run fine-tuned on an image folder logs its test error (on val/) every eval.every iterations;
+    `reproduce evaluate` of it scores val/ with the run's own test transform: the same error as the
+    run's final test error. Without data.dataset=folder
     the folder is refused in one line that says to add it."""
     import json
 
@@ -128,8 +129,11 @@ def test_a_network_trained_on_an_image_folder_is_evaluated_as_its_run_tested_it(
     from reproduce import evaluate
 
     cifar_weights(tmp_path / "w.th")
-    assert train.main(["--config", CONFIG, *overrides(tmp_path, tmp_path / "w.th")]) == 0
+    assert train.main(["--config", CONFIG, *overrides(tmp_path, tmp_path / "w.th", **{"schedule.iterations": 4,
+                                                                                     "schedule.milestones": "[2]"})]) == 0
     (run,) = mlflow.search_runs(experiment_names=["transfer"], output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_top1_err")
+    assert [m.step for m in history] == [2, 4]  # every eval.every iterations (its val/ is the test split), then the end
     base = ["--weights", str(tmp_path / "run"), "--data", str(tmp_path / "tree"), "data.workers=0", "run.device=cpu"]
     capsys.readouterr()
     assert evaluate.main(base) == 2  # the name comes from the run, the data is taken for CIFAR-10
