@@ -150,3 +150,16 @@ def test_train_refuses_bad_config_with_exit_2_and_no_traceback():
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: config error: optim.lr = -1: Input should be greater than 0"
     assert not Path("mlflow.db").exists() and not Path("runs").exists()
+
+
+def test_check_reads_the_machines_cifar10_copy_where_a_run_would(cifar_tar, monkeypatch, capsys):
+    """data.path null: a run reads $REPRODUCE_CIFAR10 where it is set, so `check` checks that data
+    too (instead of saying it would be downloaded), and refuses what train would refuse."""
+    monkeypatch.delenv("REPRODUCE_CIFAR10", raising=False)
+    assert cli.main(["check", str(CIFAR)]) == 0
+    assert "is downloaded when training starts" in capsys.readouterr().out
+    monkeypatch.setenv("REPRODUCE_CIFAR10", str(cifar_tar))
+    assert cli.main(["check", str(CIFAR), "data.val_split=40"]) == 0
+    assert capsys.readouterr().out.strip() == f"ok    {CIFAR}"
+    assert cli.main(["check", str(CIFAR)]) == 2  # the config's 5k validation split out of the tiny set's 240 images
+    assert "leaves no training images" in capsys.readouterr().err
