@@ -69,10 +69,8 @@ def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
         spec = MODELS.get(args.model)
         dataset = "imagenet" if spec is not None and spec.family == "imagenet" else "cifar10"
         data = {"dataset": dataset}
-        if "data.dataset=folder" in args.overrides:  # your own images: ImageNet's statistics (data/folder.py),
-            data = {"dataset": "folder", "normalize": "imagenet"}  # at a CIFAR net's own input size unless data.crop is given
-            if spec is not None and spec.family == "cifar":
-                data["crop"] = spec.input_size
+        if "data.dataset=folder" in args.overrides:  # your own images: always ImageNet's statistics (data/folder.py)
+            data = {"dataset": "folder", "normalize": "imagenet"}
         base = {"experiment": dataset, "model": {"name": args.model}, "data": data,
                 "optim": {"batch_size": world_size, "lr": 0.1}, "schedule": {"iterations": 1},
                 "eval": {"every": 1, "protocol": "center224" if dataset == "imagenet" else "single"},

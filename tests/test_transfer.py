@@ -117,6 +117,14 @@ def test_folder_dataset_config_is_checked():
         load_config(CONFIG, ["data.path=.", "optim.pretrained_lr_scale=-1"])
 
 
+def test_a_cifar_network_on_an_image_folder_gets_its_own_input_size():
+    """Not the ImageNet default crop of 224 (49x the compute) unless data.crop says so."""
+    folder = ["data.dataset=folder", "data.normalize=imagenet", "data.path=."]
+    assert load_config(REPO / "configs" / "cifar10" / "resnet56.yaml", folder).data.crop == 32
+    assert load_config(REPO / "configs" / "cifar10" / "resnet56.yaml", [*folder, "data.crop=64"]).data.crop == 64
+    assert load_config(REPO / "configs" / "imagenet" / "resnet50.yaml", folder).data.crop == 224
+
+
 def test_a_network_trained_on_an_image_folder_is_evaluated_as_its_run_tested_it(tmp_path, capsys):
     """A run fine-tuned on an image folder logs its test error (on val/) every eval.every iterations;
     `reproduce evaluate` of it scores val/ with the run's own test transform: the same error as the
