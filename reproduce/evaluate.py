@@ -151,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown(info)
 
 
-def _out_problem(out: Path | None) -> str | None:
-    """Why the JSON result could not be written to --out, or None."""
-    if out is None:
-        return None
+def _out_problem(out: Path) -> str | None:
+    """Why the JSON result could not be written to `out`, or None."""
     if out.is_dir():
         return f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'result.json'}"
     parent = next((p for p in out.absolute().parents if p.exists()), None)
