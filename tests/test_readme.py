@@ -1,7 +1,8 @@
 """Every command in README.md runs, so none can go stale unnoticed.
 
-The commands are read from the README's ```bash blocks. Each runs as written, in README order,
-in one scratch folder with its own MLflow store, changed only in what a test machine needs
+The commands are read from the README's ```bash blocks. Each runs as written, in README order
+within its lane (two lanes run side by side, see `lane`), in its lane's scratch folder with the
+lane's own MLflow store, changed only in what a test machine needs
 (the scratch folder links the checkout's configs/, reproduce/ and slurm/):
 the data paths point at tiny generated data sets, training gets a tiny size (`key=value`
 overrides appended, which the README's commands accept), torchrun gets 2 processes on this
@@ -18,6 +19,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -45,6 +47,18 @@ TINY = ["schedule.iterations=2", "schedule.milestones=[]", "schedule.warmup_iter
         "eval.batch_size=8", "run.device=cpu"]
 TINY_CIFAR = ["data.val_split=16"]
 TINY_IMAGENET = ["data.crop=32", "data.scale=[36,44]"]
+
+
+# Commands of the second lane: ImageNet, fine-tuning, FFCV preparation, sweep dry runs and
+# torchrun. None of them reads or writes the CIFAR-10 runs that the first lane's RUN_ID commands,
+# reports and listings read, and nothing in the first lane reads what they write, so the two
+# lanes share no state and each keeps README order. They balance at about 3.5 min each on 2 cores.
+SECOND_LANE = ("torchrun ", "reproduce prepare ", "reproduce sweep ")
+
+
+def lane(command: str) -> int:
+    """0 for commands that make or read the CIFAR-10 runs (and the CIFAR-10 dry runs), 1 for the rest."""
+    return int(command.startswith(SECOND_LANE) or "imagenet" in command or "configs/transfer/" in command)
 
 
 def readme_commands() -> list[str]:
@@ -127,35 +141,22 @@ def tiny(command: str, paths: dict[str, str]) -> str:
     return command
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_every_readme_command_runs(cifar_tar, tmp_path):
-    commands = readme_commands()
-    assert len(commands) > 20, commands  # the blocks were found
-    imagenet = _imagenet_tree(tmp_path / "imagenet")
-    weights = _weights(tmp_path)
-    paths = {"../shared/data/pretrained/cifar-resnet56-4bfd9763.th": str(weights), "my_images/": str(imagenet),"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
-             "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"), "/data/imagenet": str(imagenet),
-             "$HEAD:29500": f"127.0.0.1:{_port()}"}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HEAD": "127.0.0.1"}
-    # The README's commands run from the repository root; a scratch folder that links its code and
-    # configs in keeps their outputs (runs/, results/, data/, sweep-logs/) out of the checkout.
-    work = tmp_path / "work"
+def run_lane(commands: list[str], work: Path, env: dict[str, str], paths: dict[str, str]) -> list[str]:
+    """Run `commands` in order in the scratch folder `work` (which holds the lane's MLflow store);
+    AssertionError naming the README command at the first that fails. Returns those it ran."""
     work.mkdir()
-    for name in ("configs", "reproduce", "slurm"):
+    for name in ("configs", "reproduce", "slurm"):  # the README's commands run from the repository root
         (work / name).symlink_to(REPO / name)
-    env["REPRODUCE_PYTHON"] = sys.executable
-    env["REPRODUCE_CIFAR10"] = str(cifar_tar)  # for the commands without data.path: tests never download
-    env["TORCH_HOME"] = str(tmp_path / "torch")  # the hub cache, holding torchvision-shaped weights made here
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     ran = []
-    for command in commands:
-        if command in NOT_RUN or command.startswith(SERVER):
-            continue
+    for readme in commands:
+        command = readme
         if "RUN_ID" in command:
-            trained = [r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list",
-                                                     filter_string="attributes.status = 'FINISHED'")
-                       if "reproduce.run_dir" in r.data.tags]  # a training run (evaluations have no run dir)
+            client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+            experiment = client.get_experiment_by_name("cifar10")
+            trained = [r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+                       if "reproduce.run_dir" in r.data.tags] if experiment else []  # training runs (evaluations have no run dir)
+            assert trained, f"README: {command}\nno finished CIFAR-10 training run before it in its lane"
             command = command.replace("RUN_ID", trained[0].info.run_id)
         line = tiny(command, paths)
         result = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -172,5 +173,42 @@ def test_every_readme_command_runs(cifar_tar, tmp_path):
                 assert check.returncode == 0, f"README: {command}\nruns: {configs} {overrides}\n{check.stderr}"
         if "REPRODUCE_DRY_RUN=1" in line:
             assert "reproduce: " in result.stdout and "srun " in result.stdout, result.stdout
-        ran.append(command)
-    assert len(ran) == len([c for c in commands if c not in NOT_RUN and not c.startswith(SERVER)])
+        ran.append(readme)
+    return ran
+
+
+def test_lanes_split_the_commands_as_their_data_needs():
+    """The commands that make CIFAR-10 runs and those that read them share a lane; ImageNet's
+    preparation and its FFCV training share the other."""
+    commands = [c for c in readme_commands() if c not in NOT_RUN and not c.startswith(SERVER)]
+    first = [c for c in commands if lane(c) == 0]
+    assert any(c.startswith("reproduce train --config configs/cifar10/") for c in first)
+    assert all(lane(c) == 0 for c in commands if "RUN_ID" in c or c.startswith(("reproduce report ", "reproduce runs")))
+    assert lane("reproduce prepare imagenet --source /data/imagenet --out /data/imagenet-ffcv") == \
+        lane("reproduce train --config configs/imagenet/resnet50.yaml data.loader=ffcv data.path=/data/imagenet-ffcv") == 1
+    assert 0 < len(first) < len(commands)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_readme_command_runs(cifar_tar, tmp_path):
+    commands = readme_commands()
+    assert len(commands) > 20, commands  # the blocks were found
+    imagenet = _imagenet_tree(tmp_path / "imagenet")
+    weights = _weights(tmp_path)
+    paths = {"../shared/data/pretrained/cifar-resnet56-4bfd9763.th": str(weights), "my_images/": str(imagenet),"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
+             "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"), "/data/imagenet": str(imagenet),
+             "$HEAD:29500": f"127.0.0.1:{_port()}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HEAD": "127.0.0.1",
+           "REPRODUCE_PYTHON": sys.executable,
+           "REPRODUCE_CIFAR10": str(cifar_tar),  # for the commands without data.path: tests never download
+           "TORCH_HOME": str(tmp_path / "torch")}  # the hub cache, holding torchvision-shaped weights made here
+    # A scratch folder per lane that links the code and configs in keeps the commands' outputs
+    # (runs/, results/, data/, sweep-logs/, mlflow.db) out of the checkout and out of the other lane.
+    to_run = [c for c in commands if c not in NOT_RUN and not c.startswith(SERVER)]
+    lanes = [[c for c in to_run if lane(c) == i] for i in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_lane, cmds, tmp_path / f"work{i}", env, paths) for i, cmds in enumerate(lanes)]
+        ran = [c for f in futures for c in f.result()]  # the first lane's failure is raised first
+    assert sorted(ran) == sorted(to_run)
