@@ -86,12 +86,13 @@ def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
 @pytest.mark.slow
 def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     """Fault: a parallel sweep is preempted or cancelled (scancel, Ctrl-C, a shutdown).
-    Injected: SIGTERM to `reproduce sweep --parallel 2` while both of its child runs train.
-    Suite: the sweep asks both children to stop; each checkpoints, ends its MLflow run as KILLED, and the sweep exits 143; the same command resumes both into their own runs, which end FINISHED.
+    Injected: SIGTERM to `reproduce sweep --parallel 2` of three runs while the first two train.
+    Suite: the sweep asks both children to stop; each checkpoints, ends its MLflow run as KILLED, and the sweep exits 143
+    without starting the third; the same command resumes both into their own runs and trains the third, all FINISHED.
     Lost: nothing: each run goes on from the checkpoint written at the stop."""
     overrides = tiny_overrides(cifar_tar, iterations=100, **{"run.checkpoint_every": 1000, "run.log_every": 10})
     command = [sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "plain20.yaml"),
-               str(CIFAR / "resnet20.yaml"), "--parallel", "2", *overrides]
+               str(CIFAR / "resnet20.yaml"), str(CIFAR / "plain32.yaml"), "--parallel", "2", *overrides]
     sweep_ = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = [tmp_path / "sweep-logs" / name for name in ("001-plain20-seed0.log", "002-resnet20-seed0.log")]
     deadline = time.monotonic() + 240
@@ -103,20 +104,21 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     else:
         pytest.fail("the children never started training")
     sweep_.send_signal(signal.SIGTERM)
-    out, err = sweep_.communicate(timeout=120)
+    out, err = sweep_.communicate(timeout=120)  # a run still pending once stopping must not keep the sweep waiting
     assert sweep_.returncode == 128 + signal.SIGTERM, err
-    assert "start the same command to resume" in err
+    assert "with 1 runs not started; start the same command to resume" in err
     stopped = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
     assert {k: r.info.status for k, r in stopped.items()} == {"plain20": "KILLED", "resnet20": "KILLED"}
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     final = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    assert final.pop("plain32").info.status == "FINISHED"
     assert {k: (r.info.run_id, r.info.status) for k, r in final.items()} == {
         k: (r.info.run_id, "FINISHED") for k, r in stopped.items()}
     for path in logs:  # each log holds both attempts: the second resumed from the stop's checkpoint
         assert "resuming at iteration" in path.read_text()
-    assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs]
+    assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs] + ["003-plain32-seed0.log"]
 
 
 def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys):

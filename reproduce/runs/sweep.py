@@ -130,7 +130,7 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while pending or active:
+        while active or (pending and not stopping):  # once stopping, the runs not started stay pending
             while pending and len(active) < parallel and not stopping:
                 i, run = pending.pop(0)
                 command = "reproduce train " + shlex.join(run)
