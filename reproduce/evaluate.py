@@ -115,7 +115,7 @@ def test_split(cfg: Config) -> tuple[Split, int, str, str]:
     if cfg.data.path is None:
         raise DataError("data.path is required for imagenet: a folder with val/<class>/*")
     val = image_folder(cfg.data.path, "val", None)
-    listing = "\n".join(p for p, _ in val.samples).encode()
+    listing = "\n".join(f"{Path(p).relative_to(cfg.data.path)}:{label}" for p, label in val.samples).encode()  # as data/imagenet.py
     return (Split(val, eval_transform(cfg.data.crop, cfg.eval.protocol.value)), len(val.classes),
             hashlib.sha256(listing).hexdigest()[:16],
             f"ImageNet-style val/ at {cfg.data.path}: {len(val)} images, {len(val.classes)} classes")

@@ -206,6 +206,42 @@ def check_reachable(timeout_s: float = 10.0) -> None:
                               "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db")
 
 
+class ResumeRefused(ValueError):
+    """A run directory's checkpoints continue an MLflow run this store lacks, or one trained on
+    other data; the message is one line and says what to do."""
+
+
+def check_resumable(run_id: str, checkpoint_path: Path, data_fingerprint: str) -> str:
+    """The status of MLflow run `run_id` (which the checkpoint `checkpoint_path` continues);
+    ResumeRefused unless the tracking store holds it, not deleted, and it was trained on the
+    data whose fingerprint is `data_fingerprint` (a resume must not mix, say, the lossy JPEG
+    copy of CIFAR-10 with the original: one run, one data set)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    where = f"the checkpoints in {Path(checkpoint_path).parent} continue MLflow run {run_id}"
+    missing = ResumeRefused(f"{where}, which the tracking store {uri} does not hold; set MLFLOW_TRACKING_URI to the "
+                            "store the run began in, or set run.dir to a new folder to start a new run")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise missing  # and no empty store is made where the user did not mean to log
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise missing from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ResumeRefused(f"{where}, which is deleted in {uri}; restore it (MLflow UI, or "
+                            f"mlflow.MlflowClient().restore_run('{run_id}')) or set run.dir to a new folder")
+    trained_on = run.data.tags.get("reproduce.data_fingerprint")
+    if trained_on and trained_on != data_fingerprint:
+        raise ResumeRefused(f"{where}, trained on other data (fingerprint {trained_on}: "
+                            f"{run.data.tags.get('reproduce.data', '?')}) than this data.path gives ({data_fingerprint}); "
+                            "give the run's data again, or set run.dir to a new folder to start a new run")
+    return run.info.status
+
+
 def prepare_store() -> None:
     """Create a local sqlite store's tables under a lock shared by every process: jobs that start
     at the same moment on a fresh store (a parallel sweep, a SLURM array) would otherwise race

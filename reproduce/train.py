@@ -39,7 +39,7 @@ from reproduce.models import build_model
 from reproduce.weights import WeightsError, initialise
 from reproduce.io import atomic_write_text
 from reproduce.provenance import GitState, code_state
-from reproduce.tracking import Tracker, TrackingUnreachable, check_reachable
+from reproduce.tracking import ResumeRefused, Tracker, TrackingUnreachable, check_reachable, check_resumable
 
 log = logging.getLogger("reproduce.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -89,7 +89,7 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
             log.warning("stop requested before training started; nothing to save, exiting")
             return 128 + signal.SIGTERM
         return train(cfg, info, data, stop)
-    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, checkpoint.CheckpointError, WeightsError) as err:
+    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, ResumeRefused, checkpoint.CheckpointError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)  # refused before training: bad input
         return 2
     except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
@@ -189,6 +189,10 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     state = checkpoint.load(latest, verified=True) if latest is not None else None  # rank 0 checked the digest
     if state is not None:
         checkpoint.check_architecture(state, cfg.model, latest)  # never load weights into another network
+    # The MLflow run the checkpoints continue: in this store, trained on this data; its status.
+    logged = distributed.agree(lambda: check_resumable(state["mlflow_run_id"], latest, data.fingerprint), info) \
+        if state is not None and state.get("mlflow_run_id") else None
+    finished = distributed.broadcast_object(logged == "FINISHED", info)
     # `auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints.
     numerics = Numerics(**state["numerics"]) if state is not None and "numerics" in state else distributed.broadcast_object(
         resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
@@ -216,8 +220,14 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         start, run_id = state["iteration"], state["mlflow_run_id"]
     iterations = cfg.schedule.iterations
     if start >= iterations:
-        log.info("run in %s is already complete (%d iterations, MLflow run %s)", run_dir, start, run_id)
-        return 0
+        # Trained to the end. A run killed after its last checkpoint but before MLflow marked it
+        # FINISHED (SIGKILL while it logged the model or flushed its metrics) is finished now:
+        # the final evaluation and logging again, the loop skipped.
+        if finished:
+            log.info("run in %s is already complete (%d iterations, MLflow run %s)", run_dir, start, run_id)
+            return 0
+        log.info("run in %s trained all %d iterations but MLflow run %s is not FINISHED; evaluating and finishing it",
+                 run_dir, start, run_id)
 
     model = DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None) \
         if info.distributed else unwrapped
@@ -240,7 +250,8 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     status = "FAILED"
     try:
         try:
-            _loop(run)
+            if start < iterations:
+                _loop(run)
         except RuntimeError as err:
             if info.distributed and distributed.looks_like_lost_peer(err):
                 raise distributed.Stalled(distributed.describe_stall(info, stop.iteration, err)) from err
@@ -322,7 +333,9 @@ def _loop(run: Run) -> None:
         stop.iteration = done
         if info.distributed and done % STOP_CHECK_EVERY == 0:
             distributed.heartbeat(info, done)
-        if (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and distributed.any_rank(stop.requested, info):
+        # A stop after the last iteration is not one: the final evaluation follows and the run finishes.
+        if done < iterations and (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and \
+                distributed.any_rank(stop.requested, info):
             run.save(done)
             bar.close()
             raise Stopped()

@@ -55,3 +55,31 @@ def test_fewer_than_one_batch_is_refused():
     assert batches_per_epoch(100, 32) == 3
     with pytest.raises(DataError, match=r"the training split has 10 images, fewer than one global batch of 32; lower optim.batch_size"):
         batches_per_epoch(10, 32)
+
+
+def test_imagenet_folders_copied_elsewhere_are_the_same_data(tmp_path):
+    """The data fingerprint of an ImageNet-style folder (which a resume checks against its run's)
+    depends on the images' paths inside it and their labels, not on where the folder lies: SLURM
+    jobs often copy the data to each node's local disk, under a new path each time."""
+    import shutil
+
+    from PIL import Image
+
+    from reproduce.config import load_config
+    from reproduce.data.imagenet import build_data
+
+    root = tmp_path / "a"
+    for split in ("train", "val"):
+        for label, wnid in enumerate(("n01440764", "n02102040")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 36), (100 * label, 50, i)).save(root / split / wnid / f"{i}.JPEG")
+    shutil.copytree(root, tmp_path / "elsewhere" / "b")
+    renamed = shutil.copytree(root, tmp_path / "c")
+    (renamed / "val" / "n01440764" / "1.JPEG").rename(renamed / "val" / "n01440764" / "2.JPEG")
+
+    def fingerprint(path):
+        cfg = load_config(REPO / "configs" / "imagenet" / "resnet18.yaml", [f"data.path={path}", "data.workers=0"])
+        return build_data(cfg).fingerprint
+
+    assert fingerprint(root) == fingerprint(tmp_path / "elsewhere" / "b") != fingerprint(renamed)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from reproduce import checkpoint, train
-from tests.conftest import tiny_overrides
+from tests.conftest import make_cifar_tree, sigterm_during, tiny_overrides
 from tests.faults import CIFAR, TRAIN, _env, _same_weights, _wait_for
 
 
@@ -151,3 +151,83 @@ def test_second_job_on_the_same_run_directory_is_refused(cifar_tar, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+# --- 4. resuming: the end of a run, and resumes the tracking store cannot take -------------
+def _only_run():
+    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    return run
+
+
+def test_stop_during_the_last_iteration_still_finishes_the_run(cifar_tar, tmp_path, monkeypatch):
+    """Fault: a stop request during a run's last iteration (SLURM's warning signal, a shutdown, Ctrl-C).
+    Injected: SIGTERM from the process itself during the last of 4 iterations.
+    Suite: not a stop: the run makes its final evaluation, logs it and ends FINISHED with exit status 0.
+    Lost: nothing (before, the run was left KILLED for good: a resume found it trained to the end and did nothing)."""
+    overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run"})
+    sigterm_during(monkeypatch, 3)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    run = _only_run()
+    assert run.info.status == "FINISHED" and "test_top1_err" in run.data.metrics
+    assert (tmp_path / "run" / "final_metrics.json").exists()
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_the_same_command(cifar_tar, tmp_path, caplog):
+    """Fault: the job dies (SIGKILL, a node failure) after its last checkpoint but before MLflow marked the run
+    FINISHED: while it logged the network or waited for a slow server to take its last metrics.
+    Injected: a finished run's MLflow status set back to RUNNING (what such a death leaves), then the same command.
+    Suite: the run is not called complete: the final checkpoint is evaluated and logged again and the same MLflow run
+    ends FINISHED; a third start finds it complete and does nothing.
+    Lost: nothing; the final evaluation is repeated."""
+    overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run"})
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    first = _only_run()
+    mlflow.MlflowClient().update_run(first.info.run_id, status="RUNNING")
+    caplog.set_level("INFO")
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    assert f"MLflow run {first.info.run_id} is not FINISHED; evaluating and finishing it" in caplog.text
+    again = _only_run()
+    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    assert again.data.metrics["test_top1_err"] == first.data.metrics["test_top1_err"]
+    caplog.clear()
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    assert "is already complete" in caplog.text and "finishing it" not in caplog.text
+
+
+@pytest.mark.parametrize("change", ["another tracking store", "run deleted", "other data"])
+def test_a_resume_that_would_log_elsewhere_or_mix_data_is_refused(change, cifar_tar, tmp_path, monkeypatch, capsys):
+    """Fault: a stopped run resumed against another tracking store (MLFLOW_TRACKING_URI changed between SLURM
+    requeues, the job started from another folder), after its MLflow run was deleted, or on other data
+    (data.path changed while run.dir stays).
+    Injected: a run stopped by SIGTERM at iteration 3 of 6, then the same command with that change.
+    Suite: refused before training, in one line that names the run and the store or both data sets, and the fix;
+    exit status 2. Before, the first two were a traceback from MLflow and the third trained on, mixing data sets in one run.
+    Lost: nothing: the checkpoint stays, and resumed as the run began it finishes into its own MLflow run."""
+    overrides = tiny_overrides(cifar_tar, 6, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100})
+    real_lr_at = sigterm_during(monkeypatch, 2)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    stopped = _only_run()
+    resume, store = overrides, os.environ["MLFLOW_TRACKING_URI"]
+    if change == "another tracking store":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+        expected = f"which the tracking store sqlite:///{tmp_path / 'other.db'} does not hold; set MLFLOW_TRACKING_URI"
+    elif change == "run deleted":
+        mlflow.MlflowClient().delete_run(stopped.info.run_id)
+        expected = f"MLflow run {stopped.info.run_id}, which is deleted in {store}; restore it"
+    else:
+        other = make_cifar_tree(tmp_path / "other", seed=1)
+        resume = tiny_overrides(other, 6, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100})
+        expected = f"trained on other data (fingerprint {stopped.data.tags['reproduce.data_fingerprint']}"
+    capsys.readouterr()
+    assert train.main(["--config", str(CIFAR), *resume]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the checkpoints in ") and expected in err and "\n" not in err, err
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["ckpt-00000003.pt"]
+    assert not (tmp_path / "other.db").exists()  # no empty store made where the run was never logged
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    if change == "run deleted":
+        mlflow.MlflowClient().restore_run(stopped.info.run_id)
+    assert train.main(["--config", str(CIFAR), *overrides]) == 0
+    assert (_only_run().info.run_id, _only_run().info.status) == (stopped.info.run_id, "FINISHED")

@@ -47,7 +47,9 @@ def build_data(cfg: Config) -> Data:
     val = image_folder(d.path, "val", None)
     if train.classes != val.classes:
         raise DataError(f"{d.path}: train/ and val/ have different class folders")
-    listing = "\n".join(p for p, _ in train.samples + val.samples).encode()
+    # Of the paths inside data.path and the labels: the same images copied elsewhere (a node's
+    # local disk, a new mount) are the same data, so a resumed run accepts them.
+    listing = "\n".join(f"{Path(p).relative_to(d.path)}:{label}" for p, label in train.samples + val.samples).encode()
     return Data(
         train=Split(train, train_transform(d.scale, d.crop, d.lighting, d.augment, d.train_crop), seeded=True),
         val=Split(val, eval_transform(d.crop, "center224")),
