@@ -74,7 +74,7 @@ port=${REPRODUCE_RDZV_PORT:-$(( 12000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 overrides=("$@")
 [[ -z ${REPRODUCE_DATA:-} ]] || overrides+=("data.path=$REPRODUCE_DATA")
 read -r -a extra <<< "${REPRODUCE_OVERRIDES:-}"
-overrides+=("${extra[@]}")
+overrides+=(${extra[@]+"${extra[@]}"})  # ${a[@]+...}: an empty array is no error under set -u in bash < 4.4
 read -r -a srun_args <<< "${REPRODUCE_SRUN_ARGS:-}"
 
 # Distributed settings. A rank left waiting in a collective fails after run.collective_timeout_s
@@ -102,16 +102,16 @@ export PYTHONUNBUFFERED=1  # log lines reach the job's log as they are written
 # for it until the collective timeout (a stop on request is not a failure: see rank.sh).
 step=(srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
       ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"}
-      "${srun_args[@]}"
+      ${srun_args[@]+"${srun_args[@]}"}
       bash -c 'trap "" USR1; exec "$@"' torchrun
       "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc_per_node="$nproc"
       --rdzv_backend=c10d --rdzv_endpoint="$head:$port" --rdzv_id="$job"
       --no-python bash "$repo/slurm/rank.sh"
-      "$python" "$repo/reproduce/train.py" --config "$config" "${overrides[@]}")
+      "$python" "$repo/reproduce/train.py" --config "$config" ${overrides[@]+"${overrides[@]}"})
 
 # A config the training would refuse is refused here, in one line, before srun starts anything
 # (the data is checked by the ranks, on the nodes that read it).
-if ! PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m reproduce.cli check --no-data "$config" "${overrides[@]}" >/dev/null; then
+if ! PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m reproduce.cli check --no-data "$config" ${overrides[@]+"${overrides[@]}"} >/dev/null; then
     echo "reproduce: exit status 2 (bad config, not started)"
     exit 2
 fi
