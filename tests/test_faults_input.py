@@ -225,3 +225,25 @@ def test_undecodable_image_is_named(tmp_path, capsys):
     code = cli.main(["train", "--config", str(CIFAR), *tiny_overrides(tree, 4, **{"run.dir": tmp_path / "run"})])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot decode image" in err and "train/cat/0003.png" in err and len(err.splitlines()) == 1, err
+
+
+def test_prepare_refuses_an_out_that_is_a_file_and_a_negative_split(cifar_tree, tmp_path, capsys):
+    """Fault: `reproduce prepare` given a file as --out, or a negative --val-split.
+    Injected: --out naming an existing file; --val-split -100.
+    Suite: one line each, exit status 2, before any .beton is written (before, a FileExistsError traceback, and a
+    manifest recording val_split -100 with no validation file).
+    Lost: nothing: the file given as --out is untouched."""
+    from reproduce.data.ffcv import prepare
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    assert prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {taken} is a file; give a folder for the .beton files (it is created if missing)"
+    assert taken.read_text() == "mine"
+    pytest.importorskip("ffcv", reason="the split is checked after FFCV is found")
+    assert prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(tmp_path / "out"), "--val-split", "-100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "validation split of -100 images" in err and "\n" not in err, err
+    assert not list((tmp_path / "out").glob("*.beton"))
+

@@ -87,6 +87,8 @@ def describe(n_train: int, n_val: int, n_test: int, source: str, lossy: bool) ->
 def cifar_split(n_train: int, holdout: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(train indices, validation indices or None), both sorted. The split is fixed (seed 0),
     not drawn per run: every run, and every prepared .beton, validates on the same images."""
+    if holdout < 0:
+        raise DataError(f"a validation split of {holdout} images (data.val_split, --val-split) is negative; give 0 or more (the paper: 5000)")
     if holdout >= n_train:
         raise DataError(f"data.val_split={holdout} leaves no training images out of {n_train}")
     if not holdout:

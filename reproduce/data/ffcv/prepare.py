@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.out.exists() and not args.out.is_dir():  # before the source is read
+            raise DataError(f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)")
         if args.dataset == "cifar10":
             written = prepare_cifar10(args.source, args.out, args.val_split)
         else:
