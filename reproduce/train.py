@@ -375,6 +375,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        previous = self._previous.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # a caller's own handler (a sweep's, between its runs) hears it too
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

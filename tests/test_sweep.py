@@ -121,6 +121,29 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs] + ["003-plain32-seed0.log"]
 
 
+def test_a_stop_during_a_runs_last_iteration_ends_the_sweep_after_that_run(cifar_tar, monkeypatch, capsys):
+    """Fault: a sweep (one run at a time, in its own process) is asked to stop while a run is in its
+    last iteration, too late for that run to stop.
+    Injected: SIGTERM from the process itself during the last of 4 iterations of the first of two runs.
+    Suite: the first run finishes (FINISHED), the sweep does not start the second and exits 143; the same
+    command then skips the first (complete) and trains the second. Before, the request was lost and the sweep went on.
+    Lost: nothing."""
+    from reproduce import train
+    from tests.conftest import sigterm_during
+
+    overrides = tiny_overrides(cifar_tar, iterations=4)
+    command = ["--configs", str(CIFAR / "plain20.yaml"), str(CIFAR / "resnet20.yaml"), *overrides]
+    real_lr_at = sigterm_during(monkeypatch, 3)
+    assert sweep.main(command) == 128 + signal.SIGTERM
+    assert "sweep stopped on request before run 2/2" in capsys.readouterr().err
+    runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    assert [(r.data.params["model.name"], r.info.status) for r in runs] == [("plain20", "FINISHED")]
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert sweep.main(command) == 0
+    runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    assert sorted((r.data.params["model.name"], r.info.status) for r in runs) == [("plain20", "FINISHED"), ("resnet20", "FINISHED")]
+
+
 def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys):
     import socket
 

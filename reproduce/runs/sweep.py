@@ -90,20 +90,30 @@ def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
     """Each run in turn, in this process: the failures, or None when a run was stopped on request."""
     from reproduce import train
 
-    failed = []
-    for i, run in enumerate(runs, start=1):
-        command = "reproduce train " + shlex.join(run)
-        print(f"\n== sweep {i}/{len(runs)}: {command}", flush=True)
-        try:
-            code = train.main(run)
-        except Exception as err:  # noqa: BLE001 (one broken run must not end the sweep)
-            log.exception("run failed")
-            code = f"{type(err).__name__}: {err}"
-        if code == STOPPED:
-            print(f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
-            return None
-        if code != 0:
-            failed.append((command, code))
+    failed, requested = [], []
+    # A stop request between runs, or one a run took too late to stop for (during its final
+    # evaluation: train's handler passes it on to this one), ends the sweep before the next run.
+    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in train.STOP_SIGNALS}
+    try:
+        for i, run in enumerate(runs, start=1):
+            if requested:
+                print(f"sweep stopped on request before run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
+                return None
+            command = "reproduce train " + shlex.join(run)
+            print(f"\n== sweep {i}/{len(runs)}: {command}", flush=True)
+            try:
+                code = train.main(run)
+            except Exception as err:  # noqa: BLE001 (one broken run must not end the sweep)
+                log.exception("run failed")
+                code = f"{type(err).__name__}: {err}"
+            if code == STOPPED:
+                print(f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
+                return None
+            if code != 0:
+                failed.append((command, code))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return failed
 
 
