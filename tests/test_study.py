@@ -95,3 +95,13 @@ def test_a_failed_run_leaves_the_table_of_the_others_and_only_this_studys_recipe
     assert "| ResNet-20 A |" in table and "| plain-20 |" not in table
     runs = pd.read_csv(tmp_path / "out" / "provenance.csv")
     assert list(runs.model) == ["resnet20"] and list(runs.iterations) == [10]  # not the earlier 12-iteration run
+
+
+def test_the_studys_paper_column_is_the_reports_reference():
+    """ResNet-110's Table 6 entry is 6.43 (best of 5) with 6.61 ± 0.16 (mean of 5): the study, which
+    prints a mean over seeds, shows the paper's mean, as the report does; nets without a number get none."""
+    args = study.parse_args(["--budget", "full", "--models", "resnet110", "resnet20", "plain20"])
+    configs = {m: load_config(study.CONFIGS / f"{m}.yaml", study.run_overrides(args)) for m in args.models}
+    rows = {r["model"]: r for r in study.compare(args, configs).rows}  # no runs yet: the paper's numbers only
+    assert rows["resnet110"]["paper"] == 6.61 and rows["resnet20"]["paper"] == 8.75 and math.isnan(rows["plain20"]["paper"])
+    assert all(r["n"] == 0 for r in rows.values())
