@@ -105,9 +105,10 @@ class CifarResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # He initialisation [13] (§3.4, used again in §4.2) on every conv. The paper does not say
-        # how the FC layer is initialised; we use the same He-normal init with zero bias, as the
-        # public CIFAR models do. BN starts at the identity (weight 1, bias 0).
+        # He initialisation [13] (§3.4, used again in §4.2) on every conv, in its fan_out form (the
+        # paper allows fan_in or fan_out). The paper does not say how the FC layer is initialised; we
+        # use the same He-normal (fan_out: std sqrt(2/10)) with zero bias. Public CIFAR models differ
+        # here (fan_in He-normal, or PyTorch's default uniform). BN starts at the identity (weight 1, bias 0).
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
