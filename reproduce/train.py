@@ -375,7 +375,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        previous = self._previous.get(signum)
+        previous = getattr(self, "_previous", {}).get(signum)  # not yet set while __init__ installs the handlers
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)  # a caller's own handler (a sweep's, between its runs) hears it too
 
