@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import re
 
+import pytest
+
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("reliability", REPO / "tools" / "reliability.py")
@@ -96,3 +98,27 @@ def test_fault_files_split_in_several_are_all_read(tmp_path):
     assert stmts["test_faults_train::test_c"] == {}  # undocumented, yet a fault test: its row shows the gaps
     assert copy.node_ids(stmts) == [str(tests / "test_faults_data.py"), str(tests / "test_faults_train.py"),
                                     str(tests / "test_ffcv.py") + "::test_d"]
+
+
+def test_a_spurious_ast_systemerror_is_retried(monkeypatch):
+    """CPython 3.11's AST constructor shares its recursion counter between threads, so a parse
+    can fail once with "AST constructor recursion depth mismatch" (it did, mid-suite): the
+    docstrings are still read. A SystemError that persists is not hidden."""
+    real_parse, calls = reliability.ast.parse, []
+
+    def flaky(source, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=129, after=149)")
+        return real_parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(reliability.ast, "parse", flaky)
+    stmts = reliability.statements()
+    assert len(calls) > 1 and any(FAULT_KEY.match(k) for k in stmts)
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("AST constructor recursion depth mismatch")
+
+    monkeypatch.setattr(reliability.ast, "parse", broken)
+    with pytest.raises(SystemError, match="recursion depth mismatch"):
+        reliability.statements()

@@ -35,8 +35,22 @@ FAULT_SUITES = tuple(sorted((REPO / "tests").glob("test_faults*.py")))
 SUITES = (*FAULT_SUITES, *(REPO / "tests" / f"{name}.py" for name in ("test_ffcv", "test_sweep", "test_slurm")))
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse, retried: CPython 3.11 keeps the AST constructor's recursion counter per
+    interpreter, not per thread, so a parse that races another thread's (a library's background
+    thread in the same pytest process) can fail with a spurious "SystemError: AST constructor
+    recursion depth mismatch" (python/cpython#106905). The counter is reset on each call."""
+    for attempt in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _tests(suite: Path) -> list[ast.FunctionDef]:
-    return [n for n in ast.parse(suite.read_text()).body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    return [n for n in _parse(suite.read_text()).body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
 
 
 def statements() -> dict[str, dict[str, str]]:

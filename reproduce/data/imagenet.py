@@ -20,9 +20,12 @@ PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 MEAN = (0.485, 0.456, 0.406)  # ImageNet channel statistics on [0, 1] pixels
 STD = (0.229, 0.224, 0.225)
-TEST_SHORT_SIDE = 256  # both protocols resize the shorter side to 256 (paper §3.4, Tables 2-3)
+# center224 and tencrop resize the shorter side to 256 first. The paper says only "the standard 10-crop
+# testing [21]" (§3.4); 256 is that standard's side (AlexNet [21], fb.resnet.torch), not a number the paper gives.
+TEST_SHORT_SIDE = 256
 # multiscale (§3.4, Table 4): the whole image with its shorter side at each of these (at crop 224), and
-# its mirror image, as VGG [41] averages over flips too; the net runs fully convolutionally on each.
+# its mirror image, as VGG [41] averages over flips too (the paper does not say it does); the net runs
+# fully convolutionally on each.
 MULTISCALE_SIDES = (224, 256, 384, 480, 640)
 
 
