@@ -40,6 +40,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+class JoinFailed(RuntimeError):
+    """The process group could not be formed (rendezvous store, NCCL or gloo): the job's
+    environment failed, not its config."""
+
+
 def launch_env() -> tuple[str, int, int, int]:
     """(launcher, rank, local_rank, world_size) from the environment, without side effects."""
     env = os.environ
@@ -64,14 +69,22 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     if world > 1:
         if launcher == "srun":
             _srun_rendezvous_env()
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            store=_store(rank, world, timeout_s),
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if use_cuda else None,
-        )
+        backend = "nccl" if use_cuda else "gloo"
+        try:
+            dist.init_process_group(
+                backend=backend,
+                store=_store(rank, world, timeout_s),
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=dev if use_cuda else None,
+            )
+        except (RuntimeError, OSError, ValueError, KeyError) as err:  # torch's DistError family is RuntimeError
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            raise JoinFailed(f"rank {rank} of {world} could not join the {backend} process group at {where} within "
+                             f"{timeout_s:g} s ({type(err).__name__}: {first}); check that every rank was started, "
+                             "MASTER_ADDR/MASTER_PORT reach rank 0, and the network") from err
     info = DistInfo(rank, local_rank, world, dev, launcher, os.environ.get("SLURM_JOB_ID"))
     _quiet_other_ranks(info)
     return info

@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = eval_config(args, world_size)
         info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
+    except distributed.JoinFailed as err:  # the environment failed, not the command
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -75,7 +75,10 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size)
         info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
-    except (ConfigError, RuntimeError) as err:
+    except distributed.JoinFailed as err:  # the environment failed (rendezvous, network): not a bad config
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, RuntimeError) as err:  # a config this machine cannot run (run.device=cuda, no GPU)
         print(f"error: {err}", file=sys.stderr)
         return 2
     lock = None

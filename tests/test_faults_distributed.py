@@ -4,6 +4,9 @@ Every test here injects one fault for real; its docstring's Fault / Injected / S
 go into results/reliability.md (tools/reliability.py)."""
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -11,7 +14,7 @@ import pytest
 
 from reproduce import checkpoint
 from tests.conftest import tiny_overrides
-from tests.faults import _same_weights, _steps, _torchrun, _wait_for, _worker
+from tests.faults import CIFAR, TRAIN, _env, _same_weights, _steps, _torchrun, _wait_for, _worker
 
 
 # --- 1. a rank killed ---------------------------------------------------------------------
@@ -74,3 +77,26 @@ def test_stalled_rank_fails_the_job_naming_it(cifar_tar, tmp_path):
     assert run.info.status == "FAILED"
     for path in checkpoint.list_checkpoints(tmp_path / "stall"):
         assert checkpoint.verify(path) is None
+
+
+# --- 3. a rank that cannot join -----------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_rank_that_cannot_join_fails_in_one_line_not_as_a_bad_config(cifar_tar, tmp_path):
+    """Fault: the process group cannot form (rank 0 never started, a wrong MASTER_ADDR/PORT, a firewall).
+    Injected: rank 1 of 2 started alone, its MASTER_PORT on 127.0.0.1 with nothing listening; run.collective_timeout_s=3.
+    Suite: after the timeout it exits 1 (failed, as SLURM's launcher reports it), not 2 (bad config), with one line naming rank, backend, address and what to check.
+    Lost: nothing: no run directory and no MLflow run are made."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run", "run.collective_timeout_s": 3})
+    env = _env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.run([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"rank 1 of 2 could not join the gloo process group at 127.0.0.1:{port} within 3 s" in errors[0]
+    assert "MASTER_ADDR/MASTER_PORT" in errors[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
