@@ -150,6 +150,27 @@ def check_architecture(state: dict[str, Any], model_cfg, path: Path) -> None:
                               "set run.dir to another folder or model.* to the checkpoint's")
 
 
+# Config keys a resume may change: where things lie, how fast they load, how the run is kept
+# (run.*: the checkpoint's numerics win anyway) -- the same keys Config.recipe_hash leaves out.
+RESUME_MAY_CHANGE = ("experiment", "run.", "data.path", "data.workers", "eval.batch_size", "eval.every")
+
+
+def check_recipe(state: dict[str, Any], cfg, path: Path) -> None:
+    """CheckpointError, in one line naming each changed key with both values, when `state` was
+    trained with another recipe or seed than `cfg` (possible under an explicit run.dir: the default
+    one is named after the recipe hash). Resuming would mix two recipes in one MLflow run whose
+    params keep the first. Keys an older checkpoint does not know are not compared."""
+    from reproduce.config import _flatten
+
+    then = dict(_flatten(state.get("config") or {}))
+    now = dict(_flatten(cfg.model_dump(mode="json")))
+    changed = [k for k in now if k in then and now[k] != then[k] and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        pairs = ", ".join(f"{k} {then[k]!r} -> {now[k]!r}" for k in changed)
+        raise CheckpointError(f"checkpoint {path} was trained with another recipe ({pairs}); resume with the same "
+                              "settings, or set run.dir to another folder to start a new run")
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

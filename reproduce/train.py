@@ -192,6 +192,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     state = checkpoint.load(latest, verified=True) if latest is not None else None  # rank 0 checked the digest
     if state is not None:
         checkpoint.check_architecture(state, cfg.model, latest)  # never load weights into another network
+        checkpoint.check_recipe(state, cfg, latest)  # nor continue a run with another recipe (explicit run.dir)
     # The MLflow run the checkpoints continue: in this store, trained on this data; its status.
     logged = distributed.agree(lambda: check_resumable(state["mlflow_run_id"], latest, data.fingerprint), info) \
         if state is not None and state.get("mlflow_run_id") else None

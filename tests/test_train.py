@@ -65,6 +65,36 @@ def test_one_process_run_is_logged_and_checkpointed(cifar_tar):
     assert len(_runs()) == 1 and checkpoint.list_checkpoints(cfg.run_dir()) == saved
 
 
+def test_resume_with_another_recipe_under_an_explicit_run_dir_is_refused(cifar_tar, tmp_path, monkeypatch, capsys):
+    """A run directory given by hand is not named after the recipe: continuing its checkpoint with
+    another lr, schedule or seed would mix two recipes in one MLflow run (whose params keep the
+    first). Refused in one line naming the keys; where the data lies and run.* may change."""
+    first = tiny_overrides(cifar_tar, iterations=4, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100})
+    real_lr_at = sigterm_during(monkeypatch, 1)
+    assert train.main(["--config", str(CIFAR), *first]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    saved = checkpoint.list_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == ["ckpt-00000002.pt"]
+    capsys.readouterr()
+    changed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100,
+                                                         "optim.lr": 0.05, "seed": 3})
+    assert train.main(["--config", str(CIFAR), *changed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: checkpoint "), err
+    for pair in ("seed 0 -> 3", "optim.lr 0.1 -> 0.05", "schedule.iterations 4 -> 8", "schedule.milestones [2] -> [4]"):
+        assert pair in err, (pair, err)
+    (run,) = _runs()
+    assert run.info.status == "KILLED" and checkpoint.list_checkpoints(tmp_path / "run") == saved
+    # The same recipe from another copy of the data, with other run.* settings, resumes.
+    copy = tmp_path / "copy.tar.gz"
+    copy.write_bytes(cifar_tar.read_bytes())
+    same = tiny_overrides(copy, iterations=4, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100,
+                                                 "run.log_every": 2, "data.workers": 1, "eval.batch_size": 32})
+    assert train.main(["--config", str(CIFAR), *same]) == 0
+    (run,) = _runs()
+    assert run.info.status == "FINISHED"
+
+
 def test_resume_after_sigterm_is_bitwise_identical(cifar_tar, tmp_path, monkeypatch):
     """8 iterations straight == 4, SIGTERM (run KILLED, checkpoint written), resume 4 more."""
     straight = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100})
