@@ -150,9 +150,15 @@ def check_architecture(state: dict[str, Any], model_cfg, path: Path) -> None:
                               "set run.dir to another folder or model.* to the checkpoint's")
 
 
-# Config keys a resume may change: where things lie, how fast they load, how the run is kept
-# (run.*: the checkpoint's numerics win anyway) -- the same keys Config.recipe_hash leaves out.
-RESUME_MAY_CHANGE = ("experiment", "run.", "data.path", "data.workers", "eval.batch_size", "eval.every")
+# Config keys a resume may change -- the ones Config.recipe_hash leaves out, less the experiment
+# (the MLflow run lives in one): where the data lies, how fast it loads, how often the run is
+# evaluated and kept. Of run.*, the numerics (amp, deterministic) are part of the recipe.
+RESUME_MAY_CHANGE = ("run.", "data.path", "data.workers", "eval.batch_size", "eval.every")
+RECIPE_RUN_KEYS = ("run.amp", "run.deterministic")
+
+
+def _may_change(key: str) -> bool:
+    return key.startswith(RESUME_MAY_CHANGE) and key not in RECIPE_RUN_KEYS
 
 
 def check_recipe(state: dict[str, Any], cfg, path: Path) -> None:
@@ -164,7 +170,7 @@ def check_recipe(state: dict[str, Any], cfg, path: Path) -> None:
 
     then = dict(_flatten(state.get("config") or {}))
     now = dict(_flatten(cfg.model_dump(mode="json")))
-    changed = [k for k in now if k in then and now[k] != then[k] and not k.startswith(RESUME_MAY_CHANGE)]
+    changed = [k for k in now if k in then and now[k] != then[k] and not _may_change(k)]
     if changed:
         pairs = ", ".join(f"{k} {then[k]!r} -> {now[k]!r}" for k in changed)
         raise CheckpointError(f"checkpoint {path} was trained with another recipe ({pairs}); resume with the same "

@@ -82,8 +82,8 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         except (RuntimeError, OSError, ValueError, KeyError) as err:  # torch's DistError family is RuntimeError
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
-            raise JoinFailed(f"rank {rank} of {world} could not join the {backend} process group at {where} within "
-                             f"{timeout_s:g} s ({type(err).__name__}: {first}); check that every rank was started, "
+            raise JoinFailed(f"rank {rank} of {world} could not join the {backend} process group at {where} "
+                             f"({type(err).__name__}: {first}); check that every rank was started, that "
                              "MASTER_ADDR/MASTER_PORT reach rank 0, and the network") from err
     info = DistInfo(rank, local_rank, world, dev, launcher, os.environ.get("SLURM_JOB_ID"))
     _quiet_other_ranks(info)

@@ -13,7 +13,8 @@
 # shell requeues the job (`scontrol requeue`). The requeued job runs the same command, so it
 # resumes from that checkpoint into the same MLflow run. TERM (scancel, preemption) is passed on
 # the same way, but the job is not requeued: it was cancelled, or the cluster requeues it. A job
-# that finished (0) or failed (1: non-finite loss, 2: bad config or data) is never requeued.
+# that finished (0) or failed (1: non-finite loss, a stalled rank, a process group that could not
+# form; 2: bad config or data) is never requeued.
 # The last lines of a job's log say "exit status N" and what was done about it.
 #
 # Settings, from the environment (sbatch hands the submitting shell's environment to the job):

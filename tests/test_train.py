@@ -77,11 +77,12 @@ def test_resume_with_another_recipe_under_an_explicit_run_dir_is_refused(cifar_t
     assert [p.name for p in saved] == ["ckpt-00000002.pt"]
     capsys.readouterr()
     changed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100,
-                                                         "optim.lr": 0.05, "seed": 3})
-    assert train.main(["--config", str(CIFAR), *changed]) == 2
+                                                         "optim.lr": 0.05, "seed": 3, "run.deterministic": "false"})
+    assert train.main(["--config", str(CIFAR), *changed, "experiment=other"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: checkpoint "), err
-    for pair in ("seed 0 -> 3", "optim.lr 0.1 -> 0.05", "schedule.iterations 4 -> 8", "schedule.milestones [2] -> [4]"):
+    for pair in ("experiment 'cifar10' -> 'other'", "seed 0 -> 3", "optim.lr 0.1 -> 0.05", "schedule.iterations 4 -> 8",
+                 "schedule.milestones [2] -> [4]", "run.deterministic True -> False"):
         assert pair in err, (pair, err)
     (run,) = _runs()
     assert run.info.status == "KILLED" and checkpoint.list_checkpoints(tmp_path / "run") == saved
