@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 28: CIFAR-10 Table 6 at the paper's protocol on a CPU, one run after another, in order:
+# ResNet-20 seeds 0 1 2, plain-20 s0, ResNet-32 s0, plain-32 s0. All 50k training images
+# (data.val_split=0), two processes of one thread each (torchrun, gloo): BN over 64 images as on the
+# paper's two GPUs; bf16 autocast, channels_last; the full schedule of each config.
+#
+#   tools/table6.sh [WORKDIR]     (default /work/fidelity; its mlflow.db and runs/ are the study's)
+#
+# Idempotent: a finished run is skipped in seconds, a stopped one resumes from its newest checkpoint.
+# SIGTERM stops the current run with a checkpoint (exit 143) and ends the queue. CODE=DIR runs the
+# train.py of another checkout (a worktree at a fixed commit, so edits here cannot change a run).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-/work/fidelity}
+code=${CODE:-$here}
+data=${REPRODUCE_CIFAR10:-$here/../shared/data/cifar10-jpeg.tar.gz}
+python=${PYTHON:-$here/.venv/bin/python}
+mkdir -p "$work"
+cd "$work"
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$work/mlflow.db}
+queue=("resnet20 0" "resnet20 1" "resnet20 2" "plain20 0" "resnet32 0" "plain32 0")
+for item in "${queue[@]}"; do
+  read -r model seed <<<"$item"
+  echo "== $model seed $seed ($(date -u +%FT%TZ))"
+  status=0
+  "$python" -m reproduce.torchrun --nproc_per_node 2 "$code/reproduce/train.py" \
+      --config "$code/configs/cifar10/$model.yaml" experiment=cifar10-table6 seed="$seed" \
+      data.path="$data" data.loader=gpu data.val_split=0 run.device=cpu \
+      run.amp=true run.channels_last=true run.progress=false || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "== $model seed $seed ended with exit status $status; the queue stops here"
+    exit "$status"
+  fi
+done
+echo "== queue done"
