@@ -14,6 +14,8 @@
   reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
   reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
   reproduce bench-matrix [--models M...] training images/s over precision x channels_last x compile x input
+  reproduce park RUN_DIR... --to DIR   carry an unfinished run (newest checkpoint + MLflow record) to another machine
+  reproduce unpark DIR...              put a parked run back (checkpoint, MLflow run) to resume it here
   reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
   reproduce doctor [--json] [--data PATH]   what this machine can do for the suite; exit 1 naming what a job lacks
 """
@@ -40,6 +42,8 @@ COMMANDS = {
     "bench": "reproduce.bench.overhead:main",
     "bench-loaders": "reproduce.bench.loaders:main",
     "bench-matrix": "reproduce.bench.matrix:main",
+    "park": "reproduce.runs.park:park_main",
+    "unpark": "reproduce.runs.park:unpark_main",
     "sync": "reproduce.tracking:sync_main",
     "doctor": "reproduce.doctor:main",
 }

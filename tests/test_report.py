@@ -48,19 +48,20 @@ def _curve(final: float, seed: int, iterations: int, every: int) -> list[tuple[i
     return [(s, final + (40.0 + seed) * (1 - s / iterations)) for s in steps]
 
 
-def log_runs(client: mlflow.MlflowClient | None = None) -> dict:
-    """The RUNS through the MLflow client as train.py would log them; returns the histories."""
+def log_runs(client: mlflow.MlflowClient | None = None, runs: list = RUNS, **extra_tags: str) -> dict:
+    """`runs` (default RUNS) through the MLflow client as train.py would log them; returns the histories."""
     client = client or mlflow.MlflowClient()
     exp_id = client.create_experiment("cifar10")
     histories = {}
-    for model, recipe, seed, status, final, iterations in RUNS:
+    for model, recipe, seed, status, final, iterations in runs:
         shortcut = "None" if model.startswith("plain") else "A"
         tags = {"reproduce.model": model, "reproduce.study": "cifar10", "reproduce.recipe": recipe,
                 "reproduce.seed": str(seed), "reproduce.git_commit": "abc123", "reproduce.git_dirty": "false",
                 "reproduce.torch": "2.14.1", "reproduce.cuda": "None", "reproduce.host": "testhost",
                 "reproduce.gpu": "none", "reproduce.world_size": "1", "reproduce.launcher": "python",
                 "reproduce.slurm_job_id": "", "reproduce.data_fingerprint": "f00d", "reproduce.data": DATA,
-                "reproduce.eval_protocol": "single", "reproduce.run_dir": f"/runs/{model}-s{seed}-{recipe}"}
+                "reproduce.eval_protocol": "single", "reproduce.run_dir": f"/runs/{model}-s{seed}-{recipe}",
+                **{f"reproduce.{k}": v for k, v in extra_tags.items()}}
         params = {"model.name": model, "model.shortcut": shortcut, "model.variant": "v1", "seed": seed,
                   "data.dataset": "cifar10", "eval.protocol": "single", "schedule.iterations": iterations}
         run = client.create_run(exp_id, tags=tags, run_name=f"{model}-s{seed}")
@@ -282,3 +283,33 @@ def test_fig6_draws_resnet110_against_1202_and_marks_single_points():
     assert "ResNet-1202 A|train" not in {line.get_gid() for line in fig.axes[1].get_lines()}
     assert third["ResNet-1202 A|test_top1_err"].get_marker() == "o" and third["ResNet-110 A|train"].get_marker() in (None, "None", "")
     assert list(third["ResNet-110 A|train"].get_xdata()) == [0.1, 6.4] and fig.axes[0].get_xlabel() == "iter. (1e4)"
+
+
+def test_with_export_adds_runs_from_another_store_and_a_carried_run_replaces_its_original(tmp_path, monkeypatch, store):
+    export = tmp_path / "runs.json"
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "a"), "--export", str(export), "--no-mlflow"]) == 0
+    exported = report.runs.read_export(export)["runs"]
+    # Another machine: a fresh store holding one run carried there from the first (reproduce unpark).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'second.db'}")
+    carried = next(r for r in exported if r["tags"]["reproduce.model"] == "resnet20" and r["status"] == "FAILED")
+    log_runs(runs=[("resnet20", "r20", 2, "FINISHED", 11.0, FULL)], imported_from=carried["run_id"])
+    merged = tmp_path / "merged.json"
+    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "b"), "--with-export", str(export),
+                        "--export", str(merged), "--no-mlflow"]) == 0
+    runs = report.runs.read_export(merged)["runs"]
+    assert len(runs) == len(exported)  # the carried run replaced its original, nothing else was lost or doubled
+    assert carried["run_id"] not in {r["run_id"] for r in runs}
+    table = pd.read_csv(tmp_path / "b" / "table.csv")
+    row = table[(table["model"] == "resnet20") & (table["metric"] == "test_top1_err")].iloc[0]
+    assert row["n"] == 3 and row["mean"] == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": "reproduce-runs/1"}', '{"format": "x", "runs": []}',
+                                  '{"format": "reproduce-runs/1", "stu'])
+def test_a_file_that_is_not_an_export_is_refused_in_one_line(text, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert report.main(["--from-export", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "--export FILE" in err
+    assert not (tmp_path / "o").exists()

@@ -4,20 +4,47 @@
 # (data.val_split=0), two processes of one thread each (torchrun, gloo): BN over 64 images as on the
 # paper's two GPUs; bf16 autocast, channels_last; the full schedule of each config.
 #
-#   tools/table6.sh [WORKDIR]     (default /work/fidelity; its mlflow.db and runs/ are the study's)
+#   tools/table6.sh run  [WORKDIR]   unpark what pending/cifar10-table6/ holds, then train the queue
+#   tools/table6.sh park [WORKDIR]   park every unfinished run into pending/cifar10-table6/ (finished
+#                                    ones leave it) and rebuild results/cifar10/table6/ from the store
+#                                    and the runs finished in earlier stores; then commit both folders
 #
-# Idempotent: a finished run is skipped in seconds, a stopped one resumes from its newest checkpoint.
-# SIGTERM stops the current run with a checkpoint (exit 143) and ends the queue. CODE=DIR runs the
-# train.py of another checkout (a worktree at a fixed commit, so edits here cannot change a run).
+# WORKDIR (default /work/fidelity) holds the study's mlflow.db and runs/. `run` is idempotent: a
+# finished run is skipped in seconds, a stopped one resumes from its newest checkpoint. SIGTERM stops
+# the current run with a checkpoint (exit 143) and ends the queue. CODE=DIR runs the train.py of
+# another checkout (a worktree at a fixed commit, so edits here cannot change a run).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-work=${1:-/work/fidelity}
+action=${1:?usage: tools/table6.sh run|park [WORKDIR]}
+work=${2:-/work/fidelity}
 code=${CODE:-$here}
 data=${REPRODUCE_CIFAR10:-$here/../shared/data/cifar10-jpeg.tar.gz}
 python=${PYTHON:-$here/.venv/bin/python}
+pending=$here/pending/cifar10-table6
+results=$here/results/cifar10/table6
 mkdir -p "$work"
 cd "$work"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$work/mlflow.db}
+reproduce() { PYTHONPATH=$here "$python" -m reproduce.cli "$@"; }
+
+case $action in
+park)
+  shopt -s nullglob
+  dirs=(runs/cifar10-table6/*/)
+  [ ${#dirs[@]} -eq 0 ] || reproduce park "${dirs[@]%/}" --to "$pending"
+  with=()
+  [ -f "$results/runs.json" ] && with=(--with-export "$results/runs.json")
+  mkdir -p "$results"
+  reproduce report --study cifar10 --experiment cifar10-table6 "${with[@]}" --export "$results/runs.json" \
+      --out "$results" --no-mlflow
+  exit 0 ;;
+run) ;;
+*) echo "usage: tools/table6.sh run|park [WORKDIR]" >&2; exit 2 ;;
+esac
+
+shopt -s nullglob
+parked=("$pending"/*/)
+[ ${#parked[@]} -eq 0 ] || reproduce unpark "${parked[@]%/}"
 queue=("resnet20 0" "resnet20 1" "resnet20 2" "plain20 0" "resnet32 0" "plain32 0")
 for item in "${queue[@]}"; do
   read -r model seed <<<"$item"

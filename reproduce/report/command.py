@@ -4,6 +4,9 @@
   reproduce report --study imagenet --experiment NAME --out DIR
   reproduce report --study cifar10 --export runs.json    also save the runs for an offline rebuild
   reproduce report --from-export runs.json               rebuild without MLflow
+  reproduce report --study cifar10 --with-export runs.json --export runs.json
+                                                         MLflow's runs together with an export's (runs finished
+                                                         in another store), and the union saved again
 
 Writes into results/<study>/ (relative to the working directory) or --out:
   table.md / table.csv   ours (mean ± std over seeds) next to results/paper.csv, per model
@@ -33,7 +36,7 @@ import pandas as pd
 
 from reproduce.io import atomic_write_bytes, atomic_write_text
 from reproduce.report.figures import depth_curves, png, response_figure
-from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, read_export, select_runs, write_export
+from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, merge_runs, read_export, select_runs, write_export
 from reproduce.report.tables import PAPER_CSV, build_table, load_paper, markdown, provenance
 
 
@@ -45,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default results/<study>)")
     parser.add_argument("--from-export", type=Path, metavar="FILE", help="read the runs from an export, not MLflow")
     parser.add_argument("--export", type=Path, metavar="FILE", help="also write the runs read to FILE (JSON)")
+    parser.add_argument("--with-export", type=Path, metavar="FILE", help="add the runs of an export to MLflow's "
+                        "(a run in both: MLflow's record; one carried by `reproduce unpark` replaces its original)")
     parser.add_argument("--paper", type=Path, default=PAPER_CSV, help="reference numbers (default results/paper.csv)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not store the report in the tracking store (by "
                         "default, read from MLflow, it becomes the artifacts of the run report-<study> in the experiment)")
@@ -81,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs = load_mlflow_runs(experiment, study)
         source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
+        if args.with_export:
+            try:
+                doc = read_export(args.with_export)
+            except (OSError, ValueError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            if doc["study"] != study:
+                print(f"error: {args.with_export} holds {doc['study']} runs, not {study}", file=sys.stderr)
+                return 2
+            runs = merge_runs(runs, doc["runs"])
+            source += f" and the export {args.with_export} (exported {doc['exported_at']})"
     if args.export:
         try:
             write_export(args.export, runs, study, experiment)

@@ -75,10 +75,32 @@ def write_export(path: Path, runs: list[dict], study: str, experiment: str) -> N
 
 
 def read_export(path: Path) -> dict:
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path} is not a `reproduce report --export` file (format {doc.get('format')!r})")
+    """The export at `path`; ValueError in one line naming the file and the fix when it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); write it again with "
+                         "`reproduce report --study S --export FILE`") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or not isinstance(doc.get("runs"), list) \
+            or "study" not in doc:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path} is not a `reproduce report --export` file (format {EXPORT_FORMAT} expected, found "
+                         f"{found!r}); write one with `reproduce report --study S --export FILE`")
+    doc.setdefault("experiment", doc["study"])
+    doc.setdefault("exported_at", "?")
     return doc
+
+
+def merge_runs(*sources: list[dict]) -> list[dict]:
+    """The runs of several sources (MLflow, exports) as one list: a run id seen twice keeps the
+    first source's record, and a run carried to another store by `reproduce park` / `unpark`
+    (tag reproduce.imported_from) replaces the record it was imported from."""
+    seen: dict[str, dict] = {}
+    for runs in sources:
+        for run in runs:
+            seen.setdefault(run["run_id"], run)
+    replaced = {run["tags"].get("reproduce.imported_from") for run in seen.values()}
+    return [run for run_id, run in seen.items() if run_id not in replaced]
 
 
 # ---------------------------------------------------------------------------- choosing runs
