@@ -12,6 +12,7 @@ missing or wrong (truncated, bit-flipped) is set aside as `*.corrupt` (never del
 the previous one is used. Files are read with `torch.load(weights_only=True)`: a
 checkpoint file from elsewhere cannot run code.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -103,22 +104,36 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
-                              "move it out of the run directory to start over from the previous one") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
+            "move it out of the run directory to start over from the previous one"
+        ) from None
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return state
 
 
-def contents(model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int, mlflow_run_id: str | None,
-             cfg, git, numerics) -> dict[str, Any]:
+def contents(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    mlflow_run_id: str | None,
+    cfg,
+    git,
+    numerics,
+) -> dict[str, Any]:
     """Everything a resumed run needs, from the unwrapped model (never a DDP or compiled
     wrapper, whose key names differ). bf16 autocast needs no loss scaling, so there is no
     GradScaler state to keep. `cfg` is the run's Config, `git` its provenance.GitState,
     `numerics` its engine.Numerics (a resumed run keeps what `auto` chose)."""
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-        "rng": rng_state(), "mlflow_run_id": mlflow_run_id, "config": cfg.model_dump(mode="json"),
-        "git_commit": git.commit, "architecture": architecture(cfg.model),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "rng": rng_state(),
+        "mlflow_run_id": mlflow_run_id,
+        "config": cfg.model_dump(mode="json"),
+        "git_commit": git.commit,
+        "architecture": architecture(cfg.model),
         "numerics": {"amp": numerics.amp, "channels_last": numerics.channels_last, "how": numerics.how},
     }
 
@@ -128,8 +143,11 @@ def architecture(model_cfg) -> dict[str, Any]:
     from reproduce.models import MODELS
 
     shortcut = model_cfg.shortcut or MODELS[model_cfg.name].default_shortcut
-    return {"name": model_cfg.name, "shortcut": shortcut.value if shortcut else None,
-            "variant": getattr(model_cfg.variant, "value", model_cfg.variant)}
+    return {
+        "name": model_cfg.name,
+        "shortcut": shortcut.value if shortcut else None,
+        "variant": getattr(model_cfg.variant, "value", model_cfg.variant),
+    }
 
 
 def architecture_of(state: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +164,10 @@ def check_architecture(state: dict[str, Any], model_cfg, path: Path) -> None:
     found, want = architecture_of(state), architecture(model_cfg)
     if found != want:
         show = lambda a: f"{a['name']} (shortcut {a['shortcut']}, {a['variant']})"  # noqa: E731
-        raise CheckpointError(f"checkpoint {path} holds {show(found)} but the config asks for {show(want)}; "
-                              "set run.dir to another folder or model.* to the checkpoint's")
+        raise CheckpointError(
+            f"checkpoint {path} holds {show(found)} but the config asks for {show(want)}; "
+            "set run.dir to another folder or model.* to the checkpoint's"
+        )
 
 
 # Config keys a resume may change -- the ones Config.recipe_hash leaves out, less the experiment
@@ -173,8 +193,10 @@ def check_recipe(state: dict[str, Any], cfg, path: Path) -> None:
     changed = [k for k in now if k in then and now[k] != then[k] and not _may_change(k)]
     if changed:
         pairs = ", ".join(f"{k} {then[k]!r} -> {now[k]!r}" for k in changed)
-        raise CheckpointError(f"checkpoint {path} was trained with another recipe ({pairs}); resume with the same "
-                              "settings, or set run.dir to another folder to start a new run")
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another recipe ({pairs}); resume with the same "
+            "settings, or set run.dir to another folder to start a new run"
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -203,8 +225,10 @@ def lock_run_dir(run_dir: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RunDirBusy(f"run directory {run_dir} is in use by {holder}; wait for it, stop it, or set run.dir "
-                         "(or seed) to start a separate run") from None
+        raise RunDirBusy(
+            f"run directory {run_dir} is in use by {holder}; wait for it, stop it, or set run.dir "
+            "(or seed) to start a separate run"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

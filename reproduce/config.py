@@ -5,6 +5,7 @@ through the same pydantic models, so an unknown key, a wrong type or an impossib
 is refused before anything runs, with one line naming the key, the bad value and the
 closest valid choice (`ConfigError`; the CLI turns it into exit status 2).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -60,11 +61,17 @@ class ModelConfig(Section):
     name: str = Field(description="a name from the model registry (`reproduce models`)")
     shortcut: Shortcut | None = Field(None, description="A, B or C (paper §3.3); null = the model's paper default")
     variant: Variant = Field(Variant.V1, description="bottleneck stride placement: v1 (paper) or v1.5 (torchvision)")
-    init: str | None = Field(None, description="start from these weights (a run dir, checkpoint, state_dict file or "
-                             "torchvision:resnet50.IMAGENET1K_V1; reproduce/weights.py); the classifier is replaced "
-                             "when the number of classes differs; null = He initialisation")
-    init_classifier: bool = Field(True, description="with model.init: take the weights' classifier when it has as many "
-                                  "classes as the data (false: always a new one, for other classes of the same number)")
+    init: str | None = Field(
+        None,
+        description="start from these weights (a run dir, checkpoint, state_dict file or "
+        "torchvision:resnet50.IMAGENET1K_V1; reproduce/weights.py); the classifier is replaced "
+        "when the number of classes differs; null = He initialisation",
+    )
+    init_classifier: bool = Field(
+        True,
+        description="with model.init: take the weights' classifier when it has as many "
+        "classes as the data (false: always a new one, for other classes of the same number)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -88,21 +95,27 @@ class ModelConfig(Section):
             if not re.fullmatch(r"torchvision:resnet\d+\.\w+", init):
                 raise ValueError("give torchvision:resnet<depth>.<WEIGHTS>, e.g. torchvision:resnet50.IMAGENET1K_V1")
         elif not Path(init).exists():
-            raise ValueError("no such file or folder; give a run directory, a checkpoint or state_dict file, "
-                             "or torchvision:resnet50.IMAGENET1K_V1")
+            raise ValueError(
+                "no such file or folder; give a run directory, a checkpoint or state_dict file, "
+                "or torchvision:resnet50.IMAGENET1K_V1"
+            )
         return init
 
     @model_validator(mode="after")
     def _options(self) -> "ModelConfig":
         check_model_options(self.name, self.shortcut, self.variant)
         if not self.init_classifier and self.init is None:
-            raise ValueError("model.init_classifier=false needs model.init (without it every layer is newly initialised)")
+            raise ValueError(
+                "model.init_classifier=false needs model.init (without it every layer is newly initialised)"
+            )
         return self
 
 
 class DataConfig(Section):
-    dataset: Literal["cifar10", "imagenet", "folder"] = Field(description="folder: any train/<class>/*, val/<class>/* "
-                                                            "tree or .tar.gz of one, with the model family's transforms")
+    dataset: Literal["cifar10", "imagenet", "folder"] = Field(
+        description="folder: any train/<class>/*, val/<class>/* "
+        "tree or .tar.gz of one, with the model family's transforms"
+    )
     path: Path | None = Field(
         None,
         description="CIFAR-10: a cifar-10-batches-py folder, an image-folder tree or a .tar.gz of one; "
@@ -116,12 +129,22 @@ class DataConfig(Section):
         "device: ImageNet JPEGs read by workers, decoded in batches and augmented on run.device (nvJPEG on a GPU)",
     )
     val_split: int = Field(0, ge=0, description="images held out of train as the validation split")
-    workers: int = Field(4, ge=0, description="per rank: DataLoader worker processes (torchvision), decoding threads "
-                         "(ffcv, at least 1); unused by gpu")
+    workers: int = Field(
+        4,
+        ge=0,
+        description="per rank: DataLoader worker processes (torchvision), decoding threads "
+        "(ffcv, at least 1); unused by gpu",
+    )
     augment: bool = Field(True, description="the paper's training augmentation")
-    scale: tuple[int, int] = Field((256, 480), description="ImageNet: shorter side drawn uniformly from [lo, hi] (§3.4)")
-    crop: int = Field(224, gt=0, description="ImageNet: training / test crop size in pixels; an image folder: the "
-                      "input size (default 224, or 32 for a CIFAR network)")
+    scale: tuple[int, int] = Field(
+        (256, 480), description="ImageNet: shorter side drawn uniformly from [lo, hi] (§3.4)"
+    )
+    crop: int = Field(
+        224,
+        gt=0,
+        description="ImageNet: training / test crop size in pixels; an image folder: the "
+        "input size (default 224, or 32 for a CIFAR network)",
+    )
     lighting: float = Field(0.1, ge=0, description="ImageNet: std of AlexNet PCA colour augmentation (0 = off)")
     train_crop: Literal["scale", "random_resized"] = Field(
         "scale",
@@ -147,11 +170,17 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _loader_fits(self) -> "DataConfig":
         if self.loader == "gpu" and self.dataset != "cifar10":
-            raise ValueError("data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv, device or torchvision")
+            raise ValueError(
+                "data.loader=gpu holds CIFAR-10 on the device; for imagenet use ffcv, device or torchvision"
+            )
         if self.loader == "device" and self.dataset != "imagenet":
-            raise ValueError("data.loader=device decodes ImageNet-style JPEG folders; for cifar10 use gpu, ffcv or torchvision")
+            raise ValueError(
+                "data.loader=device decodes ImageNet-style JPEG folders; for cifar10 use gpu, ffcv or torchvision"
+            )
         if self.loader == "ffcv" and self.normalize == Normalize.IMAGENET:
-            raise ValueError("data.normalize=imagenet is not in the .beton manifests; use data.loader=torchvision or gpu")
+            raise ValueError(
+                "data.normalize=imagenet is not in the .beton manifests; use data.loader=torchvision or gpu"
+            )
         if self.loader == "ffcv" and self.path is None and not self.synthetic:
             raise ValueError("data.loader=ffcv needs data.path=DIR, a folder written by `reproduce prepare`")
         return self
@@ -163,15 +192,21 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     nesterov: bool = False
-    pretrained_lr_scale: float = Field(1.0, ge=0, description="lr multiplier of the layers model.init provides "
-                                       "(0 = frozen); a replaced classifier trains at optim.lr")
+    pretrained_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        description="lr multiplier of the layers model.init provides "
+        "(0 = frozen); a replaced classifier trains at optim.lr",
+    )
 
     @field_validator("batch_size")
     @classmethod
     def _divisible(cls, batch: int, info: ValidationInfo) -> int:
         world = (info.context or {}).get("world_size", 1)
         if batch % world:
-            raise ValueError(f"not divisible by the {world} processes; nearest valid is {max(world, round(batch / world) * world)}")
+            raise ValueError(
+                f"not divisible by the {world} processes; nearest valid is {max(world, round(batch / world) * world)}"
+            )
         return batch
 
 
@@ -188,49 +223,79 @@ class ScheduleConfig(Section):
         if steps != sorted(set(steps)) or any(m <= 0 for m in steps):
             raise ValueError(f"schedule.milestones must be positive and strictly increasing, got {steps}")
         if steps and steps[-1] >= self.iterations:
-            raise ValueError(f"schedule.milestones: milestone {steps[-1]} is not below schedule.iterations={self.iterations}")
+            raise ValueError(
+                f"schedule.milestones: milestone {steps[-1]} is not below schedule.iterations={self.iterations}"
+            )
         if self.warmup_iterations and self.warmup_lr is None:
             raise ValueError("schedule.warmup_iterations is set but schedule.warmup_lr is null")
         if steps and self.warmup_iterations >= steps[0]:
-            raise ValueError(f"schedule.warmup_iterations={self.warmup_iterations} must end before the first milestone {steps[0]}")
+            raise ValueError(
+                f"schedule.warmup_iterations={self.warmup_iterations} must end before the first milestone {steps[0]}"
+            )
         return self
 
 
 class EvalConfig(Section):
     every: int = Field(gt=0, description="iterations between evaluations on the validation split")
-    protocol: Protocol = Field(description="final test protocol: single (CIFAR), center224, tencrop or multiscale (ImageNet)")
+    protocol: Protocol = Field(
+        description="final test protocol: single (CIFAR), center224, tencrop or multiscale (ImageNet)"
+    )
     batch_size: int = Field(256, gt=0, description="per-process evaluation batch")
     max_images: int | None = Field(None, gt=0, description="evaluate on the first N images only (smoke tests)")
 
 
 class RunConfig(Section):
-    dir: Path | None = Field(None, description="checkpoints + resolved config; null = runs/<experiment>/<model>-s<seed>-<hash>")
+    dir: Path | None = Field(
+        None, description="checkpoints + resolved config; null = runs/<experiment>/<model>-s<seed>-<hash>"
+    )
     checkpoint_every: int = Field(gt=0, description="iterations between checkpoints (one is always written at the end)")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(50, gt=0, description="iterations between logged training metrics")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool | Literal["auto"] = Field(False, description="bf16 autocast; auto = on where this machine runs it faster "
-                                        "(a CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX, if a short measurement agrees)")
-    channels_last: bool | Literal["auto"] = Field(False, description="NHWC memory layout; auto = whichever a short "
-                                                  "measurement on this machine finds faster")
+    amp: bool | Literal["auto"] = Field(
+        False,
+        description="bf16 autocast; auto = on where this machine runs it faster "
+        "(a CUDA GPU with bf16; a CPU with AVX-512 BF16 or AMX, if a short measurement agrees)",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        False, description="NHWC memory layout; auto = whichever a short measurement on this machine finds faster"
+    )
     compile: bool = Field(False, description="torch.compile the model")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode; reduce-overhead replays each step's kernels as CUDA graphs "
-        "(for the small CIFAR nets, whose steps are launch-bound on a GPU; on a CPU it compiles without graphs)")
+        "default",
+        description="torch.compile mode; reduce-overhead replays each step's kernels as CUDA graphs "
+        "(for the small CIFAR nets, whose steps are launch-bound on a GPU; on a CPU it compiles without graphs)",
+    )
     deterministic: bool = Field(False, description="deterministic kernels (bitwise-repeatable on CPU)")
     progress: bool = Field(True, description="progress bar on rank 0")
-    tracking_flush_s: float = Field(60.0, ge=0, description="at the end, how long to wait for an unreachable MLflow "
-                                    "server before writing unsent metrics to the run directory")
-    collective_timeout_s: float = Field(600.0, gt=0, description="a rank waiting longer than this for the others fails, "
-                                        "naming the stalled rank, instead of hanging")
-    system_metrics: bool | Literal["auto"] = Field("auto", description="MLflow system metrics (system/*: CPU, memory, "
-                                                   "GPU use) every 10 s; auto = on for CUDA jobs, off on the CPU, unless "
-                                                   "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise")
-    log_model: bool = Field(True, description="when the run finishes, log the network as an MLflow model (artifact "
-                            "`model`: mlflow.pytorch.load_model('runs:/<run id>/model'), reproduce evaluate --weights runs:/<run id>)")
-    register_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="also register that model in the MLflow model "
-                                       "registry under this name (a new version per run); null = not registered")
-
+    tracking_flush_s: float = Field(
+        60.0,
+        ge=0,
+        description="at the end, how long to wait for an unreachable MLflow "
+        "server before writing unsent metrics to the run directory",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a rank waiting longer than this for the others fails, naming the stalled rank, instead of hanging",
+    )
+    system_metrics: bool | Literal["auto"] = Field(
+        "auto",
+        description="MLflow system metrics (system/*: CPU, memory, "
+        "GPU use) every 10 s; auto = on for CUDA jobs, off on the CPU, unless "
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise",
+    )
+    log_model: bool = Field(
+        True,
+        description="when the run finishes, log the network as an MLflow model (artifact "
+        "`model`: mlflow.pytorch.load_model('runs:/<run id>/model'), reproduce evaluate --weights runs:/<run id>)",
+    )
+    register_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="also register that model in the MLflow model "
+        "registry under this name (a new version per run); null = not registered",
+    )
 
     @field_validator("dir")
     @classmethod
@@ -242,7 +307,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _compile_mode_needs_compile(self) -> "RunConfig":
         if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"run.compile_mode={self.compile_mode} has no effect while run.compile is false; set run.compile=true")
+            raise ValueError(
+                f"run.compile_mode={self.compile_mode} has no effect while run.compile is false; set run.compile=true"
+            )
         if self.register_model is not None and not self.log_model:
             raise ValueError("run.register_model needs run.log_model=true (the registered version is the logged model)")
         return self
@@ -264,7 +331,12 @@ class Config(Section):
         """data.dataset=folder with a CIFAR network and no data.crop: the network's own 32x32
         input, not the ImageNet default of 224 (49x the compute for the same net)."""
         data, model = (raw.get("data"), raw.get("model")) if isinstance(raw, dict) else (None, None)
-        if isinstance(data, dict) and isinstance(model, dict) and data.get("dataset") == "folder" and "crop" not in data:
+        if (
+            isinstance(data, dict)
+            and isinstance(model, dict)
+            and data.get("dataset") == "folder"
+            and "crop" not in data
+        ):
             spec = MODELS.get(model.get("name"))
             if spec is not None and spec.family == "cifar":
                 return {**raw, "data": {**data, "crop": spec.input_size}}
@@ -275,17 +347,30 @@ class Config(Section):
         family = MODELS[self.model.name].family
         want = "cifar10" if family == "cifar" else "imagenet"
         if self.data.dataset not in (want, "folder"):
-            raise ValueError(f"model {self.model.name} is a network for {want} but data.dataset is {self.data.dataset}; use {want}")
-        allowed = [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP, Protocol.MULTISCALE]
+            raise ValueError(
+                f"model {self.model.name} is a network for {want} but data.dataset is {self.data.dataset}; use {want}"
+            )
+        allowed = (
+            [Protocol.SINGLE] if family == "cifar" else [Protocol.CENTER224, Protocol.TENCROP, Protocol.MULTISCALE]
+        )
         if self.eval.protocol not in allowed:
-            raise ValueError(f"eval.protocol {self.eval.protocol.value} does not apply to {want}; use {allowed[0].value}")
+            raise ValueError(
+                f"eval.protocol {self.eval.protocol.value} does not apply to {want}; use {allowed[0].value}"
+            )
         if self.eval.protocol == Protocol.MULTISCALE and (self.data.loader != "torchvision" or self.data.synthetic):
-            raise ValueError("eval.protocol multiscale needs data.loader=torchvision on real images (whole images of "
-                             "several sizes)")
-        if self.data.dataset == "folder" and (self.data.path is None or self.data.synthetic or self.data.loader != "torchvision"
-                                              or self.data.normalize != Normalize.IMAGENET):
-            raise ValueError("data.dataset=folder needs data.path (train/ and val/ class folders), data.loader=torchvision, "
-                             "data.synthetic=false and data.normalize=imagenet")
+            raise ValueError(
+                "eval.protocol multiscale needs data.loader=torchvision on real images (whole images of several sizes)"
+            )
+        if self.data.dataset == "folder" and (
+            self.data.path is None
+            or self.data.synthetic
+            or self.data.loader != "torchvision"
+            or self.data.normalize != Normalize.IMAGENET
+        ):
+            raise ValueError(
+                "data.dataset=folder needs data.path (train/ and val/ class folders), data.loader=torchvision, "
+                "data.synthetic=false and data.normalize=imagenet"
+            )
         if self.data.dataset == "imagenet" and self.data.path is None and not self.data.synthetic:
             raise ValueError("data.path is required for imagenet (a folder with train/ and val/)")
         return self
@@ -314,16 +399,22 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1, base: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), world_size: int = 1, base: dict | None = None
+) -> Config:
     """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError."""
     raw: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            raise ConfigError(f"config {path} is a folder, not a config file; pick a YAML file in it "
-                              "(e.g. configs/cifar10/resnet20.yaml)")
+            raise ConfigError(
+                f"config {path} is a folder, not a config file; pick a YAML file in it "
+                "(e.g. configs/cifar10/resnet20.yaml)"
+            )
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pick one under configs/ (e.g. configs/cifar10/resnet20.yaml)")
+            raise ConfigError(
+                f"config file {path} not found; pick one under configs/ (e.g. configs/cifar10/resnet20.yaml)"
+            )
         try:
             raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)
         except UnicodeDecodeError as err:
@@ -351,8 +442,9 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -372,7 +464,9 @@ def _apply_override(raw: dict, item: str) -> None:
         if field is None or not isinstance(node.get(part, {}), dict):
             raise ConfigError(_unknown_key(key, ".".join(parents[: parents.index(part)]), part, schema))
         node = node.setdefault(part, {})
-        schema = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        schema = (
+            field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        )
     if schema is not None and leaf not in schema.model_fields:
         raise ConfigError(_unknown_key(key, ".".join(parents), leaf, schema))
     node[leaf] = value
@@ -389,8 +483,9 @@ def _one_line(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     same_field = [e for e in errors if _field_path([str(p) for p in e["loc"] if not isinstance(p, int)]) == loc]
     if len(same_field) > 1 and len(first["loc"]) > len(loc):  # a union (true/false or 'auto'): say every choice
-        msg = " or ".join(e["msg"].removeprefix("Input should be ").replace(", unable to interpret input", "")
-                          for e in same_field)
+        msg = " or ".join(
+            e["msg"].removeprefix("Input should be ").replace(", unable to interpret input", "") for e in same_field
+        )
         msg = f"should be {msg}"
         errors = [e for e in errors if e not in same_field[1:]]
     if first["type"] == "extra_forbidden":
@@ -432,7 +527,9 @@ def _unknown_key(key: str, parent: str, name: str, schema: type[BaseModel] | Non
     valid = list(schema.model_fields) if schema else []
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     prefix = f"{parent}." if parent else ""
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
+    hint = (
+        f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}" if valid else ""
+    )
     return f"unknown key '{key}'{hint}"
 
 
@@ -447,4 +544,3 @@ def _flatten(tree: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-

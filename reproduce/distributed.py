@@ -6,6 +6,7 @@ Three ways to start the same script:
   srun python reproduce/train.py ...                 -> SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID
 Nothing else in the suite reads these variables: it receives a `DistInfo`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -82,9 +83,11 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         except (RuntimeError, OSError, ValueError, KeyError) as err:  # torch's DistError family is RuntimeError
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
-            raise JoinFailed(f"rank {rank} of {world} could not join the {backend} process group at {where} "
-                             f"({type(err).__name__}: {first}); check that every rank was started, that "
-                             "MASTER_ADDR/MASTER_PORT reach rank 0, and the network") from err
+            raise JoinFailed(
+                f"rank {rank} of {world} could not join the {backend} process group at {where} "
+                f"({type(err).__name__}: {first}); check that every rank was started, that "
+                "MASTER_ADDR/MASTER_PORT reach rank 0, and the network"
+            ) from err
     info = DistInfo(rank, local_rank, world, dev, launcher, os.environ.get("SLURM_JOB_ID"))
     _quiet_other_ranks(info)
     return info
@@ -102,8 +105,11 @@ def reuse_freed_host_memory() -> bool:
     cores (results/loaders.md). A process-wide setting, made once, before the run's tensors:
     left alone off glibc and where the user chose (LD_PRELOAD, MALLOC_*_, GLIBC_TUNABLES).
     True when it is in force."""
-    chosen = os.environ.get("LD_PRELOAD") or "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
-        k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+    chosen = (
+        os.environ.get("LD_PRELOAD")
+        or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+        or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+    )
     if chosen or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
@@ -116,9 +122,14 @@ def _store(rank: int, world: int, timeout_s: float) -> dist.Store:
     restarted processes would find the dead ones' addresses in it and fail to connect."""
     env = os.environ
     agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size=None if agent_hosts_it else world,
-                          is_master=rank == 0 and not agent_hosts_it, timeout=datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world_size=None if agent_hosts_it else world,
+        is_master=rank == 0 and not agent_hosts_it,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
     return dist.PrefixStore(f"reproduce/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -133,7 +144,9 @@ def _srun_rendezvous_env() -> None:
         except (OSError, subprocess.CalledProcessError, IndexError):
             os.environ["MASTER_ADDR"] = nodes.split(",")[0]
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(12000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)  # below the ephemeral range
+        os.environ["MASTER_PORT"] = str(
+            12000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+        )  # below the ephemeral range
 
 
 def _quiet_other_ranks(info: DistInfo) -> None:
@@ -155,7 +168,9 @@ def heartbeat(info: DistInfo, iteration: int) -> None:
     if info.distributed:
         try:
             store = dist.distributed_c10d._get_default_store()
-            store.set(HEARTBEAT.format(info.rank), f"{iteration} {time.time():.1f} {socket.gethostname()} {os.getpid()}")
+            store.set(
+                HEARTBEAT.format(info.rank), f"{iteration} {time.time():.1f} {socket.gethostname()} {os.getpid()}"
+            )
         except Exception:  # the heartbeat is diagnostics only; it must never stop training
             pass
 
@@ -164,7 +179,8 @@ def looks_like_lost_peer(err: BaseException) -> bool:
     """A collective that timed out or lost its connection (not a bug in our own code)."""
     text = str(err)
     return isinstance(err, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL"))
+        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL")
+    )
 
 
 def describe_stall(info: DistInfo, iteration: int, err: BaseException) -> str:
@@ -184,12 +200,21 @@ def describe_stall(info: DistInfo, iteration: int, err: BaseException) -> str:
         last = min((int(seen[r][0]) for r in others if r in seen), default=-1)
         behind = [r for r in others if r not in seen or int(seen[r][0]) == last]
         if len(behind) < info.world_size:
-            who = ", ".join(f"rank {r}" + (f" (pid {seen[r][3]} on {seen[r][2]}, last at iteration {seen[r][0]}, "
-                                          f"{now - float(seen[r][1]):.0f} s ago)" if r in seen else " (never reported)")
-                            for r in behind)
+            who = ", ".join(
+                f"rank {r}"
+                + (
+                    f" (pid {seen[r][3]} on {seen[r][2]}, last at iteration {seen[r][0]}, "
+                    f"{now - float(seen[r][1]):.0f} s ago)"
+                    if r in seen
+                    else " (never reported)"
+                )
+                for r in behind
+            )
             return f"{who} stopped answering; rank {info.rank} gave up at iteration {iteration}: {str(err).splitlines()[0][:160]}"
-    return f"a collective failed at iteration {iteration} on rank {info.rank} (another rank stalled or died): " \
-           f"{str(err).splitlines()[0][:160]}"
+    return (
+        f"a collective failed at iteration {iteration} on rank {info.rank} (another rank stalled or died): "
+        f"{str(err).splitlines()[0][:160]}"
+    )
 
 
 def agree(check, info: DistInfo):

@@ -15,6 +15,7 @@ Exit status 0 when everything a training job needs works (the fp32 step on the d
 tracking store, the data when given), 1 otherwise, with one line naming the first thing that
 failed and the fix. The other checks say which run.* switches and loaders this machine can use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,10 @@ from reproduce.bench.allreduce import allreduce_bandwidth, child, kill_group, re
 
 READ_LIMIT_S, READ_LIMIT_BYTES = 3.0, 2 << 30  # --data: read for at most 3 s or 2 GiB
 ALLREDUCE_BYTES = 256 << 20
-COMPILE_TIMEOUT_S = {"cpu": 20.0, "cuda": 180.0}  # a cold torch.compile of ResNet-20 takes about a minute on 2 CPU cores
+COMPILE_TIMEOUT_S = {
+    "cpu": 20.0,
+    "cuda": 180.0,
+}  # a cold torch.compile of ResNet-20 takes about a minute on 2 CPU cores
 
 
 @dataclass
@@ -53,9 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--data", type=Path, help="a data set (file or folder) whose read speed to measure")
-    parser.add_argument("--compile-timeout", type=float, metavar="S",
-                        help=f"seconds to wait for the torch.compile check (default {COMPILE_TIMEOUT_S['cpu']:.0f} "
-                             f"on a CPU, {COMPILE_TIMEOUT_S['cuda']:.0f} on a GPU)")
+    parser.add_argument(
+        "--compile-timeout",
+        type=float,
+        metavar="S",
+        help=f"seconds to wait for the torch.compile check (default {COMPILE_TIMEOUT_S['cpu']:.0f} "
+        f"on a CPU, {COMPILE_TIMEOUT_S['cuda']:.0f} on a GPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,17 +92,32 @@ def diagnose(data: Path | None = None, compile_timeout: float | None = None) -> 
     checks["tracking"] = _run("tracking", check_tracking)
     checks["data"] = _run("data", check_data, data)
     checks["compile_step"] = probe.result(timeout)
-    order = ["fp32_step", "bf16_step", "channels_last_step", "compile_step", "fast_bf16", "matmul", "nccl", "ffcv",
-             "tracking", "data"]
+    order = [
+        "fp32_step",
+        "bf16_step",
+        "channels_last_step",
+        "compile_step",
+        "fast_bf16",
+        "matmul",
+        "nccl",
+        "ffcv",
+        "tracking",
+        "data",
+    ]
     rows = [checks[k] for k in order]
     for row in rows:
         row.needed = row.name in ("fp32_step", "tracking") or (row.name == "data" and data is not None)
     failed = [r for r in rows if r.needed and r.status == "FAIL"]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "host": socket.gethostname(), "device": str(device), "versions": versions(), "devices": _listed_devices(),
-        "checks": [asdict(r) for r in rows], "ready": not failed,
-        "verdict": verdict(rows), "seconds": round(time.perf_counter() - start, 1),
+        "host": socket.gethostname(),
+        "device": str(device),
+        "versions": versions(),
+        "devices": _listed_devices(),
+        "checks": [asdict(r) for r in rows],
+        "ready": not failed,
+        "verdict": verdict(rows),
+        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -104,16 +127,24 @@ def verdict(rows: list[Check]) -> str:
         if r.needed and r.status == "FAIL":
             return f"NOT READY: {r.name}: {r.detail}; fix: {r.fix}"
     missing = [r.name for r in rows if r.status in ("FAIL", "unknown")]
-    return "ready: everything a training job needs works" + (f" (not available or not proven: {', '.join(missing)})" if missing else "")
+    return "ready: everything a training job needs works" + (
+        f" (not available or not proven: {', '.join(missing)})" if missing else ""
+    )
 
 
 def render(report: dict) -> str:
     v = report["versions"]
-    lines = [f"reproduce doctor on {report['host']}, {report['date']} ({report['seconds']:.0f} s)",
-             (f"  torch {v['torch']}, torchvision {v['torchvision']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
-              f"NCCL {v['nccl']}, driver {v['driver']}, Python {v['python']}")]
+    lines = [
+        f"reproduce doctor on {report['host']}, {report['date']} ({report['seconds']:.0f} s)",
+        (
+            f"  torch {v['torch']}, torchvision {v['torchvision']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, "
+            f"NCCL {v['nccl']}, driver {v['driver']}, Python {v['python']}"
+        ),
+    ]
     for d in report["devices"]:
-        lines.append(f"  {d['device']}: {d['name']}, {d['memory_gib']:.1f} GiB" + (f" ({d['note']})" if d.get("note") else ""))
+        lines.append(
+            f"  {d['device']}: {d['name']}, {d['memory_gib']:.1f} GiB" + (f" ({d['note']})" if d.get("note") else "")
+        )
     for c in report["checks"]:
         tag = "needed" if c["needed"] else ""
         lines.append(f"{c['status']:<8}{c['name']:<19}{c['detail']}" + (f"  [{tag}]" if tag else ""))
@@ -141,7 +172,7 @@ def one_line(err: BaseException) -> str:
 
 FIXES = {
     "fp32_step": "torch cannot train on this device: check `nvidia-smi` and that torch's CUDA build suits the driver "
-                 "(torch.version.cuda), or train with run.device=cpu",
+    "(torch.version.cuda), or train with run.device=cpu",
     "bf16_step": "leave run.amp=false (or auto) on this machine",
     "channels_last_step": "leave run.channels_last=false (or auto) on this machine",
     "compile_step": "leave run.compile=false; torch.compile needs a C++ compiler (CPU) or Triton (GPU)",
@@ -161,9 +192,15 @@ def versions() -> dict:
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception:  # noqa: BLE001 (a build without NCCL)
         nccl = "none"
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": str(torch.version.cuda),
-            "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
-            "nccl": nccl, "driver": provenance.driver_version(), "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
+        "nccl": nccl,
+        "driver": provenance.driver_version(),
+        "python": platform.python_version(),
+    }
 
 
 def devices() -> list[dict]:
@@ -177,10 +214,22 @@ def devices() -> list[dict]:
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         free, _ = torch.cuda.mem_get_info(i)
-        out.append({"device": f"cuda:{i}", "name": props.name, "memory_gib": props.total_memory / 2**30,
-                    "note": f"{free / 2**30:.1f} GiB free, compute capability {props.major}.{props.minor}"})
-    out.append({"device": "cpu", "name": machine().split(", ")[0], "memory_gib": psutil.virtual_memory().total / 2**30,
-                "note": f"{os.cpu_count()} CPUs, torch uses {torch.get_num_threads()} threads"})
+        out.append(
+            {
+                "device": f"cuda:{i}",
+                "name": props.name,
+                "memory_gib": props.total_memory / 2**30,
+                "note": f"{free / 2**30:.1f} GiB free, compute capability {props.major}.{props.minor}",
+            }
+        )
+    out.append(
+        {
+            "device": "cpu",
+            "name": machine().split(", ")[0],
+            "memory_gib": psutil.virtual_memory().total / 2**30,
+            "note": f"{os.cpu_count()} CPUs, torch uses {torch.get_num_threads()} threads",
+        }
+    )
     return out
 
 
@@ -242,8 +291,13 @@ class CompileProbe:
         # A private compiler cache: a probe stopped at its deadline can leave a half-written
         # artefact, which would break every later torch.compile that shares the cache.
         self.cache = tempfile.mkdtemp(prefix="reproduce-doctor-inductor-")
-        self.proc = child("reproduce.doctor", "compile_probe", str(device), self.mode,
-                          env={"TORCHINDUCTOR_CACHE_DIR": self.cache, "TRITON_CACHE_DIR": os.path.join(self.cache, "triton")})
+        self.proc = child(
+            "reproduce.doctor",
+            "compile_probe",
+            str(device),
+            self.mode,
+            env={"TORCHINDUCTOR_CACHE_DIR": self.cache, "TRITON_CACHE_DIR": os.path.join(self.cache, "triton")},
+        )
 
     def result(self, timeout: float) -> Check:
         try:
@@ -257,15 +311,24 @@ class CompileProbe:
             out, err = self.proc.communicate(timeout=left)
         except subprocess.TimeoutExpired:
             kill_group(self.proc)
-            return Check("compile_step", "unknown", f"mode {self.mode} not proven: still compiling after {timeout:.0f} s",
-                         f"a cold compile takes a minute or more on few CPU cores; rerun (the cache warms) or pass --compile-timeout {4 * timeout:.0f}",
-                         seconds=round(timeout, 2))
+            return Check(
+                "compile_step",
+                "unknown",
+                f"mode {self.mode} not proven: still compiling after {timeout:.0f} s",
+                f"a cold compile takes a minute or more on few CPU cores; rerun (the cache warms) or pass --compile-timeout {4 * timeout:.0f}",
+                seconds=round(timeout, 2),
+            )
         seconds = round(time.perf_counter() - self.start, 2)
         reply = reply_of(self.proc, out, err)
         if "error" in reply:
             return Check("compile_step", "FAIL", reply["error"], FIXES["compile_step"], seconds=seconds)
-        return Check("compile_step", "ok", f"3 compiled steps of resnet20, mode {self.mode}: loss {reply['loss']:.2f} "
-                     f"({seconds:.0f} s with compilation)", seconds=seconds)
+        return Check(
+            "compile_step",
+            "ok",
+            f"3 compiled steps of resnet20, mode {self.mode}: loss {reply['loss']:.2f} "
+            f"({seconds:.0f} s with compilation)",
+            seconds=seconds,
+        )
 
 
 def compile_probe(device: str, mode: str) -> dict:
@@ -283,10 +346,16 @@ def check_fast_bf16(device) -> Check:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         fast = torch.cuda.is_bf16_supported() and major >= 8
-        why = f"compute capability {major}.{minor}" + (" has bf16 tensor cores" if fast else ": no bf16 tensor cores (before 8.0)")
+        why = f"compute capability {major}.{minor}" + (
+            " has bf16 tensor cores" if fast else ": no bf16 tensor cores (before 8.0)"
+        )
     else:
         fast = cpu_has_fast_bf16()
-        why = "AVX-512 BF16 or AMX in /proc/cpuinfo" if fast else "no AVX-512 BF16 or AMX: bf16 is emulated, run.amp=auto keeps fp32"
+        why = (
+            "AVX-512 BF16 or AMX in /proc/cpuinfo"
+            if fast
+            else "no AVX-512 BF16 or AMX: bf16 is emulated, run.amp=auto keeps fp32"
+        )
     return Check("", "info", f"{'yes' if fast else 'no'}: {why}")
 
 
@@ -300,9 +369,13 @@ def check_matmul(device) -> Check:
 
 def check_nccl(gpus: int) -> Check:
     if gpus < 2:
-        return Check("", "skip", f"needs 2 or more GPUs, {gpus} visible (one process per GPU; nothing to all-reduce across)")
+        return Check(
+            "", "skip", f"needs 2 or more GPUs, {gpus} visible (one process per GPU; nothing to all-reduce across)"
+        )
     busbw = allreduce_bandwidth("nccl", gpus, ALLREDUCE_BYTES)
-    return Check("", "ok", f"{busbw:.0f} GB/s bus bandwidth, all-reduce of {ALLREDUCE_BYTES >> 20} MiB across {gpus} GPUs")
+    return Check(
+        "", "ok", f"{busbw:.0f} GB/s bus bandwidth, all-reduce of {ALLREDUCE_BYTES >> 20} MiB across {gpus} GPUs"
+    )
 
 
 def check_ffcv() -> Check:
@@ -329,7 +402,9 @@ def check_ffcv() -> Check:
     diff = float(np.abs(decoded.astype(np.int16) - reference).mean())
     if code != 0 or diff > 4.0:
         raise RuntimeError(f"FFCV's decoder returned {code} and pixels {diff:.1f} levels from PIL's on average")
-    return Check("", "ok", f"ffcv {ffcv_version()}: decoded a {w}x{h} JPEG as PIL does (mean difference {diff:.1f} levels)")
+    return Check(
+        "", "ok", f"ffcv {ffcv_version()}: decoded a {w}x{h} JPEG as PIL does (mean difference {diff:.1f} levels)"
+    )
 
 
 def check_tracking() -> Check:
@@ -369,8 +444,12 @@ def check_data(path: Path | None) -> Check:
     if count == 0:
         return Check("", "FAIL", f"{path} holds no files", FIXES["data"])
     files_per_s = f", {count / seconds:.0f} files/s" if path.is_dir() else ""
-    return Check("", "ok", f"{total / 1e6 / seconds:.0f} MB/s{files_per_s} ({count} file{'s' if count > 1 else ''}, "
-                 f"{total / 1e6:.1f} MB of {path} in {seconds:.1f} s; may be the page cache)")
+    return Check(
+        "",
+        "ok",
+        f"{total / 1e6 / seconds:.0f} MB/s{files_per_s} ({count} file{'s' if count > 1 else ''}, "
+        f"{total / 1e6:.1f} MB of {path} in {seconds:.1f} s; may be the page cache)",
+    )
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -1,4 +1,5 @@
 """The pieces of one training iteration and of an evaluation, called by name from train.py."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ def lr_at(iteration: int, base_lr: float, schedule: ScheduleConfig) -> float:
 
 def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     """The paper's SGD (momentum, weight decay on every weight); the one place it is built."""
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                           nesterov=optim.nesterov)
+    return torch.optim.SGD(
+        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
+    )
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -34,8 +36,15 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def train_step(model, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               device: torch.device, amp: bool, memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+    memory_format: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch: (loss, logits). train.py and the bare loop of bench.py share it,
     so the benchmark compares the same numerics and measures only what train.py adds."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -85,7 +94,9 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool, channels
             loss = F.cross_entropy(logits, labels, reduction="sum")
         classes = logits.shape[1]
         top1, top5 = topk_correct(logits, labels)
-        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=info.device).double()])
+        sums += torch.stack(
+            [loss.double(), top1.double(), top5.double(), torch.tensor(len(labels), device=info.device).double()]
+        )
     all_reduce_sum(sums, info)
     model.train(was_training)
     loss, top1, top5, count = sums.tolist()
@@ -114,6 +125,7 @@ def _view_probs(model, views, device: torch.device, amp: bool, channels_last: bo
 @dataclass(frozen=True)
 class Numerics:
     """bf16 autocast and the memory layout of a run, once `auto` is decided."""
+
     amp: bool
     channels_last: bool
     how: str  # how it was decided, for the log and the MLflow run

@@ -20,6 +20,7 @@ Each evaluation is one MLflow run (tag reproduce.kind=evaluation) in the experim
 else the dataset's name; its numbers also go to --out as JSON. Under torchrun each rank evaluates
 a disjoint share and the sums are exact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,15 +47,25 @@ log = logging.getLogger("reproduce.evaluate")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="run dir, checkpoint, state_dict file, runs:/<MLflow run id>, "
-                        "models:/<name>/<version> or torchvision:NAME.WEIGHTS")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="run dir, checkpoint, state_dict file, runs:/<MLflow run id>, "
+        "models:/<name>/<version> or torchvision:NAME.WEIGHTS",
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--config", help="a YAML file under configs/ (model, data and eval settings)")
-    which.add_argument("--model", help="a registry name (`reproduce models`), with defaults for the rest; may be "
-                       "left out for weights that say which network they are (the suite's run dirs, checkpoints, runs:/) "
-                       "or whose tensors do (a ResNet with projection shortcuts, the public CIFAR-10 files)")
-    parser.add_argument("--protocol", choices=[p.value for p in Protocol], help="default: the config's, else "
-                        "single (CIFAR) / center224 (ImageNet)")
+    which.add_argument(
+        "--model",
+        help="a registry name (`reproduce models`), with defaults for the rest; may be "
+        "left out for weights that say which network they are (the suite's run dirs, checkpoints, runs:/) "
+        "or whose tensors do (a ResNet with projection shortcuts, the public CIFAR-10 files)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=[p.value for p in Protocol],
+        help="default: the config's, else single (CIFAR) / center224 (ImageNet)",
+    )
     parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
     parser.add_argument("--out", type=Path, help="JSON result (default runs/evaluations/<model>-<protocol>-<sha>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.batch_size=64 model.variant=v1.5")
@@ -62,8 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
-    overrides = ([f"eval.protocol={args.protocol}"] if args.protocol else []) + \
-                ([f"data.path={args.data}"] if args.data else []) + list(args.overrides)
+    overrides = (
+        ([f"eval.protocol={args.protocol}"] if args.protocol else [])
+        + ([f"data.path={args.data}"] if args.data else [])
+        + list(args.overrides)
+    )
     base = None
     if args.model:
         spec = MODELS.get(args.model)
@@ -71,10 +85,15 @@ def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
         data = {"dataset": dataset}
         if "data.dataset=folder" in args.overrides:  # your own images: always ImageNet's statistics (data/folder.py)
             data = {"dataset": "folder", "normalize": "imagenet"}
-        base = {"experiment": dataset, "model": {"name": args.model}, "data": data,
-                "optim": {"batch_size": world_size, "lr": 0.1}, "schedule": {"iterations": 1},
-                "eval": {"every": 1, "protocol": "center224" if dataset == "imagenet" else "single"},
-                "run": {"checkpoint_every": 1}}
+        base = {
+            "experiment": dataset,
+            "model": {"name": args.model},
+            "data": data,
+            "optim": {"batch_size": world_size, "lr": 0.1},
+            "schedule": {"iterations": 1},
+            "eval": {"every": 1, "protocol": "center224" if dataset == "imagenet" else "single"},
+            "run": {"checkpoint_every": 1},
+        }
     return load_config(args.config, overrides, world_size=world_size, base=base)
 
 
@@ -95,11 +114,19 @@ def with_weights(cfg: Config, weights: Weights, overrides: list[str] = ()) -> Co
     given = any(o.startswith("data.normalize=") for o in overrides)
     if cfg.data.dataset == "cifar10" and weights.normalize and weights.normalize != data.normalize.value:
         if given:
-            log.warning("data.normalize=%s as given, though %s was trained with data.normalize=%s",
-                        data.normalize.value, weights.source, weights.normalize)
+            log.warning(
+                "data.normalize=%s as given, though %s was trained with data.normalize=%s",
+                data.normalize.value,
+                weights.source,
+                weights.normalize,
+            )
         else:
-            log.info("data.normalize=%s: what %s was trained with (the config says %s)",
-                     weights.normalize, weights.source, data.normalize.value)
+            log.info(
+                "data.normalize=%s: what %s was trained with (the config says %s)",
+                weights.normalize,
+                weights.source,
+                data.normalize.value,
+            )
             data = data.model_copy(update={"normalize": Normalize(weights.normalize)})
     return cfg.model_copy(update={"model": model, "data": data})
 
@@ -115,10 +142,15 @@ def test_split(cfg: Config) -> tuple[Split, int, str, str]:
     if cfg.data.path is None:
         raise DataError("data.path is required for imagenet: a folder with val/<class>/*")
     val = image_folder(cfg.data.path, "val", None)
-    listing = "\n".join(f"{Path(p).relative_to(cfg.data.path)}:{label}" for p, label in val.samples).encode()  # as data/imagenet.py
-    return (Split(val, eval_transform(cfg.data.crop, cfg.eval.protocol.value)), len(val.classes),
-            hashlib.sha256(listing).hexdigest()[:16],
-            f"ImageNet-style val/ at {cfg.data.path}: {len(val)} images, {len(val.classes)} classes")
+    listing = "\n".join(
+        f"{Path(p).relative_to(cfg.data.path)}:{label}" for p, label in val.samples
+    ).encode()  # as data/imagenet.py
+    return (
+        Split(val, eval_transform(cfg.data.crop, cfg.eval.protocol.value)),
+        len(val.classes),
+        hashlib.sha256(listing).hexdigest()[:16],
+        f"ImageNet-style val/ at {cfg.data.path}: {len(val)} images, {len(val.classes)} classes",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     _, _, _, world_size = distributed.launch_env()
-    if problem := _out_problem(args.out or Path("runs") / "evaluations" / "result.json"):  # before any work: a result that cannot be recorded would be lost
+    if problem := _out_problem(
+        args.out or Path("runs") / "evaluations" / "result.json"
+    ):  # before any work: a result that cannot be recorded would be lost
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
@@ -171,13 +205,16 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> in
         latest = distributed.broadcast_object(latest, info)
         source = str(latest) if latest is not None else source
     # Rank 0 checks first (all ranks refuse together); then the others read the same.
-    weights = distributed.agree(lambda: load_weights(source, *stated_model(cfg)), info) or \
-        load_weights(source, *stated_model(cfg))
+    weights = distributed.agree(lambda: load_weights(source, *stated_model(cfg)), info) or load_weights(
+        source, *stated_model(cfg)
+    )
     cfg = with_weights(cfg, weights, args.overrides)
     split, classes, fingerprint, description = distributed.agree(lambda: test_split(cfg), info) or test_split(cfg)
     if classes != weights.num_classes:
-        raise WeightsError(f"{weights.source} has {weights.num_classes} classes but the data has {classes}; "
-                           "evaluate on data with the classes it was trained for")
+        raise WeightsError(
+            f"{weights.source} has {weights.num_classes} classes but the data has {classes}; "
+            "evaluate on data with the classes it was trained for"
+        )
     model = weights.build(info.device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -198,31 +235,59 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
     from reproduce.tracking import TrackingUnreachable
 
     git = code_state()
-    tags = {"reproduce.kind": "evaluation", "reproduce.eval_protocol": cfg.eval.protocol.value,
-            "reproduce.weights": weights.extra.get("weights", weights.source), "reproduce.weights_sha256": weights.sha256,
-            "reproduce.weights_format": weights.format, "reproduce.model": cfg.model.name,
-            "reproduce.architecture": str(weights.arch), "reproduce.study": cfg.data.dataset,
-            "reproduce.data_fingerprint": fingerprint, "reproduce.data": description,
-            "reproduce.git_commit": git.commit, "reproduce.git_dirty": str(git.dirty).lower(), "reproduce.host": host(),
-            "reproduce.gpu": device_name(info.device), "reproduce.world_size": str(info.world_size),
-            "reproduce.launcher": info.launcher, "reproduce.torch": torch.__version__}
+    tags = {
+        "reproduce.kind": "evaluation",
+        "reproduce.eval_protocol": cfg.eval.protocol.value,
+        "reproduce.weights": weights.extra.get("weights", weights.source),
+        "reproduce.weights_sha256": weights.sha256,
+        "reproduce.weights_format": weights.format,
+        "reproduce.model": cfg.model.name,
+        "reproduce.architecture": str(weights.arch),
+        "reproduce.study": cfg.data.dataset,
+        "reproduce.data_fingerprint": fingerprint,
+        "reproduce.data": description,
+        "reproduce.git_commit": git.commit,
+        "reproduce.git_dirty": str(git.dirty).lower(),
+        "reproduce.host": host(),
+        "reproduce.gpu": device_name(info.device),
+        "reproduce.world_size": str(info.world_size),
+        "reproduce.launcher": info.launcher,
+        "reproduce.torch": torch.__version__,
+    }
     try:
         run_id, failure = _log_evaluation(cfg, tags, result), None
     except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
         run_id, failure = None, str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-    out = args.out or Path("runs") / "evaluations" / f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}.json"
-    doc = {**result, "model": cfg.model.name, "architecture": weights.arch.as_dict(), "protocol": cfg.eval.protocol.value,
-           "weights": tags["reproduce.weights"], "weights_sha256": weights.sha256, "weights_format": weights.format,
-           "weights_extra": weights.extra, "data": description, "data_fingerprint": fingerprint,
-           "world_size": info.world_size, "git_commit": git.commit, "git_dirty": git.dirty, "mlflow_run_id": run_id}
+    out = (
+        args.out
+        or Path("runs") / "evaluations" / f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}.json"
+    )
+    doc = {
+        **result,
+        "model": cfg.model.name,
+        "architecture": weights.arch.as_dict(),
+        "protocol": cfg.eval.protocol.value,
+        "weights": tags["reproduce.weights"],
+        "weights_sha256": weights.sha256,
+        "weights_format": weights.format,
+        "weights_extra": weights.extra,
+        "data": description,
+        "data_fingerprint": fingerprint,
+        "world_size": info.world_size,
+        "git_commit": git.commit,
+        "git_dirty": git.dirty,
+        "mlflow_run_id": run_id,
+    }
     atomic_write_json(out, doc, indent=1)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
     if failure is not None:
         print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; wrote {out}")
         print(f"error: the result is in {out} but not in MLflow ({failure})", file=sys.stderr)
         return 1
-    print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
-          f"MLflow run {run_id}; wrote {out}")
+    print(
+        f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
+        f"MLflow run {run_id}; wrote {out}"
+    )
     return 0
 
 

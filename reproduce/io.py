@@ -4,6 +4,7 @@ Each writes to a temporary file in the target's folder, fsyncs it, renames it ov
 target and fsyncs the folder, so a crash or a signal mid-write leaves either the old file or
 the new one, never a torn one, and a completed write survives a power cut.
 """
+
 from __future__ import annotations
 
 import json

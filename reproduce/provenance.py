@@ -5,6 +5,7 @@ The one place that computes the repository root and reads git. The suite's code 
 runs a sweep or study trains one after another in one process all carry the commit of the code
 that process loaded, not HEAD as it was when each started.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,10 +37,16 @@ class GitState:
 def git_state(repo: Path = REPO) -> GitState:
     """The commit this code runs from and whether the working tree differs from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS],
-                                cwd=repo, capture_output=True, text=True, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return GitState("unknown", False)
     return GitState(commit, bool(status.strip()))
@@ -80,8 +87,13 @@ def driver_version() -> str:
     if not torch.cuda.is_available():
         return "none"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown (nvidia-smi failed)"

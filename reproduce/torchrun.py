@@ -8,6 +8,7 @@ SignalException and exits 1 with a traceback, which a scheduler or a script read
 failure. This runs the same torchrun, same flags, and exits 128 + the signal's number instead
 (143 for SIGTERM), as `python reproduce/train.py` does; every other outcome is torchrun's own.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,11 @@ def main() -> int:
         torchrun()
     except SignalException as err:
         signum = int(err.sigval)
-        print(f"reproduce.torchrun: stopped by {err.sigval.name}; the training processes were asked to checkpoint "
-              f"and stop (their lines above say whether they did); exit status {128 + signum}", file=sys.stderr)
+        print(
+            f"reproduce.torchrun: stopped by {err.sigval.name}; the training processes were asked to checkpoint "
+            f"and stop (their lines above say whether they did); exit status {128 + signum}",
+            file=sys.stderr,
+        )
         return 128 + signum
     return 0
 

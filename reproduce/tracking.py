@@ -30,6 +30,7 @@ the server is away they queue and are retried, and whatever is still unsent when
 ends is written to <run dir>/unsent-metrics.json with a one-line hint (`reproduce sync`).
 A resumed run does not log again the steps its first segment already logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,21 +69,32 @@ def _http_settings() -> None:
 def log_metric_batches(client, run_id: str, metrics: list) -> None:
     """Send `metrics` (mlflow.entities.Metric) to `run_id` in batches MLflow accepts."""
     for first in range(0, len(metrics), BATCH_LIMIT):
-        client.log_batch(run_id, metrics=metrics[first:first + BATCH_LIMIT])
+        client.log_batch(run_id, metrics=metrics[first : first + BATCH_LIMIT])
 
 
 # ---------------------------------------------------------------------------- what a run says
 # Keys left out of a run's params (they stay in its config.yaml artifact): the ImageNet input
 # pipeline for CIFAR networks, and plumbing that changes neither the network nor its numbers.
 IMAGENET_INPUT = ("data.scale", "data.crop", "data.lighting", "data.train_crop")
-PLUMBING = ("run.dir", "run.progress", "run.tracking_flush_s", "run.collective_timeout_s", "run.system_metrics",
-            "run.log_model", "run.register_model", "run.keep_checkpoints")
+PLUMBING = (
+    "run.dir",
+    "run.progress",
+    "run.tracking_flush_s",
+    "run.collective_timeout_s",
+    "run.system_metrics",
+    "run.log_model",
+    "run.register_model",
+    "run.keep_checkpoints",
+)
 METRICS_MEANING = [
     ("train_loss", "cross-entropy on the training batches of the last run.log_every iterations (augmented images)"),
     ("train_top1_err", "% of those training images misclassified: the paper's dashed curves"),
     ("val_top1_err / val_top5_err", "% top-1 / top-5 error on the held-out validation split"),
-    ("test_top1_err / test_top5_err", "% error on the test split (CIFAR-10 test set, ImageNet val); the paper's "
-     "bold curves and tables; the value at step = schedule.iterations is the final result under the protocol"),
+    (
+        "test_top1_err / test_top5_err",
+        "% error on the test split (CIFAR-10 test set, ImageNet val); the paper's "
+        "bold curves and tables; the value at step = schedule.iterations is the final result under the protocol",
+    ),
     ("val_loss / test_loss", "mean cross-entropy on that split"),
     ("lr", "the learning rate of the step"),
     ("images_per_sec", "training images per second, all processes together, evaluation time excluded"),
@@ -110,9 +122,14 @@ def run_params(cfg: Config) -> dict:
         drop.update(("schedule.warmup_iterations", "schedule.warmup_lr"))
     params = {k: v for k, v in cfg.flat().items() if k not in drop and v is not None}
     shortcut = cfg.model.shortcut or spec.default_shortcut
-    params.update({"model.shortcut": shortcut.value if shortcut else "none", "model.depth": spec.depth,
-                   "model.family": "resnet" if spec.residual else "plain",
-                   "model.block": "bottleneck" if spec.bottleneck else "basic"})
+    params.update(
+        {
+            "model.shortcut": shortcut.value if shortcut else "none",
+            "model.depth": spec.depth,
+            "model.family": "resnet" if spec.residual else "plain",
+            "model.block": "bottleneck" if spec.bottleneck else "basic",
+        }
+    )
     return params
 
 
@@ -125,18 +142,26 @@ def describe_run(cfg: Config, data_description: str, data_fingerprint: str) -> s
 
     spec, o, sch = MODELS[cfg.model.name], cfg.optim, cfg.schedule
     shortcut = cfg.model.shortcut or spec.default_shortcut
-    net = (f"{'ResNet' if spec.residual else 'plain net'} of {spec.depth} layers, "
-           f"{'bottleneck' if spec.bottleneck else 'basic'} blocks, "
-           + (f"shortcut option {shortcut.value}" if shortcut else "no shortcuts"))
-    drops = f"lr divided by {1 / sch.gamma:g} at {', '.join(map(str, sch.milestones))}" if sch.milestones else "constant lr"
+    net = (
+        f"{'ResNet' if spec.residual else 'plain net'} of {spec.depth} layers, "
+        f"{'bottleneck' if spec.bottleneck else 'basic'} blocks, "
+        + (f"shortcut option {shortcut.value}" if shortcut else "no shortcuts")
+    )
+    drops = (
+        f"lr divided by {1 / sch.gamma:g} at {', '.join(map(str, sch.milestones))}" if sch.milestones else "constant lr"
+    )
     warm = f", warm-up at {sch.warmup_lr:g} for {sch.warmup_iterations} iterations" if sch.warmup_iterations else ""
-    lines = [f"**{cfg.model.name}** ({net}), seed {cfg.seed}.", "",
-             f"- command: `{shlex.join(['reproduce' if Path(sys.argv[0]).name == 'reproduce' else sys.argv[0], *sys.argv[1:]])}`",
-             f"- recipe `{cfg.recipe_hash()}`: SGD momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}, global batch "
-             f"{o.batch_size}, lr {o.lr:g}, {drops}{warm}, weight decay {o.weight_decay:g}, {sch.iterations} iterations",
-             f"- data: {data_description} (fingerprint {data_fingerprint})",
-             f"- final protocol: {cfg.eval.protocol.value}; evaluated every {cfg.eval.every} iterations", "",
-             "Metrics (step = iteration):"]
+    lines = [
+        f"**{cfg.model.name}** ({net}), seed {cfg.seed}.",
+        "",
+        f"- command: `{shlex.join(['reproduce' if Path(sys.argv[0]).name == 'reproduce' else sys.argv[0], *sys.argv[1:]])}`",
+        f"- recipe `{cfg.recipe_hash()}`: SGD momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}, global batch "
+        f"{o.batch_size}, lr {o.lr:g}, {drops}{warm}, weight decay {o.weight_decay:g}, {sch.iterations} iterations",
+        f"- data: {data_description} (fingerprint {data_fingerprint})",
+        f"- final protocol: {cfg.eval.protocol.value}; evaluated every {cfg.eval.every} iterations",
+        "",
+        "Metrics (step = iteration):",
+    ]
     lines += [f"- `{key}`: {meaning}" for key, meaning in METRICS_MEANING]
     lines += ["", "The full resolved config is the artifact config.yaml."]
     return "\n".join(lines)
@@ -147,7 +172,8 @@ EXPERIMENT_DESCRIPTION = (
     "The training runs are under *Model training*: show the columns model.depth, model.family and the metrics "
     "test_top1_err / train_top1_err, group by model.name, and select runs to compare. Runs tagged "
     "reproduce.kind = evaluation score given weights; the run tagged reproduce.kind = report holds the tables "
-    "and figures of `reproduce report`, the paper's numbers beside ours.")
+    "and figures of `reproduce report`, the paper's numbers beside ours."
+)
 
 
 def describe_experiment(experiment) -> None:
@@ -157,7 +183,10 @@ def describe_experiment(experiment) -> None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    for key, value in (("mlflow.note.content", EXPERIMENT_DESCRIPTION), ("mlflow.experimentKind", "custom_model_development")):
+    for key, value in (
+        ("mlflow.note.content", EXPERIMENT_DESCRIPTION),
+        ("mlflow.experimentKind", "custom_model_development"),
+    ):
         if key not in experiment.tags:
             client.set_experiment_tag(experiment.experiment_id, key, value)
 
@@ -202,8 +231,10 @@ def check_reachable(timeout_s: float = 10.0) -> None:
             reason = f"HTTP {reply.status}"
     except (urllib.error.URLError, OSError) as err:
         reason = str(getattr(err, "reason", err))
-    raise TrackingUnreachable(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
-                              "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db")
+    raise TrackingUnreachable(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
+        "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db"
+    )
 
 
 class ResumeRefused(ValueError):
@@ -221,8 +252,10 @@ def check_resumable(run_id: str, checkpoint_path: Path, data_fingerprint: str) -
 
     uri = mlflow.get_tracking_uri()
     where = f"the checkpoints in {Path(checkpoint_path).parent} continue MLflow run {run_id}"
-    missing = ResumeRefused(f"{where}, which the tracking store {uri} does not hold; set MLFLOW_TRACKING_URI to the "
-                            "store the run began in, or set run.dir to a new folder to start a new run")
+    missing = ResumeRefused(
+        f"{where}, which the tracking store {uri} does not hold; set MLFLOW_TRACKING_URI to the "
+        "store the run began in, or set run.dir to a new folder to start a new run"
+    )
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise missing  # and no empty store is made where the user did not mean to log
     try:
@@ -232,13 +265,17 @@ def check_resumable(run_id: str, checkpoint_path: Path, data_fingerprint: str) -
             raise
         raise missing from None
     if run.info.lifecycle_stage == "deleted":
-        raise ResumeRefused(f"{where}, which is deleted in {uri}; restore it (MLflow UI, or "
-                            f"mlflow.MlflowClient().restore_run('{run_id}')) or set run.dir to a new folder")
+        raise ResumeRefused(
+            f"{where}, which is deleted in {uri}; restore it (MLflow UI, or "
+            f"mlflow.MlflowClient().restore_run('{run_id}')) or set run.dir to a new folder"
+        )
     trained_on = run.data.tags.get("reproduce.data_fingerprint")
     if trained_on and trained_on != data_fingerprint:
-        raise ResumeRefused(f"{where}, trained on other data (fingerprint {trained_on}: "
-                            f"{run.data.tags.get('reproduce.data', '?')}) than this data.path gives ({data_fingerprint}); "
-                            "give the run's data again, or set run.dir to a new folder to start a new run")
+        raise ResumeRefused(
+            f"{where}, trained on other data (fingerprint {trained_on}: "
+            f"{run.data.tags.get('reproduce.data', '?')}) than this data.path gives ({data_fingerprint}); "
+            "give the run's data again, or set run.dir to a new folder to start a new run"
+        )
     return run.info.status
 
 
@@ -274,8 +311,9 @@ class Tracker:
         self._sender: threading.Thread | None = None
         self._warned = False
 
-    def start(self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None,
-              git: GitState) -> str | None:
+    def start(
+        self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None, git: GitState
+    ) -> str | None:
         if not self.active:
             return None
         import mlflow
@@ -313,11 +351,17 @@ class Tracker:
             old = run.data.tags
             segments = int(old.get("reproduce.resumes", "0")) + 1
             job = f", SLURM job {self.info.slurm_job_id}" if self.info.slurm_job_id else ""
-            mlflow.set_tags({"reproduce.resumes": str(segments),
-                             f"reproduce.resume{segments}": f"{commit}{'+dirty' if dirty else ''} on {tags['reproduce.host']} "
-                             f"({tags['reproduce.launcher']}, world size {self.info.world_size}{job})"})
+            mlflow.set_tags(
+                {
+                    "reproduce.resumes": str(segments),
+                    f"reproduce.resume{segments}": f"{commit}{'+dirty' if dirty else ''} on {tags['reproduce.host']} "
+                    f"({tags['reproduce.launcher']}, world size {self.info.world_size}{job})",
+                }
+            )
             if self.info.slurm_job_id:  # every job that worked on the run: first, requeued, resubmitted
-                jobs = [j for j in old.get("reproduce.slurm_job_ids", old.get("reproduce.slurm_job_id", "")).split(",") if j]
+                jobs = [
+                    j for j in old.get("reproduce.slurm_job_ids", old.get("reproduce.slurm_job_id", "")).split(",") if j
+                ]
                 if self.info.slurm_job_id not in jobs:
                     mlflow.set_tag("reproduce.slurm_job_ids", ",".join(jobs + [self.info.slurm_job_id]))
             if commit != old.get("reproduce.git_commit") or dirty:
@@ -326,8 +370,13 @@ class Tracker:
             for key in run.data.metrics:  # steps logged after the checkpoint by the stopped segment
                 self._logged_upto[key] = max(m.step for m in client.get_metric_history(run.info.run_id, key))
         else:
-            tags.update({"mlflow.source.git.commit": commit, "mlflow.source.name": "reproduce train",
-                         "mlflow.note.content": describe_run(cfg, data_description, data_fingerprint)})
+            tags.update(
+                {
+                    "mlflow.source.git.commit": commit,
+                    "mlflow.source.name": "reproduce train",
+                    "mlflow.note.content": describe_run(cfg, data_description, data_fingerprint),
+                }
+            )
             run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=system)
             mlflow.log_params(run_params(cfg))
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
@@ -363,20 +412,33 @@ class Tracker:
         size = spec.input_size if spec.family == "cifar" else cfg.data.crop
         net = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
         shortcut = cfg.model.shortcut or spec.default_shortcut
-        metadata = {"reproduce.architecture": {"name": cfg.model.name, "shortcut": shortcut.value if shortcut else None,
-                                               "variant": cfg.model.variant.value},
-                    "reproduce.num_classes": num_classes, "reproduce.normalize": cfg.data.normalize.value,
-                    "reproduce.input": f"float32 N x 3 x {size} x {size}, normalised as data.normalize={cfg.data.normalize.value}"}
+        metadata = {
+            "reproduce.architecture": {
+                "name": cfg.model.name,
+                "shortcut": shortcut.value if shortcut else None,
+                "variant": cfg.model.variant.value,
+            },
+            "reproduce.num_classes": num_classes,
+            "reproduce.normalize": cfg.data.normalize.value,
+            "reproduce.input": f"float32 N x 3 x {size} x {size}, normalised as data.normalize={cfg.data.normalize.value}",
+        }
         try:
             # MLflow's default pt2 format: torch.export of the network in eval mode, loadable without
             # this suite's code and without unpickling code. A batch of 2 keeps the batch size free.
             mlflow.pytorch.log_model(
-                net, name="model", input_example=np.zeros((2, 3, size, size), dtype=np.float32), metadata=metadata,
+                net,
+                name="model",
+                input_example=np.zeros((2, 3, size, size), dtype=np.float32),
+                metadata=metadata,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],  # no inference subprocess
-                registered_model_name=cfg.run.register_model)
+                registered_model_name=cfg.run.register_model,
+            )
         except Exception as err:
-            log.warning("could not log the network as an MLflow model (%s); the checkpoints in %s hold it", _short(err),
-                        self.run_dir)
+            log.warning(
+                "could not log the network as an MLflow model (%s); the checkpoints in %s hold it",
+                _short(err),
+                self.run_dir,
+            )
 
     def log_numerics(self, numerics) -> None:
         """What run.amp / run.channels_last were in effect (`auto` decided), as tags."""
@@ -384,8 +446,13 @@ class Tracker:
             return
         import mlflow
 
-        mlflow.set_tags({"reproduce.amp": str(numerics.amp).lower(), "reproduce.channels_last": str(numerics.channels_last).lower(),
-                         "reproduce.numerics": numerics.how})
+        mlflow.set_tags(
+            {
+                "reproduce.amp": str(numerics.amp).lower(),
+                "reproduce.channels_last": str(numerics.channels_last).lower(),
+                "reproduce.numerics": numerics.how,
+            }
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics; returns at once. Steps the run already holds are skipped: after an
@@ -480,11 +547,21 @@ class Tracker:
 
         path = self.run_dir / UNSENT
         previous = json.loads(path.read_text())["metrics"] if path.exists() else []
-        record = {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id, "status": status,
-                  "metrics": previous + [[m.key, m.value, m.timestamp, m.step] for m in self._pending]}
+        record = {
+            "tracking_uri": mlflow.get_tracking_uri(),
+            "run_id": self.run_id,
+            "status": status,
+            "metrics": previous + [[m.key, m.value, m.timestamp, m.step] for m in self._pending],
+        }
         atomic_write_json(path, record)
-        log.warning("MLflow did not take %d metrics and the final status %s; they are in %s: send them with "
-                    "`reproduce sync %s` once the server is back", len(self._pending), status, path, self.run_dir)
+        log.warning(
+            "MLflow did not take %d metrics and the final status %s; they are in %s: send them with "
+            "`reproduce sync %s` once the server is back",
+            len(self._pending),
+            status,
+            path,
+            self.run_dir,
+        )
 
 
 def log_report(experiment: str, study: str, folder: Path, files: list[str], command: str, git: GitState) -> str:
@@ -498,17 +575,32 @@ def log_report(experiment: str, study: str, folder: Path, files: list[str], comm
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment) or client.get_experiment(client.create_experiment(experiment))
     describe_experiment(exp)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`reproduce.kind` = 'report' and "
-                               f"tags.`reproduce.report_of` = '{study}'", max_results=1, order_by=["attributes.start_time DESC"])
+    found = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`reproduce.kind` = 'report' and tags.`reproduce.report_of` = '{study}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     table = (folder / "table.md").read_text() if (folder / "table.md").exists() else ""
     table = re.sub(r"!\[([^\]]*)\]\([^)]*\)", r"\1 (an artifact of this run)", table)  # the note cannot show files
-    note = (f"The report of `{command}` ({study}; commit {git}): the paper's numbers beside ours, figures as "
-            f"artifacts ({', '.join(files)}).\n\n" + table)
-    tags = {"reproduce.kind": "report", "reproduce.report_of": study, "reproduce.git_commit": git.commit,
-            "reproduce.git_dirty": str(git.dirty).lower(), "mlflow.source.git.commit": git.commit,
-            "reproduce.command": command[:5000], "mlflow.note.content": note[:60000]}
-    run = client.get_run(found[0].info.run_id) if found else \
-        client.create_run(exp.experiment_id, run_name=f"report-{study}", tags=tags)
+    note = (
+        f"The report of `{command}` ({study}; commit {git}): the paper's numbers beside ours, figures as "
+        f"artifacts ({', '.join(files)}).\n\n" + table
+    )
+    tags = {
+        "reproduce.kind": "report",
+        "reproduce.report_of": study,
+        "reproduce.git_commit": git.commit,
+        "reproduce.git_dirty": str(git.dirty).lower(),
+        "mlflow.source.git.commit": git.commit,
+        "reproduce.command": command[:5000],
+        "mlflow.note.content": note[:60000],
+    }
+    run = (
+        client.get_run(found[0].info.run_id)
+        if found
+        else client.create_run(exp.experiment_id, run_name=f"report-{study}", tags=tags)
+    )
     for key, value in tags.items():
         client.set_tag(run.info.run_id, key, value)
     for name in files:

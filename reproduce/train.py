@@ -10,6 +10,7 @@ The run directory (run.dir, by default runs/<experiment>/<model>-s<seed>-<recipe
 holds the checkpoints; starting a job whose run directory holds one resumes it, into the
 same MLflow run, exactly where it stopped.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,11 +36,11 @@ from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
 from reproduce.engine import Numerics, build_optimizer, evaluate, lr_at, resolve_numerics, train_step
-from reproduce.models import build_model
-from reproduce.weights import WeightsError, initialise
 from reproduce.io import atomic_write_text
+from reproduce.models import build_model
 from reproduce.provenance import GitState, code_state
 from reproduce.tracking import ResumeRefused, Tracker, TrackingUnreachable, check_reachable, check_resumable
+from reproduce.weights import WeightsError, initialise
 
 log = logging.getLogger("reproduce.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -92,7 +93,14 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
             log.warning("stop requested before training started; nothing to save, exiting")
             return 128 + signal.SIGTERM
         return train(cfg, info, data, stop)
-    except (DataError, checkpoint.RunDirBusy, TrackingUnreachable, ResumeRefused, checkpoint.CheckpointError, WeightsError) as err:
+    except (
+        DataError,
+        checkpoint.RunDirBusy,
+        TrackingUnreachable,
+        ResumeRefused,
+        checkpoint.CheckpointError,
+        WeightsError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)  # refused before training: bad input
         return 2
     except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
@@ -125,7 +133,10 @@ def check_main(argv: list[str] | None = None) -> int:
         return 2
     for item in files:
         if not Path(item).exists() and not item.endswith((".yaml", ".yml")) and "/" not in item:
-            print(f"error: {item!r} is neither a config file nor a key=value override (e.g. {item}=VALUE)", file=sys.stderr)
+            print(
+                f"error: {item!r} is neither a config file nor a key=value override (e.g. {item}=VALUE)",
+                file=sys.stderr,
+            )
             return 2
     status = 0
     for path in files:
@@ -136,7 +147,9 @@ def check_main(argv: list[str] | None = None) -> int:
                 continue
             # data.path null: the run reads $REPRODUCE_CIFAR10 where it is set (checked here as well), else downloads
             if cfg.data.path is None and not cfg.data.synthetic and not os.environ.get("REPRODUCE_CIFAR10"):
-                print(f"ok    {path} (data not checked: data.path is null, CIFAR-10 is downloaded when training starts)")
+                print(
+                    f"ok    {path} (data not checked: data.path is null, CIFAR-10 is downloaded when training starts)"
+                )
                 continue
             check_inputs(cfg)
             print(f"ok    {path}")
@@ -150,6 +163,7 @@ def check_main(argv: list[str] | None = None) -> int:
 class Run:
     """What the loop works on: the config, the processes, the data, the networks, the
     optimizer and where the run is logged and saved. Built once by `train`."""
+
     cfg: Config
     info: distributed.DistInfo
     data: Data
@@ -170,10 +184,14 @@ class Run:
     def save(self, done: int) -> None:
         """A checkpoint after `done` iterations (rank 0 writes; every rank waits for it)."""
         if not all(torch.isfinite(p).all() for p in self.unwrapped.parameters()):  # never save a broken model
-            raise NonFiniteLoss(f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, self.cfg.optim.lr, self.cfg.schedule):g});"
-                                " stopping without writing a checkpoint")
+            raise NonFiniteLoss(
+                f"weights became non-finite by iteration {done} (lr {lr_at(done - 1, self.cfg.optim.lr, self.cfg.schedule):g});"
+                " stopping without writing a checkpoint"
+            )
         if self.info.is_main:
-            state = checkpoint.contents(self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git, self.numerics)
+            state = checkpoint.contents(
+                self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git, self.numerics
+            )
             checkpoint.save(self.cfg.run_dir(), done, state, keep=self.cfg.run.keep_checkpoints)
             self.tracker.log_metrics({"checkpoint_iteration": done}, step=done)  # where a resume starts
         distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
@@ -194,13 +212,23 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         checkpoint.check_architecture(state, cfg.model, latest)  # never load weights into another network
         checkpoint.check_recipe(state, cfg, latest)  # nor continue a run with another recipe (explicit run.dir)
     # The MLflow run the checkpoints continue: in this store, trained on this data; its status.
-    logged = distributed.agree(lambda: check_resumable(state["mlflow_run_id"], latest, data.fingerprint), info) \
-        if state is not None and state.get("mlflow_run_id") else None
+    logged = (
+        distributed.agree(lambda: check_resumable(state["mlflow_run_id"], latest, data.fingerprint), info)
+        if state is not None and state.get("mlflow_run_id")
+        else None
+    )
     finished = distributed.broadcast_object(logged == "FINISHED", info)
     # `auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints.
-    numerics = Numerics(**state["numerics"]) if state is not None and "numerics" in state else distributed.broadcast_object(
-        resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
-        if info.is_main else None, info)
+    numerics = (
+        Numerics(**state["numerics"])
+        if state is not None and "numerics" in state
+        else distributed.broadcast_object(
+            resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
+            if info.is_main
+            else None,
+            info,
+        )
+    )
 
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then (seed, rank).
     torch.manual_seed(cfg.seed)
@@ -208,10 +236,16 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     # model.init: the given weights (also on resume, where the checkpoint then overwrites them: the
     # optimizer's parameter groups depend on which layers they provided).
     pretrained = initialise(unwrapped, cfg.model, data.num_classes) if cfg.model.init else set()
-    if cfg.optim.pretrained_lr_scale == 0 and pretrained and all(n in pretrained for n, _ in unwrapped.named_parameters()):
-        raise WeightsError(f"optim.pretrained_lr_scale=0 freezes every layer: model.init {cfg.model.init} also gave the "
-                           f"classifier ({data.num_classes} classes, as the data); set model.init_classifier=false to "
-                           "train a new one, or a pretrained_lr_scale above 0")
+    if (
+        cfg.optim.pretrained_lr_scale == 0
+        and pretrained
+        and all(n in pretrained for n, _ in unwrapped.named_parameters())
+    ):
+        raise WeightsError(
+            f"optim.pretrained_lr_scale=0 freezes every layer: model.init {cfg.model.init} also gave the "
+            f"classifier ({data.num_classes} classes, as the data); set model.init_classifier=false to "
+            "train a new one, or a pretrained_lr_scale above 0"
+        )
     unwrapped.to(info.device, memory_format=numerics.memory_format)
     optimizer = build_optimizer(_param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
@@ -230,11 +264,18 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         if finished:
             log.info("run in %s is already complete (%d iterations, MLflow run %s)", run_dir, start, run_id)
             return 0
-        log.info("run in %s trained all %d iterations but MLflow run %s is not FINISHED; evaluating and finishing it",
-                 run_dir, start, run_id)
+        log.info(
+            "run in %s trained all %d iterations but MLflow run %s is not FINISHED; evaluating and finishing it",
+            run_dir,
+            start,
+            run_id,
+        )
 
-    model = DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None) \
-        if info.distributed else unwrapped
+    model = (
+        DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None)
+        if info.distributed
+        else unwrapped
+    )
     if cfg.run.compile:
         model = torch.compile(model, mode=cfg.run.compile_mode)
 
@@ -245,11 +286,25 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     tracker.log_numerics(numerics)
     if info.is_main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        log.info("%s on %s; %s, %s (%s)", cfg.model.name, data.description, "bf16 autocast" if numerics.amp else "fp32",
-                 "channels_last" if numerics.channels_last else "contiguous", numerics.how)
-        log.info("global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
-                 cfg.optim.batch_size, info.world_size, cfg.optim.batch_size // info.world_size, iterations,
-                 iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size), run_dir, run_id, f"; resuming at iteration {start}" if start else "")
+        log.info(
+            "%s on %s; %s, %s (%s)",
+            cfg.model.name,
+            data.description,
+            "bf16 autocast" if numerics.amp else "fp32",
+            "channels_last" if numerics.channels_last else "contiguous",
+            numerics.how,
+        )
+        log.info(
+            "global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
+            cfg.optim.batch_size,
+            info.world_size,
+            cfg.optim.batch_size // info.world_size,
+            iterations,
+            iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size),
+            run_dir,
+            run_id,
+            f"; resuming at iteration {start}" if start else "",
+        )
 
     status = "FAILED"
     try:
@@ -296,8 +351,14 @@ def _loop(run: Run) -> None:
     cfg, info, stop = run.cfg, run.info, run.stop
     iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
     per_epoch = batches_per_epoch(len(run.data.train), global_batch)
-    bar = tqdm(total=iterations, initial=run.start, disable=not (info.is_main and cfg.run.progress),
-               dynamic_ncols=True, mininterval=1.0, unit="it")
+    bar = tqdm(
+        total=iterations,
+        initial=run.start,
+        disable=not (info.is_main and cfg.run.progress),
+        dynamic_ncols=True,
+        mininterval=1.0,
+        unit="it",
+    )
     window = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, wrong, images (this rank)
     window_start, window_iters = time.perf_counter(), 0
     run.model.train()
@@ -306,10 +367,14 @@ def _loop(run: Run) -> None:
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # model.init's layers: optim.pretrained_lr_scale
         labels = labels.to(info.device, non_blocking=True)
-        loss, logits = train_step(run.model, run.optimizer, images, labels, info.device, run.numerics.amp, run.memory_format)
+        loss, logits = train_step(
+            run.model, run.optimizer, images, labels, info.device, run.numerics.amp, run.memory_format
+        )
         with torch.no_grad():
             wrong = logits.argmax(dim=1).ne(labels).sum()
-            window += torch.stack([loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))])
+            window += torch.stack(
+                [loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))]
+            )
         done, window_iters = it + 1, window_iters + 1
         bar.update(1)
 
@@ -320,11 +385,21 @@ def _loop(run: Run) -> None:
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"training loss is {mean_loss} at iteration {done} (lr {lr:g}); stopping")
             speed = window_iters * global_batch / (time.perf_counter() - window_start)
-            metrics = {"train_loss": mean_loss, "train_top1_err": 100.0 * wrong_sum / seen, "lr": lr,
-                       "images_per_sec": speed, "epoch": done / per_epoch}
+            metrics = {
+                "train_loss": mean_loss,
+                "train_top1_err": 100.0 * wrong_sum / seen,
+                "lr": lr,
+                "images_per_sec": speed,
+                "epoch": done / per_epoch,
+            }
             run.tracker.log_metrics(metrics, step=done)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{metrics['train_top1_err']:.1f}%", img_s=f"{speed:.0f}",
-                            epoch=f"{done / per_epoch:.1f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{mean_loss:.3f}",
+                err=f"{metrics['train_top1_err']:.1f}%",
+                img_s=f"{speed:.0f}",
+                epoch=f"{done / per_epoch:.1f}",
+                refresh=False,
+            )
             window.zero_()
             window_start, window_iters = time.perf_counter(), 0
 
@@ -338,8 +413,11 @@ def _loop(run: Run) -> None:
         if info.distributed and done % STOP_CHECK_EVERY == 0:
             distributed.heartbeat(info, done)
         # A stop after the last iteration is not one: the final evaluation follows and the run finishes.
-        if done < iterations and (info.world_size == 1 or done % STOP_CHECK_EVERY == 0) and \
-                distributed.any_rank(stop.requested, info):
+        if (
+            done < iterations
+            and (info.world_size == 1 or done % STOP_CHECK_EVERY == 0)
+            and distributed.any_rank(stop.requested, info)
+        ):
             run.save(done)
             bar.close()
             raise Stopped()
@@ -354,7 +432,9 @@ def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
     splits = [("val", data.val)] + ([("test", data.test)] if cfg.data.dataset in ("cifar10", "folder") else [])
     for name, split in splits:
         if split is not None:
-            result = evaluate(model, eval_loader(split, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
+            result = evaluate(
+                model, eval_loader(split, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last
+            )
             out.update({f"{name}_{k}": v for k, v in result.items()})
     return out
 
@@ -363,7 +443,13 @@ def _final_eval(run: Run) -> dict[str, float]:
     cfg = run.cfg
     final = _periodic_eval(run, run.unwrapped)
     if cfg.data.dataset == "imagenet":  # the test split (ImageNet val) under the configured protocol
-        result = evaluate(run.unwrapped, eval_loader(run.data.test, cfg, run.info), run.info, run.numerics.amp, run.numerics.channels_last)
+        result = evaluate(
+            run.unwrapped,
+            eval_loader(run.data.test, cfg, run.info),
+            run.info,
+            run.numerics.amp,
+            run.numerics.channels_last,
+        )
         final.update({f"test_{k}": v for k, v in result.items()})
     run.tracker.log_metrics(final, step=cfg.schedule.iterations)
     return final

@@ -26,6 +26,7 @@ guessed:
     which are option-A ResNets.
 A stated option that contradicts the weights is refused in one line naming both.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ class WeightsError(ValueError):
 class Arch:
     """What a state_dict was made for: a registry name, the shortcut option as resolved (None
     for plain nets), the bottleneck variant."""
+
     name: str
     shortcut: Shortcut | None
     variant: Variant = Variant.V1
@@ -60,8 +62,11 @@ class Arch:
         return f"{self.name} ({shortcut}, {self.variant.value})"
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "shortcut": self.shortcut.value if self.shortcut else None,
-                "variant": self.variant.value}
+        return {
+            "name": self.name,
+            "shortcut": self.shortcut.value if self.shortcut else None,
+            "variant": self.variant.value,
+        }
 
     @classmethod
     def of(cls, name: str, shortcut=None, variant=Variant.V1) -> "Arch":
@@ -90,11 +95,19 @@ class Weights:
         return model.to(device)
 
 
-def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut | str | None = None,
-                 variant: Variant | str | None = None) -> Weights:
+def load_weights(
+    source: str | Path,
+    name: str | None = None,
+    shortcut: Shortcut | str | None = None,
+    variant: Variant | str | None = None,
+) -> Weights:
     """The weights of `source` and their architecture. `name`, `shortcut`, `variant` are what
     the user stated (None = not stated); they must agree with the weights. WeightsError otherwise."""
-    stated = (name, Shortcut(shortcut) if shortcut is not None else None, Variant(variant) if variant is not None else None)
+    stated = (
+        name,
+        Shortcut(shortcut) if shortcut is not None else None,
+        Variant(variant) if variant is not None else None,
+    )
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
         return _torchvision_named(text, stated)
@@ -104,17 +117,23 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     if path.is_dir():
         latest = checkpoint.find_latest(path)
         if latest is None:
-            raise WeightsError(f"{path} is a folder without an intact ckpt-*.pt checkpoint; give a run directory or a weights file")
+            raise WeightsError(
+                f"{path} is a folder without an intact ckpt-*.pt checkpoint; give a run directory or a weights file"
+            )
         return _suite(latest, stated, verified=True)
     if not path.is_file():
-        raise WeightsError(f"weights {text} not found; give a run directory, a checkpoint or state_dict file, "
-                           "or torchvision:resnet50.IMAGENET1K_V1")
+        raise WeightsError(
+            f"weights {text} not found; give a run directory, a checkpoint or state_dict file, "
+            "or torchvision:resnet50.IMAGENET1K_V1"
+        )
     if checkpoint.NAME.match(path.name) and path.with_name(path.name + ".sha256").exists():
         return _suite(path, stated, verified=False)
     obj = _torch_load(path)
     if isinstance(obj, dict) and {"model", "iteration", "config"} <= set(obj):
-        raise WeightsError(f"{path} is one of the suite's checkpoints but its .sha256 file is missing or it was renamed; "
-                           "keep ckpt-NNNNNNNN.pt beside its .sha256 (or pass the run directory)")
+        raise WeightsError(
+            f"{path} is one of the suite's checkpoints but its .sha256 file is missing or it was renamed; "
+            "keep ckpt-NNNNNNNN.pt beside its .sha256 (or pass the run directory)"
+        )
     public = isinstance(obj, dict) and "state_dict" in obj and "best_prec1" in obj
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -122,8 +141,16 @@ def load_weights(source: str | Path, name: str | None = None, shortcut: Shortcut
     state = {k.removeprefix("module."): v for k, v in state.items()}
     extra = {"best_prec1": float(obj["best_prec1"])} if public else {}
     arch, classes = _resolve(state, stated, str(path), residual_hint=public, variant_hint=None)
-    return Weights(state, arch, classes, "public-cifar" if public else "state_dict", str(path), _sha256(path), extra,
-                   normalize="imagenet" if public else None)  # the public CIFAR-10 files: ImageNet's mean and std
+    return Weights(
+        state,
+        arch,
+        classes,
+        "public-cifar" if public else "state_dict",
+        str(path),
+        _sha256(path),
+        extra,
+        normalize="imagenet" if public else None,
+    )  # the public CIFAR-10 files: ImageNet's mean and std
 
 
 def stored_model_name(source: str | Path) -> str | None:
@@ -155,8 +182,10 @@ def check_fits(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
         if key not in wanted:
             raise WeightsError(f"{source}: tensor '{key}' {list(tensor.shape)} has no place in the model")
         if tuple(tensor.shape) != tuple(wanted[key].shape):
-            raise WeightsError(f"{source}: tensor '{key}' is {list(tensor.shape)} in the file but the model wants "
-                               f"{list(wanted[key].shape)}")
+            raise WeightsError(
+                f"{source}: tensor '{key}' is {list(tensor.shape)} in the file but the model wants "
+                f"{list(wanted[key].shape)}"
+            )
     for key, tensor in wanted.items():
         if key not in state and not key.endswith("num_batches_tracked"):  # older files lack it; BN fills it in
             raise WeightsError(f"{source}: the model's tensor '{key}' {list(tensor.shape)} is missing from the file")
@@ -165,11 +194,16 @@ def check_fits(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
 def check_same(found: Arch, stated: tuple, source: str) -> None:
     """One line naming both when a stated option contradicts the weights' architecture."""
     name, shortcut, variant = stated
-    if (name is not None and name != found.name) or (shortcut is not None and shortcut != found.shortcut) \
-            or (variant is not None and variant != found.variant):
+    if (
+        (name is not None and name != found.name)
+        or (shortcut is not None and shortcut != found.shortcut)
+        or (variant is not None and variant != found.variant)
+    ):
         asked = Arch(name or found.name, shortcut or found.shortcut, variant or found.variant)
-        raise WeightsError(f"{source} holds weights of {found}, but {asked} was asked for; "
-                           "set model.name / model.shortcut / model.variant (--model) to the weights' or use other weights")
+        raise WeightsError(
+            f"{source} holds weights of {found}, but {asked} was asked for; "
+            "set model.name / model.shortcut / model.variant (--model) to the weights' or use other weights"
+        )
 
 
 # ---------------------------------------------------------------------------- sources
@@ -179,12 +213,21 @@ def _suite(path: Path, stated: tuple, verified: bool) -> Weights:
     except checkpoint.CheckpointError as err:
         raise WeightsError(str(err)) from None
     stored = checkpoint.architecture_of(state)
-    arch = Arch(stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"]))
+    arch = Arch(
+        stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"])
+    )
     check_same(arch, stated, str(path))
     classes = _classes(state["model"])
-    return Weights(state["model"], arch, classes, "checkpoint", str(path), _sha256(path),
-                   {"iteration": state["iteration"], "mlflow_run_id": state.get("mlflow_run_id")},
-                   normalize=state.get("config", {}).get("data", {}).get("normalize"))
+    return Weights(
+        state["model"],
+        arch,
+        classes,
+        "checkpoint",
+        str(path),
+        _sha256(path),
+        {"iteration": state["iteration"], "mlflow_run_id": state.get("mlflow_run_id")},
+        normalize=state.get("config", {}).get("data", {}).get("normalize"),
+    )
 
 
 def _torchvision_named(text: str, stated: tuple) -> Weights:
@@ -194,19 +237,26 @@ def _torchvision_named(text: str, stated: tuple) -> Weights:
     model_name, _, weights_name = spec.partition(".")
     depth = re.fullmatch(r"resnet(\d+)", model_name)
     if not depth or int(depth.group(1)) not in LAYERS or not weights_name:
-        raise WeightsError(f"{text}: give torchvision:resnet<18|34|50|101|152>.<WEIGHTS>, e.g. torchvision:resnet50.IMAGENET1K_V1")
+        raise WeightsError(
+            f"{text}: give torchvision:resnet<18|34|50|101|152>.<WEIGHTS>, e.g. torchvision:resnet50.IMAGENET1K_V1"
+        )
     try:
         entry = get_model_weights(model_name)[weights_name]
     except KeyError:
         choices = ", ".join(w.name for w in get_model_weights(model_name))
-        raise WeightsError(f"{text}: torchvision has no {model_name} weights '{weights_name}'; choose from {choices}") from None
+        raise WeightsError(
+            f"{text}: torchvision has no {model_name} weights '{weights_name}'; choose from {choices}"
+        ) from None
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
     if not path.is_file():
-        raise WeightsError(f"{text}: {path} not found (nothing is downloaded here); fetch {entry.url} into {path.parent}")
+        raise WeightsError(
+            f"{text}: {path} not found (nothing is downloaded here); fetch {entry.url} into {path.parent}"
+        )
     state = _torch_load(path)
     bottleneck = int(depth.group(1)) >= 50
-    arch, classes = _resolve(state, stated, text, residual_hint=True,
-                             variant_hint=Variant.V1_5 if bottleneck else Variant.V1)  # torchvision's layout: v1.5
+    arch, classes = _resolve(
+        state, stated, text, residual_hint=True, variant_hint=Variant.V1_5 if bottleneck else Variant.V1
+    )  # torchvision's layout: v1.5
     if arch.name != model_name:
         raise WeightsError(f"{text} holds weights of {model_name}, but {arch} was asked for")
     return Weights(state, arch, classes, "torchvision-named", str(path), _sha256(path), {"weights": spec})
@@ -231,20 +281,32 @@ def _mlflow_model(uri: str, stated: tuple) -> Weights:
         info = mlflow.models.get_model_info(str(local))
         net = mlflow.pytorch.load_model(str(local), map_location="cpu")
     except Exception as err:  # no such run or model, no model in it, store unreachable, not a PyTorch model
-        raise WeightsError(f"{uri}: cannot load an MLflow PyTorch model ({str(err).splitlines()[0][:160]}); give "
-                           "runs:/<run id of a finished training run> or models:/<name>/<version>") from None
+        raise WeightsError(
+            f"{uri}: cannot load an MLflow PyTorch model ({str(err).splitlines()[0][:160]}); give "
+            "runs:/<run id of a finished training run> or models:/<name>/<version>"
+        ) from None
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     stored = (info.metadata or {}).get("reproduce.architecture")
     if stored:
-        arch = Arch(stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"]))
+        arch = Arch(
+            stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"])
+        )
         check_same(arch, stated, uri)
         classes = _classes(state)
     else:
         arch, classes = _resolve(state, stated, uri, residual_hint=False, variant_hint=None)
     files = sorted(p for p in (local / "data").rglob("*") if p.is_file()) if (local / "data").is_dir() else []
     digest = hashlib.sha256(b"".join(_sha256(p).encode() for p in files)).hexdigest()
-    return Weights(state, arch, classes, "mlflow-model", uri, digest, {"model_uuid": info.model_uuid or ""},
-                   normalize=(info.metadata or {}).get("reproduce.normalize"))
+    return Weights(
+        state,
+        arch,
+        classes,
+        "mlflow-model",
+        uri,
+        digest,
+        {"model_uuid": info.model_uuid or ""},
+        normalize=(info.metadata or {}).get("reproduce.normalize"),
+    )
 
 
 def _torch_load(path: Path):
@@ -280,8 +342,9 @@ def _recognise(state: dict, source: str) -> tuple[str, int, bool, str]:
         family, bottleneck, counts = "imagenet", "layer1.0.conv3.weight" in state, _blocks(state, 4)
         depths = [d for d, (block, layers) in LAYERS.items() if layers == counts and (d >= 50) == bottleneck]
         if not depths:
-            raise WeightsError(f"{source}: an ImageNet ResNet with {counts} blocks per stage is not one of "
-                               f"depths {sorted(LAYERS)}")
+            raise WeightsError(
+                f"{source}: an ImageNet ResNet with {counts} blocks per stage is not one of depths {sorted(LAYERS)}"
+            )
         depth, key = depths[0], "downsample"
     elif "linear.weight" in state and "layer3.0.conv1.weight" in state:
         family, bottleneck, counts = "cifar", False, _blocks(state, 3)
@@ -289,44 +352,59 @@ def _recognise(state: dict, source: str) -> tuple[str, int, bool, str]:
             raise WeightsError(f"{source}: a CIFAR ResNet needs equal stages, found {counts} blocks")
         depth, key = 6 * counts[0] + 2, "shortcut"
     else:
-        raise WeightsError(f"{source}: not a ResNet state_dict this suite knows (no fc/linear with layer1..4 or "
-                           "layer1..3); give torchvision-style or the suite's CIFAR key names")
+        raise WeightsError(
+            f"{source}: not a ResNet state_dict this suite knows (no fc/linear with layer1..4 or "
+            "layer1..3); give torchvision-style or the suite's CIFAR key names"
+        )
     with_proj = {(i, j) for i, n in enumerate(counts, 1) for j in range(n) if f"layer{i}.{j}.{key}.0.weight" in state}
     changing = {(i, 0) for i in range(1, len(counts) + 1) if i > 1 or bottleneck}
     everywhere = {(i, j) for i, n in enumerate(counts, 1) for j in range(n)}
     projections = {frozenset(): "none", frozenset(changing): "B", frozenset(everywhere): "C"}.get(frozenset(with_proj))
     if projections is None:
-        raise WeightsError(f"{source}: projection shortcuts on blocks {sorted(with_proj)} match none of options A, B, C")
+        raise WeightsError(
+            f"{source}: projection shortcuts on blocks {sorted(with_proj)} match none of options A, B, C"
+        )
     return family, depth, bottleneck, projections
 
 
-def _resolve(state: dict, stated: tuple, source: str, residual_hint: bool,
-             variant_hint: Variant | None) -> tuple[Arch, int]:
+def _resolve(
+    state: dict, stated: tuple, source: str, residual_hint: bool, variant_hint: Variant | None
+) -> tuple[Arch, int]:
     family, depth, bottleneck, projections = _recognise(state, source)
     name, shortcut, variant = stated
     tensors = f"{'CIFAR' if family == 'cifar' else 'ImageNet'} {'bottleneck' if bottleneck else 'basic-block'} net of depth {depth}"
     if name is None:
         if projections == "none" and not residual_hint:
-            raise WeightsError(f"{source}: the {tensors} without projection tensors is resnet{depth} with option A "
-                               f"or plain{depth}; name the model (--model resnet{depth} or plain{depth})")
+            raise WeightsError(
+                f"{source}: the {tensors} without projection tensors is resnet{depth} with option A "
+                f"or plain{depth}; name the model (--model resnet{depth} or plain{depth})"
+            )
         name = f"resnet{depth}"
     spec = MODELS.get(name)
     if spec is None or spec.family != family or spec.depth != depth:
-        raise WeightsError(f"{source} holds the {tensors}, but the model asked for is {name}; use "
-                           f"resnet{depth}" + (f" or plain{depth}" if projections == "none" else ""))
+        raise WeightsError(
+            f"{source} holds the {tensors}, but the model asked for is {name}; use "
+            f"resnet{depth}" + (f" or plain{depth}" if projections == "none" else "")
+        )
     if not spec.residual:
         found_shortcut = None
         if residual_hint:
-            raise WeightsError(f"{source} holds ResNet weights (its format says so), but {name} is a plain net; use resnet{depth}")
+            raise WeightsError(
+                f"{source} holds ResNet weights (its format says so), but {name} is a plain net; use resnet{depth}"
+            )
         if projections != "none":
-            raise WeightsError(f"{source} holds projection shortcuts (option {projections}), but {name} is a plain net; "
-                               f"use resnet{depth}")
+            raise WeightsError(
+                f"{source} holds projection shortcuts (option {projections}), but {name} is a plain net; "
+                f"use resnet{depth}"
+            )
     else:
         found_shortcut = Shortcut.A if projections == "none" else Shortcut(projections)
     if bottleneck:
         if variant_hint is None and variant is None:
-            raise WeightsError(f"{source}: a bottleneck state_dict does not tell v1 from v1.5 (same tensors, the stride "
-                               "moves); state model.variant=v1 (the paper's) or v1.5 (torchvision's)")
+            raise WeightsError(
+                f"{source}: a bottleneck state_dict does not tell v1 from v1.5 (same tensors, the stride "
+                "moves); state model.variant=v1 (the paper's) or v1.5 (torchvision's)"
+            )
         found_variant = variant_hint or variant
     else:
         found_variant = Variant.V1
@@ -353,14 +431,21 @@ def initialise(model: torch.nn.Module, model_cfg, num_classes: int) -> set[str]:
     want = Arch.of(model_cfg.name, model_cfg.shortcut, model_cfg.variant)
     weights = load_weights(model_cfg.init, model_cfg.name, model_cfg.shortcut, model_cfg.variant)
     if weights.arch != want:
-        raise WeightsError(f"model.init {model_cfg.init} holds weights of {weights.arch}, but the model is {want}; "
-                           "set model.shortcut / model.variant to the weights'")
+        raise WeightsError(
+            f"model.init {model_cfg.init} holds weights of {weights.arch}, but the model is {want}; "
+            "set model.shortcut / model.variant to the weights'"
+        )
     state = dict(weights.state_dict)
     if weights.num_classes != num_classes or not model_cfg.init_classifier:
         state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIERS)}
-        why = f"{weights.num_classes} -> {num_classes} classes" if weights.num_classes != num_classes else "model.init_classifier=false"
-        logging.getLogger("reproduce.weights").info("model.init %s: classifier replaced (%s), newly initialised",
-                                                    model_cfg.init, why)
+        why = (
+            f"{weights.num_classes} -> {num_classes} classes"
+            if weights.num_classes != num_classes
+            else "model.init_classifier=false"
+        )
+        logging.getLogger("reproduce.weights").info(
+            "model.init %s: classifier replaced (%s), newly initialised", model_cfg.init, why
+        )
     wanted = {k: v for k, v in model.state_dict().items() if k in state or not k.startswith(CLASSIFIERS)}
     check_fits(wanted, state, str(model_cfg.init))  # the model minus a replaced classifier
     model.load_state_dict(state, strict=False)

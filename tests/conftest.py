@@ -1,5 +1,6 @@
 """Shared fixtures: isolated MLflow store and cache, a tiny generated CIFAR-10 tree, the
 real data in ../shared/data when present, and helpers to run the CLI for real."""
+
 from __future__ import annotations
 
 import os
@@ -72,7 +73,9 @@ def isolated(tmp_path, monkeypatch):
     is shared by the session so real data is decoded once."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("REPRODUCE_CACHE", str(Path(os.environ.get("REPRODUCE_TEST_CACHE", tmp_path.parent / "reproduce-cache"))))
+    monkeypatch.setenv(
+        "REPRODUCE_CACHE", str(Path(os.environ.get("REPRODUCE_TEST_CACHE", tmp_path.parent / "reproduce-cache")))
+    )
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     yield
 
@@ -108,11 +111,19 @@ def cifar_tar(cifar_tree) -> Path:
 def tiny_overrides(data: Path, iterations: int = 6, **extra) -> list[str]:
     """A ResNet-20 run small enough for a few seconds on one CPU core."""
     values = {
-        "data.path": str(data), "data.val_split": 40, "data.workers": 0,
-        "optim.batch_size": 16, "schedule.iterations": iterations,
-        "schedule.milestones": f"[{iterations // 2}]", "eval.every": max(1, iterations // 2),
-        "eval.batch_size": 64, "run.checkpoint_every": max(1, iterations // 2), "run.log_every": 1,
-        "run.deterministic": "true", "run.progress": "false", "run.device": "cpu",
+        "data.path": str(data),
+        "data.val_split": 40,
+        "data.workers": 0,
+        "optim.batch_size": 16,
+        "schedule.iterations": iterations,
+        "schedule.milestones": f"[{iterations // 2}]",
+        "eval.every": max(1, iterations // 2),
+        "eval.batch_size": 64,
+        "run.checkpoint_every": max(1, iterations // 2),
+        "run.log_every": 1,
+        "run.deterministic": "true",
+        "run.progress": "false",
+        "run.device": "cpu",
         "run.log_model": "false",  # 3 s per run; the MLflow model has tests of its own (test_tracking.py)
     }
     values.update(extra)
@@ -145,22 +156,37 @@ def stop_and_resume_matches_straight(data: Path, tmp_path: Path, monkeypatch, **
     from reproduce import checkpoint, train
 
     config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")
-    straight = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, **extra})
+    straight = tiny_overrides(
+        data, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, **extra}
+    )
     assert train.main(["--config", config, *straight]) == 0
-    resumed = tiny_overrides(data, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100, **extra})
+    resumed = tiny_overrides(
+        data, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100, **extra}
+    )
     real_lr_at = sigterm_during(monkeypatch, 3)
     assert train.main(["--config", config, *resumed]) == 128 + signal.SIGTERM
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "resumed")] == ["ckpt-00000004.pt"]
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     assert train.main(["--config", config, *resumed]) == 0
-    a, b = (torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True)["model"] for d in ("straight", "resumed"))
+    a, b = (
+        torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True)["model"]
+        for d in ("straight", "resumed")
+    )
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`python -m reproduce.cli ARGS` in a fresh process, as a user would run it."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "reproduce.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "reproduce.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
+    )

@@ -3,6 +3,7 @@
 Each fault test's docstring has four lines that `python tools/reliability.py` copies into
 results/reliability.md: Fault / Injected / Suite / Lost.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,6 @@ import torch
 
 from reproduce import checkpoint
 from tests.conftest import REPO
-
 
 CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
 TRAIN = str(REPO / "reproduce" / "train.py")
@@ -51,9 +51,25 @@ def _steps(run_id: str, key: str) -> list[int]:
 
 
 def _torchrun(overrides: list[str], *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *extra, TRAIN, "--config", str(CIFAR), *overrides],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *extra,
+            TRAIN,
+            "--config",
+            str(CIFAR),
+            *overrides,
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _worker(parent: subprocess.Popen, rank: int) -> psutil.Process | None:

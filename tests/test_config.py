@@ -1,4 +1,5 @@
 """Every shipped config validates; broken ones are refused in one line with exit status 2."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,13 @@ CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
 
 def test_there_is_a_config_per_paper_experiment():
     names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
-    expected = {f"cifar10/{k}{d}.yaml" for k in ("plain", "resnet") for d in (20, 32, 44, 56, 110)} | {"cifar10/resnet1202.yaml"}
-    expected |= {f"imagenet/{m}.yaml" for m in ("plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")}
+    expected = {f"cifar10/{k}{d}.yaml" for k in ("plain", "resnet") for d in (20, 32, 44, 56, 110)} | {
+        "cifar10/resnet1202.yaml"
+    }
+    expected |= {
+        f"imagenet/{m}.yaml"
+        for m in ("plain18", "plain34", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    }
     assert expected <= names
 
 
@@ -33,7 +39,9 @@ def test_shipped_config_validates(path, tmp_path):
     if cfg.data.dataset == "cifar10":  # paper §4.2
         assert (cfg.optim.batch_size, cfg.schedule.iterations, cfg.schedule.milestones) == (128, 64000, (32000, 48000))
         assert cfg.data.val_split == 5000 and cfg.eval.protocol.value == "single"
-        assert (cfg.schedule.warmup_lr, cfg.schedule.warmup_iterations) == ((0.01, 400) if cfg.model.name.endswith(("110", "1202")) else (None, 0))
+        assert (cfg.schedule.warmup_lr, cfg.schedule.warmup_iterations) == (
+            (0.01, 400) if cfg.model.name.endswith(("110", "1202")) else (None, 0)
+        )
     else:  # paper §3.4
         assert (cfg.optim.batch_size, cfg.schedule.iterations, cfg.data.scale) == (256, 600000, (256, 480))
         assert cfg.eval.protocol.value == "tencrop"
@@ -45,13 +53,17 @@ def test_imagenet_config_needs_a_data_path():
 
 
 def test_override_goes_through_the_same_checks():
-    cfg = load_config(CIFAR, ["optim.lr=0.05", "schedule.milestones=[10,20]", "schedule.iterations=30", "model.shortcut=B"])
+    cfg = load_config(
+        CIFAR, ["optim.lr=0.05", "schedule.milestones=[10,20]", "schedule.iterations=30", "model.shortcut=B"]
+    )
     assert cfg.optim.lr == 0.05 and cfg.schedule.milestones == (10, 20) and cfg.model.shortcut.value == "B"
 
 
 def test_batch_must_split_over_processes():
     assert load_config(CIFAR, world_size=8).optim.batch_size == 128
-    with pytest.raises(ConfigError, match=r"optim.batch_size = 128: not divisible by the 3 processes; nearest valid is 129"):
+    with pytest.raises(
+        ConfigError, match=r"optim.batch_size = 128: not divisible by the 3 processes; nearest valid is 129"
+    ):
         load_config(CIFAR, world_size=3)
 
 
@@ -78,7 +90,10 @@ BROKEN = [
     (["model.shortcut=D"], "model.shortcut = 'D'"),
     (["model.name=plain20", "model.shortcut=A"], "plain"),
     (["model.name=resnet50"], "model: resnet50 has bottleneck blocks"),
-    (["model.name=resnet50", "model.shortcut=B"], "config error: model resnet50 is a network for imagenet but data.dataset is cifar10; use imagenet"),
+    (
+        ["model.name=resnet50", "model.shortcut=B"],
+        "config error: model resnet50 is a network for imagenet but data.dataset is cifar10; use imagenet",
+    ),
     (["model.variant=v1.5"], "v1.5"),
     (["schedule.iterations=0"], "schedule.iterations = 0"),
     (["schedule.milestones=[48000,32000]"], "strictly increasing"),
@@ -138,7 +153,11 @@ def test_broken_file_is_refused_in_one_line(edit, fragment, tmp_path, capsys):
 def test_unreadable_files_are_refused(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    for name, fragment in (("bad.yaml", "is not valid YAML"), ("list.yaml", "must hold a mapping"), ("none.yaml", "not found")):
+    for name, fragment in (
+        ("bad.yaml", "is not valid YAML"),
+        ("list.yaml", "must hold a mapping"),
+        ("none.yaml", "not found"),
+    ):
         assert cli.main(["check", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err

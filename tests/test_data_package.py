@@ -1,6 +1,7 @@
 """The layout of reproduce.data: every module imports on its own (no import cycle), importing
 changes nothing (no FFCV, torch's thread count untouched) except where FFCV is the point,
 and the backend table covers every data.loader."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,9 +16,20 @@ from reproduce.data.base import DataError
 from reproduce.data.order import batches_per_epoch
 from tests.conftest import REPO
 
-QUIET = ["reproduce.data", "reproduce.data.base", "reproduce.data.order", "reproduce.data.augment", "reproduce.data.cifar",
-         "reproduce.data.imagenet", "reproduce.data.torchvision_loader", "reproduce.data.synthetic", "reproduce.data.gpu",
-         "reproduce.data.ffcv", "reproduce.data.ffcv.loaders", "reproduce.data.ffcv.prepare"]
+QUIET = [
+    "reproduce.data",
+    "reproduce.data.base",
+    "reproduce.data.order",
+    "reproduce.data.augment",
+    "reproduce.data.cifar",
+    "reproduce.data.imagenet",
+    "reproduce.data.torchvision_loader",
+    "reproduce.data.synthetic",
+    "reproduce.data.gpu",
+    "reproduce.data.ffcv",
+    "reproduce.data.ffcv.loaders",
+    "reproduce.data.ffcv.prepare",
+]
 FFCV = ["reproduce.data.ffcv.pipeline", "reproduce.data.ffcv.decode"]  # importing them imports FFCV
 
 SCRIPT = """
@@ -41,8 +53,13 @@ print("ok")
 
 
 def test_every_module_imports_alone_without_side_effects():
-    done = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(QUIET), ",".join(FFCV)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, ",".join(QUIET), ",".join(FFCV)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -53,7 +70,9 @@ def test_backend_table_covers_every_loader():
 
 def test_fewer_than_one_batch_is_refused():
     assert batches_per_epoch(100, 32) == 3
-    with pytest.raises(DataError, match=r"the training split has 10 images, fewer than one global batch of 32; lower optim.batch_size"):
+    with pytest.raises(
+        DataError, match=r"the training split has 10 images, fewer than one global batch of 32; lower optim.batch_size"
+    ):
         batches_per_epoch(10, 32)
 
 

@@ -1,6 +1,7 @@
 """data.loader=device (issue 20 item 3): JPEGs decoded in batches on run.device, tested here on
 the CPU, which runs the same code path (torchvision's decode_jpeg takes a list on both); the
 CUDA run of the same checks is in tests/test_gpu.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,9 +36,20 @@ def jpeg_tree(root: Path, per_class: int = 6) -> Path:
 
 
 def _cfg(tree: Path, loader: str, *extra: str):
-    return load_config(CONFIG, [f"data.path={tree}", f"data.loader={loader}", "data.crop=32", "data.scale=[36,44]",
-                                "optim.batch_size=4", "schedule.iterations=6", "schedule.milestones=[]",
-                                "run.device=cpu", *extra])
+    return load_config(
+        CONFIG,
+        [
+            f"data.path={tree}",
+            f"data.loader={loader}",
+            "data.crop=32",
+            "data.scale=[36,44]",
+            "optim.batch_size=4",
+            "schedule.iterations=6",
+            "schedule.milestones=[]",
+            "run.device=cpu",
+            *extra,
+        ],
+    )
 
 
 def _stream(cfg, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,7 +71,9 @@ def test_batches_are_the_same_whatever_the_workers_and_on_resume(tmp_path, crop)
     assert not torch.equal(straight[0][0], straight[1][0])  # the draws differ batch to batch
     # normalised like the torchvision loader's batches: about zero mean and unit spread
     both = torch.cat([x for x, _ in straight])
-    reference = torch.cat([x for x, _ in _stream(_cfg(tree, "torchvision", "data.workers=0", f"data.train_crop={crop}"))])
+    reference = torch.cat(
+        [x for x, _ in _stream(_cfg(tree, "torchvision", "data.workers=0", f"data.train_crop={crop}"))]
+    )
     assert abs(both.mean() - reference.mean()) < 0.15 and abs(both.std() - reference.std()) < 0.15
 
 
@@ -82,20 +96,53 @@ def test_a_file_that_is_not_a_jpeg_is_named(tmp_path, capsys):
     bad = tree / "train" / "n01440764" / "3.JPEG"
     Image.open(bad).save(bad.with_suffix(".png"), format="PNG")
     bad.with_suffix(".png").rename(bad)  # a PNG named .JPEG
-    argv = ["--config", str(CONFIG), f"data.path={tree}", "data.loader=device", "data.crop=32", "data.scale=[36,44]",
-            "optim.batch_size=12", "schedule.iterations=2", "schedule.milestones=[]", "eval.every=2",
-            "run.checkpoint_every=2", "run.device=cpu", "run.progress=false", "data.workers=0", "run.log_model=false"]
+    argv = [
+        "--config",
+        str(CONFIG),
+        f"data.path={tree}",
+        "data.loader=device",
+        "data.crop=32",
+        "data.scale=[36,44]",
+        "optim.batch_size=12",
+        "schedule.iterations=2",
+        "schedule.milestones=[]",
+        "eval.every=2",
+        "run.checkpoint_every=2",
+        "run.device=cpu",
+        "run.progress=false",
+        "data.workers=0",
+        "run.log_model=false",
+    ]
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cannot decode image ") and str(bad) in err[-1] and "data.loader=torchvision" in err[-1]
+    assert (
+        err[-1].startswith("error: cannot decode image ")
+        and str(bad) in err[-1]
+        and "data.loader=torchvision" in err[-1]
+    )
 
 
 def test_training_and_evaluation_run_through_it(tmp_path):
     tree = jpeg_tree(tmp_path / "tree")
-    argv = ["--config", str(CONFIG), f"data.path={tree}", "data.loader=device", "data.crop=32", "data.scale=[36,44]",
-            "optim.batch_size=4", "schedule.iterations=4", "schedule.milestones=[]", "eval.every=2", "eval.batch_size=4",
-            "run.checkpoint_every=2", "run.device=cpu", "run.progress=false", "data.workers=2", "run.log_model=false",
-            "eval.protocol=tencrop"]
+    argv = [
+        "--config",
+        str(CONFIG),
+        f"data.path={tree}",
+        "data.loader=device",
+        "data.crop=32",
+        "data.scale=[36,44]",
+        "optim.batch_size=4",
+        "schedule.iterations=4",
+        "schedule.milestones=[]",
+        "eval.every=2",
+        "eval.batch_size=4",
+        "run.checkpoint_every=2",
+        "run.device=cpu",
+        "run.progress=false",
+        "data.workers=2",
+        "run.log_model=false",
+        "eval.protocol=tencrop",
+    ]
     assert train.main(argv) == 0
     import mlflow
 

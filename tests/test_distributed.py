@@ -2,6 +2,7 @@
 limit stay in the process for reuse (instead of being unmapped and faulted in again), unless the
 user chose the allocator's settings. Each case runs in its own interpreter: the setting is
 process-wide."""
+
 from __future__ import annotations
 
 import os
@@ -29,9 +30,12 @@ print(int(applied), (held - resident()) >> 20)
 
 def probe(mode: str, **env) -> tuple[bool, int]:
     """(setting in force, MiB given back to the kernel when a 96 MiB tensor is freed)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=REPO, env={**clean, **env}, capture_output=True, text=True,
-                         timeout=120)
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     applied, returned = out.stdout.split()
     return applied == "1", int(returned)

@@ -1,5 +1,6 @@
 """`reproduce doctor` on this CPU: each check does the thing it reports, a failure a job cannot
 do without makes exit status 1 with one line naming it and the fix."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,18 @@ from reproduce import cli, doctor
 from reproduce.bench.allreduce import child, reply_of
 from tests.conftest import run_cli
 
-ORDER = ["fp32_step", "bf16_step", "channels_last_step", "compile_step", "fast_bf16", "matmul", "nccl", "ffcv",
-         "tracking", "data"]
+ORDER = [
+    "fp32_step",
+    "bf16_step",
+    "channels_last_step",
+    "compile_step",
+    "fast_bf16",
+    "matmul",
+    "nccl",
+    "ffcv",
+    "tracking",
+    "data",
+]
 
 
 def _free_port() -> int:
@@ -39,7 +50,9 @@ def test_doctor_on_this_cpu_is_ready_and_fits_one_screen(tmp_path):
     assert [n for n, c in checks.items() if c["needed"]] == ["fp32_step", "tracking", "data"]
     for name in ("fp32_step", "bf16_step", "channels_last_step", "tracking", "data"):
         assert checks[name]["status"] == "ok", checks[name]
-    assert checks["compile_step"]["status"] in ("ok", "unknown"), checks["compile_step"]  # a cold compile may take longer
+    assert checks["compile_step"]["status"] in ("ok", "unknown"), checks[
+        "compile_step"
+    ]  # a cold compile may take longer
     assert checks["nccl"]["status"] == "skip" and "0 visible" in checks["nccl"]["detail"]
     assert "2 files" in checks["data"]["detail"] and "MB/s" in checks["data"]["detail"]
     assert (tmp_path / "mlflow.db").exists() and "created" in checks["tracking"]["detail"]
@@ -63,11 +76,17 @@ def test_unreachable_server_makes_one_line_naming_the_fix(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     tracking = doctor._run("tracking", doctor.check_tracking)
     assert tracking.status == "FAIL" and "unreachable" in tracking.detail
-    rows = [doctor.Check("fp32_step", "ok", "fine", needed=True), doctor.Check("ffcv", "FAIL", "missing", "install it"),
-            tracking]
+    rows = [
+        doctor.Check("fp32_step", "ok", "fine", needed=True),
+        doctor.Check("ffcv", "FAIL", "missing", "install it"),
+        tracking,
+    ]
     tracking.needed = True
     line = doctor.verdict(rows)
-    assert line.startswith("NOT READY: tracking: TrackingUnreachable: MLflow tracking server") and "fix: start the server" in line
+    assert (
+        line.startswith("NOT READY: tracking: TrackingUnreachable: MLflow tracking server")
+        and "fix: start the server" in line
+    )
     assert "\n" not in line
     rows[2] = doctor.Check("tracking", "ok", "fine", needed=True)
     assert doctor.verdict(rows) == "ready: everything a training job needs works (not available or not proven: ffcv)"
@@ -98,7 +117,12 @@ def test_data_read_speed_and_its_failures(tmp_path):
 
 def test_a_check_that_raises_is_a_failure_with_its_fix():
     row = doctor._run("data", lambda: 1 / 0)
-    assert (row.name, row.status, row.detail, row.fix) == ("data", "FAIL", "ZeroDivisionError: division by zero", doctor.FIXES["data"])
+    assert (row.name, row.status, row.detail, row.fix) == (
+        "data",
+        "FAIL",
+        "ZeroDivisionError: division by zero",
+        doctor.FIXES["data"],
+    )
 
 
 @pytest.mark.parametrize("amp, channels_last", [(False, False), (True, False), (False, True)])

@@ -1,4 +1,5 @@
 """engine.py: the evaluation's error metrics."""
+
 from __future__ import annotations
 
 import torch
@@ -45,17 +46,25 @@ def test_auto_numerics_measure_without_touching_the_rng(monkeypatch):
 
     monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
     before = torch.get_rng_state()
-    numerics = engine.resolve_numerics(_cfg(amp="auto", channels_last="auto"), torch.device("cpu"), 10, batch=4, steps=1)
+    numerics = engine.resolve_numerics(
+        _cfg(amp="auto", channels_last="auto"), torch.device("cpu"), 10, batch=4, steps=1
+    )
     assert torch.equal(torch.get_rng_state(), before)
     assert numerics.amp is False  # no fast bf16 on this CPU: fp32 without measuring it
-    assert numerics.how.startswith("measured images/s: fp32 NCHW ") and "fp32 NHWC" in numerics.how and "bf16" not in numerics.how
+    assert (
+        numerics.how.startswith("measured images/s: fp32 NCHW ")
+        and "fp32 NHWC" in numerics.how
+        and "bf16" not in numerics.how
+    )
 
 
 def test_auto_numerics_consider_bf16_only_where_it_is_fast(monkeypatch):
     from reproduce import engine
 
     monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
-    numerics = engine.resolve_numerics(_cfg(amp="auto", channels_last="false"), torch.device("cpu"), 10, batch=4, steps=1)
+    numerics = engine.resolve_numerics(
+        _cfg(amp="auto", channels_last="false"), torch.device("cpu"), 10, batch=4, steps=1
+    )
     assert "bf16 NCHW" in numerics.how and "fp32 NCHW" in numerics.how
     fixed = engine.resolve_numerics(_cfg(amp="false", channels_last="true"), torch.device("cpu"), 10, batch=4)
     assert (fixed.amp, fixed.channels_last, fixed.how) == (False, True, "as configured")

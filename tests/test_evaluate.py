@@ -1,4 +1,5 @@
 """`reproduce evaluate` and the multiscale protocol (issue 16 items 2-3)."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from tests.conftest import REPO, SHARED_DATA, shared_file, tiny_overrides
-
 from reproduce import evaluate
 from reproduce.data.imagenet import MEAN, MULTISCALE_SIDES, STD, MultiScale
 from reproduce.models import build_model
+from tests.conftest import REPO, SHARED_DATA, shared_file, tiny_overrides
 
 
 def imagenette_val(root: Path, classes: int = 2, per_class: int = 2) -> Path:
@@ -66,8 +66,11 @@ def by_hand(model: torch.nn.Module, files: list[Path], labels: list[int]) -> flo
             x = v2.functional.pil_to_tensor(Image.open(file).convert("RGB"))
             scores = []
             for side in MULTISCALE_SIDES:
-                y = v2.functional.normalize(v2.functional.to_dtype(v2.functional.resize(x, side, antialias=True),
-                                                                   torch.float32, scale=True), MEAN, STD)
+                y = v2.functional.normalize(
+                    v2.functional.to_dtype(v2.functional.resize(x, side, antialias=True), torch.float32, scale=True),
+                    MEAN,
+                    STD,
+                )
                 scores += list(model(torch.stack([y, y.flip(-1)])).softmax(1))
             wrong += int(torch.stack(scores).mean(0).argmax()) != label
     return 100.0 * wrong / len(files)
@@ -90,8 +93,17 @@ def test_multiscale_transform_sizes():
 def test_multiscale_matches_by_hand_on_images_of_different_sizes(tmp_path, eval_batch):
     root = generated_val(tmp_path / "gen")
     path = weights_file(tmp_path / "w.pt")
-    result = _evaluate("--weights", str(path), "--model", "resnet18", "--protocol", "multiscale", "--data", str(root),
-                       f"eval.batch_size={eval_batch}")
+    result = _evaluate(
+        "--weights",
+        str(path),
+        "--model",
+        "resnet18",
+        "--protocol",
+        "multiscale",
+        "--data",
+        str(root),
+        f"eval.batch_size={eval_batch}",
+    )
     files = sorted((root / "val").rglob("*.png"))
     model = build_model("resnet18", "B", num_classes=2)
     model.load_state_dict(torch.load(path, weights_only=True))
@@ -109,19 +121,25 @@ def test_multiscale_on_real_imagenette_jpegs(tmp_path):
     model = build_model("resnet18", "B", num_classes=2)
     model.load_state_dict(torch.load(path, weights_only=True))
     assert result["images"] == 4
-    assert result["test_top1_err"] == pytest.approx(by_hand(model, files, [classes.index(f.parent.name) for f in files]))
+    assert result["test_top1_err"] == pytest.approx(
+        by_hand(model, files, [classes.index(f.parent.name) for f in files])
+    )
 
 
 # ---------------------------------------------------------------------------- the command
 def test_evaluation_is_one_mlflow_run_with_its_json(tmp_path):
     root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 4)
     path = weights_file(tmp_path / "w.pt")
-    result = _evaluate("--weights", str(path), "--model", "resnet18", "--protocol", "tencrop", "--data", str(root),
-                       "data.crop=32")
+    result = _evaluate(
+        "--weights", str(path), "--model", "resnet18", "--protocol", "tencrop", "--data", str(root), "data.crop=32"
+    )
     run = mlflow.get_run(result["mlflow_run_id"])
     tags = run.data.tags
     assert tags["reproduce.kind"] == "evaluation" and tags["reproduce.eval_protocol"] == "tencrop"
-    assert tags["reproduce.weights_sha256"] == result["weights_sha256"] and tags["reproduce.weights_format"] == "state_dict"
+    assert (
+        tags["reproduce.weights_sha256"] == result["weights_sha256"]
+        and tags["reproduce.weights_format"] == "state_dict"
+    )
     assert tags["reproduce.architecture"] == "resnet18 (shortcut B, v1)" and tags["reproduce.data_fingerprint"]
     assert run.data.metrics["test_top1_err"] == result["test_top1_err"] and result["images_per_sec"] > 0
     assert "test_top5_err" not in result  # two classes: top-5 is not defined
@@ -133,7 +151,9 @@ def test_a_model_that_does_not_fit_the_weights_is_refused(tmp_path, capsys):
     assert evaluate.main(["--weights", str(path), "--model", "resnet34", "--data", str(root), "run.device=cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "depth 18" in err and "resnet34" in err
-    assert evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(tmp_path), "run.device=cpu"]) == 2
+    assert (
+        evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(tmp_path), "run.device=cpu"]) == 2
+    )
     assert "val" in capsys.readouterr().err
 
 
@@ -171,8 +191,24 @@ def test_a_store_failing_after_the_evaluation_keeps_the_result(tmp_path, capsys,
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'not-a-folder' / 'mlflow.db'}")
     out = tmp_path / "result.json"
-    assert evaluate.main(["--weights", str(path), "--model", "resnet18", "--data", str(root), "data.crop=32",
-                          "data.workers=0", "run.device=cpu", "--out", str(out)]) == 1
+    assert (
+        evaluate.main(
+            [
+                "--weights",
+                str(path),
+                "--model",
+                "resnet18",
+                "--data",
+                str(root),
+                "data.crop=32",
+                "data.workers=0",
+                "run.device=cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: the result is in {out} but not in MLflow (")
     doc = json.loads(out.read_text())
@@ -187,21 +223,36 @@ def test_weights_are_scored_with_the_normalisation_they_were_trained_with(cifar_
 
     overrides = tiny_overrides(cifar_tar, iterations=4, **{"run.dir": tmp_path / "run", "data.normalize": "channel"})
     assert train.main(["--config", str(REPO / "configs/cifar10/resnet20.yaml"), *overrides]) == 0
-    base = ["--weights", str(tmp_path / "run"), "--data", str(cifar_tar), "data.workers=0", "data.val_split=40", "run.device=cpu"]
+    base = [
+        "--weights",
+        str(tmp_path / "run"),
+        "--data",
+        str(cifar_tar),
+        "data.workers=0",
+        "data.val_split=40",
+        "run.device=cpu",
+    ]
     results = {}
-    for name, extra in (("model", ["--model", "resnet20"]), ("config", ["--config", str(REPO / "configs/cifar10/resnet20.yaml")]),
-                        ("given", ["--model", "resnet20", "data.normalize=pixel_mean"])):
+    for name, extra in (
+        ("model", ["--model", "resnet20"]),
+        ("config", ["--config", str(REPO / "configs/cifar10/resnet20.yaml")]),
+        ("given", ["--model", "resnet20", "data.normalize=pixel_mean"]),
+    ):
         out = tmp_path / f"{name}.json"
         assert evaluate.main([*base, *extra, "--out", str(out)]) == 0
         doc = json.loads(out.read_text())
         results[name] = (mlflow.get_run(doc["mlflow_run_id"]).data.params["data.normalize"], doc["test_loss"])
     assert results["model"][0] == results["config"][0] == "channel" and results["given"][0] == "pixel_mean"
-    assert results["model"][1] == pytest.approx(results["config"][1]) and results["given"][1] != pytest.approx(results["model"][1])
+    assert results["model"][1] == pytest.approx(results["config"][1]) and results["given"][1] != pytest.approx(
+        results["model"][1]
+    )
 
 
 def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):
     subset = shared_file("cifar10-exact-subset.npz")
-    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [shared_file("pretrained/cifar-resnet20-*.th")]
+    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [
+        shared_file("pretrained/cifar-resnet20-*.th")
+    ]
     result = _evaluate("--weights", str(files[0]), "--model", "resnet20", "--data", str(subset), "eval.max_images=300")
     assert result["images"] == 300 and result["weights_format"] == "public-cifar"
     # best_prec1 is its accuracy on all 10,000 test images; 300 of them agree within sampling noise
@@ -217,8 +268,17 @@ def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):
     assert (row.model, row.shortcut, row.protocol, row.reference) == ("resnet20", "A", "single", 8.75)
     assert row.ours == pytest.approx(result["test_top1_err"]) and row.images == 300
     paper = load_paper()
-    text = markdown("cifar10", build_table([], "cifar10", paper), build_table([], "cifar10", paper),
-                    selection, provenance(runs, selection), [], "reproduce report --study cifar10", "test", paper)
+    text = markdown(
+        "cifar10",
+        build_table([], "cifar10", paper),
+        build_table([], "cifar10", paper),
+        selection,
+        provenance(runs, selection),
+        [],
+        "reproduce report --study cifar10",
+        "test",
+        paper,
+    )
     assert f"| {files[0].name} (public-cifar) | ResNet-20 A | single | test_top1_err | 8.75 | Table 6 | " in text
     edited = paper.copy()  # `reproduce report --paper FILE`: its numbers, in this section too
     edited.loc[(edited.model == "resnet20") & (edited.metric == "top1_err"), "value"] = 9.99
@@ -232,14 +292,42 @@ def test_public_cifar_checkpoint_on_exact_test_pixels(tmp_path):
 @pytest.mark.slow
 def test_two_processes_count_the_same_as_one(tmp_path):
     subset = shared_file("cifar10-exact-subset.npz")
-    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [shared_file("pretrained/cifar-resnet20-*.th")]
-    common = ["--weights", str(files[0]), "--model", "resnet20", "--data", str(subset), "eval.max_images=201",
-              "eval.batch_size=32", "data.workers=0", "run.device=cpu"]
+    files = sorted((SHARED_DATA / "pretrained").glob("cifar-resnet20-*.th")) or [
+        shared_file("pretrained/cifar-resnet20-*.th")
+    ]
+    common = [
+        "--weights",
+        str(files[0]),
+        "--model",
+        "resnet20",
+        "--data",
+        str(subset),
+        "eval.max_images=201",
+        "eval.batch_size=32",
+        "data.workers=0",
+        "run.device=cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     one = _evaluate(*common[:-2])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "reproduce.evaluate", *common, "--out", str(tmp_path / "two.json")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "reproduce.evaluate",
+            *common,
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -3,6 +3,7 @@ a non-finite loss (the last good checkpoint kept), two jobs on one run directory
 
 Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
 go into results/reliability.md (tools/reliability.py)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,11 @@ from tests.faults import CIFAR, TRAIN, _env, _same_weights, _wait_for
 # --- 3. damaged checkpoints ---------------------------------------------------------------
 def _resumable_run(cifar_tar, run_dir: Path, monkeypatch, stop_at: int, iterations: int = 8) -> list[str]:
     """Run `iterations` tiny steps with checkpoints every 2, stopped by SIGTERM at `stop_at`."""
-    overrides = tiny_overrides(cifar_tar, iterations, **{"run.dir": run_dir, "run.checkpoint_every": 2, "eval.every": 100,
-                                                         "run.keep_checkpoints": 3})
+    overrides = tiny_overrides(
+        cifar_tar,
+        iterations,
+        **{"run.dir": run_dir, "run.checkpoint_every": 2, "eval.every": 100, "run.keep_checkpoints": 3},
+    )
     real_lr_at = train.lr_at
 
     def lr_then_sigterm(iteration, *args):
@@ -44,7 +48,9 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_used(damage, ci
     Injected: the newest checkpoint truncated to half, or one byte flipped, before resuming.
     Suite: the sha256 check fails; the file is renamed *.corrupt (kept), a warning names it, the previous checkpoint is used.
     Lost: the iterations since the previous checkpoint, recomputed; final weights equal an uninterrupted run's."""
-    straight = tiny_overrides(cifar_tar, 8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, "eval.every": 100})
+    straight = tiny_overrides(
+        cifar_tar, 8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100, "eval.every": 100}
+    )
     assert train.main(["--config", str(CIFAR), *straight]) == 0
     overrides = _resumable_run(cifar_tar, tmp_path / "run", monkeypatch, stop_at=5)
     saved = checkpoint.list_checkpoints(tmp_path / "run")
@@ -104,14 +110,25 @@ def test_checkpoint_cannot_run_code(cifar_tar, tmp_path, capsys):
     assert err.startswith(f"error: checkpoint {run_dir}/ckpt-00000003.pt cannot be loaded safely"), err
     assert not Path("pwned").exists()
 
+
 # --- 5. a non-finite loss -----------------------------------------------------------------
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_tar, tmp_path, capsys):
     """Fault: training diverges (a bad learning rate, a bad batch).
     Injected: the learning rate multiplied by 1e30 from iteration 5 on (the first 4 iterations are sane).
     Suite: the run stops at the next check with one line (iteration, lr), is FAILED, and writes no checkpoint of broken weights.
     Lost: nothing before the divergence: the checkpoints of iterations 2 and 4 are intact and finite."""
-    overrides = tiny_overrides(cifar_tar, 30, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 2, "eval.every": 100,
-                                                 "schedule.milestones": "[]", "optim.lr": 1e-3, "run.keep_checkpoints": 5})
+    overrides = tiny_overrides(
+        cifar_tar,
+        30,
+        **{
+            "run.dir": tmp_path / "run",
+            "run.checkpoint_every": 2,
+            "eval.every": 100,
+            "schedule.milestones": "[]",
+            "optim.lr": 1e-3,
+            "run.keep_checkpoints": 5,
+        },
+    )
     real_lr_at = train.lr_at
     try:
         train.lr_at = lambda it, base, schedule: real_lr_at(it, base, schedule) * (1e30 if it >= 4 else 1)
@@ -129,24 +146,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_tar, tmp
         assert checkpoint.verify(path) is None
         assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["model"].values())
 
+
 # --- 7. two jobs, one run directory -------------------------------------------------------
 def test_second_job_on_the_same_run_directory_is_refused(cifar_tar, tmp_path):
     """Fault: the same job submitted twice (a double sbatch, a requeue racing the original).
     Injected: a second training started on the run directory of a running one.
     Suite: the second is refused in one line naming the holder (pid, host), exit status 2; the first goes on.
     Lost: nothing; the two never write the same checkpoints."""
-    overrides = tiny_overrides(cifar_tar, 3000, **{"run.dir": tmp_path / "run", "eval.every": 5000,
-                                                   "run.checkpoint_every": 5000})
-    first = subprocess.Popen([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = tiny_overrides(
+        cifar_tar, 3000, **{"run.dir": tmp_path / "run", "eval.every": 5000, "run.checkpoint_every": 5000}
+    )
+    first = subprocess.Popen(
+        [sys.executable, TRAIN, "--config", str(CIFAR), *overrides],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        _wait_for(lambda: (tmp_path / "run" / ".lock").exists() and (tmp_path / "run" / ".lock").read_text(), 120, "the lock")
-        second = subprocess.run([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=_env(),
-                                capture_output=True, text=True, timeout=120)
+        _wait_for(
+            lambda: (tmp_path / "run" / ".lock").exists() and (tmp_path / "run" / ".lock").read_text(), 120, "the lock"
+        )
+        second = subprocess.run(
+            [sys.executable, TRAIN, "--config", str(CIFAR), *overrides],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2
-        assert second.stderr.strip() == (f"error: run directory {tmp_path / 'run'} is in use by pid {first.pid} on "
-                                         f"{os.uname().nodename}; wait for it, stop it, or set run.dir (or seed) to start "
-                                         "a separate run")
+        assert second.stderr.strip() == (
+            f"error: run directory {tmp_path / 'run'} is in use by pid {first.pid} on "
+            f"{os.uname().nodename}; wait for it, stop it, or set run.dir (or seed) to start "
+            "a separate run"
+        )
         assert first.poll() is None
     finally:
         first.kill()

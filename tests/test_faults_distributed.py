@@ -2,6 +2,7 @@
 
 Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
 go into results/reliability.md (tools/reliability.py)."""
+
 from __future__ import annotations
 
 import socket
@@ -26,13 +27,15 @@ def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint(cifar_tar, tmp_path
     Suite: torchrun restarts both ranks; they resume from the newest checkpoint into the same MLflow run.
     Lost: the iterations since the last checkpoint, recomputed identically; final weights equal an uninterrupted run's."""
     iterations = 40
-    straight = tiny_overrides(cifar_tar, iterations, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 10,
-                                                        "eval.every": 20})
+    straight = tiny_overrides(
+        cifar_tar, iterations, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 10, "eval.every": 20}
+    )
     proc = _torchrun(straight)
     assert proc.wait(300) == 0, proc.stdout.read()
 
-    faulty = tiny_overrides(cifar_tar, iterations, **{"run.dir": tmp_path / "faulty", "run.checkpoint_every": 10,
-                                                      "eval.every": 20})
+    faulty = tiny_overrides(
+        cifar_tar, iterations, **{"run.dir": tmp_path / "faulty", "run.checkpoint_every": 10, "eval.every": 20}
+    )
     proc = _torchrun(faulty, "--max-restarts", "2")
     _wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "faulty"), 240, "the first checkpoint")
     victim = _wait_for(lambda: _worker(proc, 1), 30, "rank 1")
@@ -46,6 +49,7 @@ def test_sigkill_of_a_rank_restarts_from_the_last_checkpoint(cifar_tar, tmp_path
     assert _steps(faulty_runs[0].info.run_id, "train_loss") == list(range(1, iterations + 1))  # no step twice
     assert _same_weights(tmp_path / "straight", tmp_path / "faulty")
 
+
 # --- 2. a rank that stalls ----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -54,8 +58,16 @@ def test_stalled_rank_fails_the_job_naming_it(cifar_tar, tmp_path):
     Injected: SIGSTOP to rank 1 of a 2-process torchrun job after its first checkpoint; run.collective_timeout_s=20.
     Suite: rank 0 gives up after the timeout with one line naming rank 1 (pid, host, last iteration); the run is FAILED.
     Lost: nothing before the last checkpoint, which stays intact; the job ends instead of hanging."""
-    overrides = tiny_overrides(cifar_tar, 2000, **{"run.dir": tmp_path / "stall", "run.checkpoint_every": 10,
-                                                   "eval.every": 5000, "run.collective_timeout_s": 20})
+    overrides = tiny_overrides(
+        cifar_tar,
+        2000,
+        **{
+            "run.dir": tmp_path / "stall",
+            "run.checkpoint_every": 10,
+            "eval.every": 5000,
+            "run.collective_timeout_s": 20,
+        },
+    )
     proc = _torchrun(overrides)
     victim = None
     try:
@@ -90,10 +102,22 @@ def test_a_rank_that_cannot_join_fails_in_one_line_not_as_a_bad_config(cifar_tar
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run", "run.collective_timeout_s": 3})
-    env = _env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = subprocess.run([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=100)
+    env = _env(
+        RANK="1",
+        LOCAL_RANK="1",
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--config", str(CIFAR), *overrides],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr

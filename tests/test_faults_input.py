@@ -2,6 +2,7 @@
 
 Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
 go into results/reliability.md (tools/reliability.py)."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,14 +14,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from reproduce import checkpoint, cli
 from pydantic import BaseModel
 
+from reproduce import checkpoint, cli
 from reproduce.config import Config
 from tests.conftest import REPO, make_cifar_tree, tiny_overrides
 from tests.faults import CIFAR
-
 
 # --- 6. bad input -------------------------------------------------------------------------
 # Bad values are drawn for every field of the schema (read from the pydantic models, so a new
@@ -59,7 +58,12 @@ def bad_values(path: tuple, field):
     text = str(annotation)
     if annotation is bool or bool in typing.get_args(annotation):  # bool, or bool | "auto"
         return st.sampled_from([2, -1, "maybe", 0.5, [True], {"on": 1}])
-    if annotation in (int, float) or text in ("int | None", "float | None", "typing.Optional[int]", "typing.Optional[float]"):
+    if annotation in (int, float) or text in (
+        "int | None",
+        "float | None",
+        "typing.Optional[int]",
+        "typing.Optional[float]",
+    ):
         below = []
         if "gt" in bounds:
             below += [bounds["gt"], bounds["gt"] - 1]
@@ -89,9 +93,13 @@ def bad_values(path: tuple, field):
 
 
 CROSS_FIELD = [  # each valid on its own, impossible together
-    {"schedule.milestones": [100, 10**9]}, {"schedule.warmup_iterations": 5, "schedule.warmup_lr": None},
-    {"run.compile_mode": "reduce-overhead", "run.compile": False}, {"model.shortcut": "B", "model.name": "plain20"},
-    {"data.dataset": "imagenet", "model.name": "resnet20"}, {"data.loader": "gpu", "data.dataset": "imagenet"}, {"eval.protocol": "tencrop"},
+    {"schedule.milestones": [100, 10**9]},
+    {"schedule.warmup_iterations": 5, "schedule.warmup_lr": None},
+    {"run.compile_mode": "reduce-overhead", "run.compile": False},
+    {"model.shortcut": "B", "model.name": "plain20"},
+    {"data.dataset": "imagenet", "model.name": "resnet20"},
+    {"data.loader": "gpu", "data.dataset": "imagenet"},
+    {"eval.protocol": "tencrop"},
     {"optim.batch_size": 100_000},  # larger than the training split: a data reason, refused all the same
     {"data.val_split": 10**6},
 ]
@@ -127,7 +135,9 @@ def broken_configs(draw, cifar_tar: Path):
         node[name + ("_x" if name in node else "")] = draw(st.integers() | st.text(max_size=5))
         return yaml.safe_dump(raw), "unknown key"
     if kind == "drop":
-        required = [p for p, f in FIELDS.items() if f.is_required()] + [(s,) for s in Config.model_fields if s != "seed"]
+        required = [p for p, f in FIELDS.items() if f.is_required()] + [
+            (s,) for s in Config.model_fields if s != "seed"
+        ]
         path = draw(st.sampled_from(sorted(required)))
         _get(raw, path[:-1]).pop(path[-1])
         return yaml.safe_dump(raw), ".".join(path)
@@ -224,7 +234,9 @@ def test_undecodable_image_is_named(tmp_path, capsys):
     (tree / "train" / "cat" / "0003.png").write_bytes(b"\x89PNG garbage")
     code = cli.main(["train", "--config", str(CIFAR), *tiny_overrides(tree, 4, **{"run.dir": tmp_path / "run"})])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "cannot decode image" in err and "train/cat/0003.png" in err and len(err.splitlines()) == 1, err
+    assert code == 2 and "cannot decode image" in err and "train/cat/0003.png" in err and len(err.splitlines()) == 1, (
+        err
+    )
 
 
 def test_prepare_refuses_an_out_that_is_a_file_and_a_negative_split(cifar_tree, tmp_path, capsys):
@@ -242,8 +254,10 @@ def test_prepare_refuses_an_out_that_is_a_file_and_a_negative_split(cifar_tree, 
     assert err == f"error: --out {taken} is a file; give a folder for the .beton files (it is created if missing)"
     assert taken.read_text() == "mine"
     pytest.importorskip("ffcv", reason="the split is checked after FFCV is found")
-    assert prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(tmp_path / "out"), "--val-split", "-100"]) == 2
+    assert (
+        prepare.main(["cifar10", "--source", str(cifar_tree), "--out", str(tmp_path / "out"), "--val-split", "-100"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "validation split of -100 images" in err and "\n" not in err, err
     assert not list((tmp_path / "out").glob("*.beton"))
-

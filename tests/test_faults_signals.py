@@ -3,6 +3,7 @@ send them: every process of the process group gets SIGTERM at once, the loader's
 
 Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
 go into results/reliability.md (tools/reliability.py)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ ITERATIONS = 300  # long enough that the signal lands mid-run, short enough to r
 
 def _start(command: list[str]) -> subprocess.Popen:
     """`command` as the leader of its own process group (as a batch job step is)."""
-    return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _group_sigterm_then_resume(command: list[str], run_dir, iterations: int) -> None:
@@ -55,8 +57,11 @@ def _group_sigterm_then_resume(command: list[str], run_dir, iterations: int) -> 
 
 
 def _overrides(data, run_dir, **extra) -> list[str]:
-    return tiny_overrides(data, ITERATIONS, **{"run.dir": run_dir, "run.checkpoint_every": 20, "eval.every": 100_000,
-                                         "run.log_every": 20, **extra})
+    return tiny_overrides(
+        data,
+        ITERATIONS,
+        **{"run.dir": run_dir, "run.checkpoint_every": 20, "eval.every": 100_000, "run.log_every": 20, **extra},
+    )
 
 
 @pytest.mark.slow
@@ -71,8 +76,18 @@ def test_group_sigterm_with_loader_workers_checkpoints_and_resumes(launcher, cif
     if launcher == "python":
         command = [sys.executable, TRAIN, "--config", str(CIFAR), *overrides]
     else:
-        command = [sys.executable, "-m", "reproduce.torchrun", "--standalone", "--nproc_per_node", "2", TRAIN,
-                   "--config", str(CIFAR), *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "reproduce.torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            TRAIN,
+            "--config",
+            str(CIFAR),
+            *overrides,
+        ]
     # Under torchrun the agent gets the signal too (its workers run in sessions of their own) and passes it on.
     _group_sigterm_then_resume(command, tmp_path / "run", ITERATIONS)
 
@@ -89,4 +104,6 @@ def test_group_sigterm_with_the_ffcv_loader_checkpoints_and_resumes(cifar_tar, t
 
     prepare_cifar10(cifar_tar, tmp_path / "ffcv", val_split=40)
     overrides = _overrides(tmp_path / "ffcv", tmp_path / "run", **{"data.loader": "ffcv", "data.workers": 2})
-    _group_sigterm_then_resume([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], tmp_path / "run", ITERATIONS)
+    _group_sigterm_then_resume(
+        [sys.executable, TRAIN, "--config", str(CIFAR), *overrides], tmp_path / "run", ITERATIONS
+    )

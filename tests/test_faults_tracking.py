@@ -2,6 +2,7 @@
 
 Every test here injects one fault for real; its docstring's Fault / Injected / Suite / Lost lines
 go into results/reliability.md (tools/reliability.py)."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,28 @@ from tests.faults import CIFAR, TRAIN, _env, _steps, _wait_for
 
 # --- 4. the tracking server ---------------------------------------------------------------
 def _start_server(store: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-                             "--default-artifact-root", str(store.parent / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--default-artifact-root",
+            str(store.parent / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     import urllib.request
 
     def healthy():
@@ -35,6 +53,7 @@ def _start_server(store: Path, port: int) -> subprocess.Popen:
                 return r.read().strip() == b"OK"
         except OSError:
             return proc.poll() is not None and pytest.fail("mlflow server exited")
+
     _wait_for(healthy, 90, "the MLflow server", poll=0.5)
     return proc
 
@@ -69,10 +88,23 @@ def test_tracking_server_dies_mid_run(returns, cifar_tar, tmp_path):
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(store, port)
     iterations = 60
-    overrides = tiny_overrides(cifar_tar, iterations, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 5,
-                                                         "eval.every": 100, "run.tracking_flush_s": 60 if returns != "never" else 5})
-    job = subprocess.Popen([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=_env(MLFLOW_TRACKING_URI=uri),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = tiny_overrides(
+        cifar_tar,
+        iterations,
+        **{
+            "run.dir": tmp_path / "run",
+            "run.checkpoint_every": 5,
+            "eval.every": 100,
+            "run.tracking_flush_s": 60 if returns != "never" else 5,
+        },
+    )
+    job = subprocess.Popen(
+        [sys.executable, TRAIN, "--config", str(CIFAR), *overrides],
+        env=_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "run"), 240, "the first checkpoint")
         _stop_server(server)
@@ -81,8 +113,13 @@ def test_tracking_server_dies_mid_run(returns, cifar_tar, tmp_path):
             assert job.returncode == 0, out
             assert "send them with `reproduce sync" in out
             server = _start_server(store, port)
-            result = subprocess.run([sys.executable, "-m", "reproduce.cli", "sync", str(tmp_path / "run")],
-                                    env=_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [sys.executable, "-m", "reproduce.cli", "sync", str(tmp_path / "run")],
+                env=_env(MLFLOW_TRACKING_URI=uri),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert result.returncode == 0, result.stderr
             assert not (tmp_path / "run" / "unsent-metrics.json").exists()
         else:
@@ -107,12 +144,18 @@ def test_unreachable_tracking_server_is_refused_before_training(cifar_tar, tmp_p
     Lost: nothing."""
     uri = f"http://127.0.0.1:{_free_port()}"
     overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run"})
-    result = subprocess.run([sys.executable, TRAIN, "--config", str(CIFAR), *overrides], env=_env(MLFLOW_TRACKING_URI=uri),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TRAIN, "--config", str(CIFAR), *overrides],
+        env=_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: MLflow tracking server {uri} is unreachable"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not checkpoint.list_checkpoints(tmp_path / "run")
+
 
 # --- 8. secrets ---------------------------------------------------------------------------
 def test_secrets_in_the_environment_never_reach_mlflow(cifar_tar, tmp_path, monkeypatch):
@@ -120,8 +163,12 @@ def test_secrets_in_the_environment_never_reach_mlflow(cifar_tar, tmp_path, monk
     Injected: MY_API_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD and HF_TOKEN set to marker values.
     Suite: no param, tag, metric name, artifact or run-directory file contains them (the suite logs the config, never the environment).
     Lost: nothing."""
-    secrets = {"MY_API_TOKEN": "tok-8f3a1c", "AWS_SECRET_ACCESS_KEY": "aws-5e7d2b", "DB_PASSWORD": "pw-91c4e0",
-               "HF_TOKEN": "hf-0b6f3d"}
+    secrets = {
+        "MY_API_TOKEN": "tok-8f3a1c",
+        "AWS_SECRET_ACCESS_KEY": "aws-5e7d2b",
+        "DB_PASSWORD": "pw-91c4e0",
+        "HF_TOKEN": "hf-0b6f3d",
+    }
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     overrides = tiny_overrides(cifar_tar, 4, **{"run.dir": tmp_path / "run"})

@@ -11,6 +11,7 @@ world size 1 and over all local GPUs (NCCL); the gpu and FFCV loaders feeding th
 evaluation; stop and resume (bitwise with run.deterministic=true; the fast session recipe
 resumes into the same run); `reproduce sweep --parallel 2` sharing one device.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,15 +30,24 @@ from reproduce.data import build_data, train_loader
 from reproduce.distributed import DistInfo
 from tests.conftest import REPO, sigterm_during, stop_and_resume_matches_straight, tiny_overrides
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA device visible (torch.cuda.is_available() is False): these run on a GPU machine, e.g. by tools/gpu_session.py")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device visible (torch.cuda.is_available() is False): these run on a GPU machine, e.g. by tools/gpu_session.py",
+    ),
+]
 
 CIFAR = REPO / "configs" / "cifar10"
 IMAGENET = REPO / "configs" / "imagenet"
 # What tools/gpu_session.py trains Table 6 with (README "Tables and figures from your runs").
-SESSION_RECIPE = {"data.loader": "gpu", "run.amp": "true", "run.channels_last": "true", "run.compile": "true",
-                  "run.compile_mode": "reduce-overhead"}
+SESSION_RECIPE = {
+    "data.loader": "gpu",
+    "run.amp": "true",
+    "run.channels_last": "true",
+    "run.compile": "true",
+    "run.compile_mode": "reduce-overhead",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +69,23 @@ def cuda_overrides(data, iterations: int = 4, **extra) -> list[str]:
 
 def imagenet_overrides(iterations: int = 4, **extra) -> list[str]:
     """A few iterations of an ImageNet network on synthetic 224x224 input, 16 images an iteration."""
-    values = {"data.synthetic": "true", "data.workers": 0, "optim.batch_size": 16, "schedule.iterations": iterations,
-              "schedule.milestones": f"[{iterations // 2}]", "eval.every": iterations // 2, "eval.batch_size": 8,
-              "eval.max_images": 16, "eval.protocol": "center224", "run.checkpoint_every": iterations // 2,
-              "run.log_every": 1, "run.progress": "false", "run.device": "cuda", "run.amp": "false", "run.channels_last": "false"}
+    values = {
+        "data.synthetic": "true",
+        "data.workers": 0,
+        "optim.batch_size": 16,
+        "schedule.iterations": iterations,
+        "schedule.milestones": f"[{iterations // 2}]",
+        "eval.every": iterations // 2,
+        "eval.batch_size": 8,
+        "eval.max_images": 16,
+        "eval.protocol": "center224",
+        "run.checkpoint_every": iterations // 2,
+        "run.log_every": 1,
+        "run.progress": "false",
+        "run.device": "cuda",
+        "run.amp": "false",
+        "run.channels_last": "false",
+    }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -84,8 +107,9 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
-@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, False), (True, True)],
-                         ids=["fp32", "bf16", "bf16-channels_last"])
+@pytest.mark.parametrize(
+    "amp, channels_last", [(False, False), (True, False), (True, True)], ids=["fp32", "bf16", "bf16-channels_last"]
+)
 @pytest.mark.parametrize("network", ["cifar10/resnet20", "imagenet/resnet50"])
 def test_training_steps_on_cuda(network, amp, channels_last, cifar_tar):
     switches = [f"run.amp={str(amp).lower()}", f"run.channels_last={str(channels_last).lower()}"]
@@ -99,15 +123,31 @@ def test_training_steps_on_cuda(network, amp, channels_last, cifar_tar):
 def test_compiled_training_matches_eager(mode, cifar_tar, tmp_path):
     """4 iterations compiled (reduce-overhead: CUDA graphs, recorded and replayed) move every
     weight as eager mode does, up to the rounding of fused kernels and TF32."""
-    base = cuda_overrides(cifar_tar, **{"optim.lr": 0.01, "eval.every": 100, "eval.max_images": 16, "run.checkpoint_every": 100})
+    base = cuda_overrides(
+        cifar_tar, **{"optim.lr": 0.01, "eval.every": 100, "eval.max_images": 16, "run.checkpoint_every": 100}
+    )
     config = str(CIFAR / "resnet20.yaml")
     assert train.main(["--config", config, *base, f"run.dir={tmp_path / 'eager'}"]) == 0
-    assert train.main(["--config", config, *base, f"run.dir={tmp_path / 'compiled'}", "run.compile=true",
-                       f"run.compile_mode={mode}"]) == 0
-    eager, compiled = (torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True, map_location="cpu")["model"]
-                       for d in ("eager", "compiled"))
+    assert (
+        train.main(
+            [
+                "--config",
+                config,
+                *base,
+                f"run.dir={tmp_path / 'compiled'}",
+                "run.compile=true",
+                f"run.compile_mode={mode}",
+            ]
+        )
+        == 0
+    )
+    eager, compiled = (
+        torch.load(checkpoint.list_checkpoints(tmp_path / d)[-1], weights_only=True, map_location="cpu")["model"]
+        for d in ("eager", "compiled")
+    )
     torch.manual_seed(0)  # the weights both runs started from (train.py seeds with cfg.seed before building)
     from reproduce.models import build_model
+
     start = build_model("resnet20").state_dict()
     for key in eager:
         if not eager[key].is_floating_point():
@@ -132,12 +172,33 @@ def test_torchrun_on_cuda(processes, cifar_tar, tmp_path):
     the launcher path on CUDA) and with one process per local GPU (DDP over NCCL)."""
     n = 1 if processes == "one" else torch.cuda.device_count()
     if processes == "every-gpu" and n < 2:
-        pytest.skip(f"{n} GPU visible: DDP over NCCL needs two or more (one process per GPU; NCCL refuses two ranks on one GPU)")
-    overrides = cuda_overrides(cifar_tar, iterations=6, **{"run.dir": tmp_path / "ddp", "optim.batch_size": 8 * n,
-                                                          "run.collective_timeout_s": 120})
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           str(REPO / "reproduce" / "train.py"), "--config", str(CIFAR / "resnet20.yaml"), *overrides],
-                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
+        pytest.skip(
+            f"{n} GPU visible: DDP over NCCL needs two or more (one process per GPU; NCCL refuses two ranks on one GPU)"
+        )
+    overrides = cuda_overrides(
+        cifar_tar,
+        iterations=6,
+        **{"run.dir": tmp_path / "ddp", "optim.batch_size": 8 * n, "run.collective_timeout_s": 120},
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(n),
+            str(REPO / "reproduce" / "train.py"),
+            "--config",
+            str(CIFAR / "resnet20.yaml"),
+            *overrides,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = _finished_on_gpu(world_size=n)
     assert run.data.tags["reproduce.launcher"] == "torchrun"
@@ -161,9 +222,21 @@ def test_device_decode_loader_on_cuda_matches_its_cpu_path(tmp_path):
     from tests.test_device_decode import CONFIG, jpeg_tree
 
     tree = jpeg_tree(tmp_path / "tree")
-    overrides = [f"data.path={tree}", "data.loader=device", "data.crop=32", "data.scale=[36,44]", "optim.batch_size=4",
-                 "schedule.iterations=4", "schedule.milestones=[]", "eval.every=2", "eval.batch_size=4",
-                 "run.checkpoint_every=2", "run.progress=false", "data.workers=2", "run.log_model=false"]
+    overrides = [
+        f"data.path={tree}",
+        "data.loader=device",
+        "data.crop=32",
+        "data.scale=[36,44]",
+        "optim.batch_size=4",
+        "schedule.iterations=4",
+        "schedule.milestones=[]",
+        "eval.every=2",
+        "eval.batch_size=4",
+        "run.checkpoint_every=2",
+        "run.progress=false",
+        "data.workers=2",
+        "run.log_model=false",
+    ]
     batches = {}
     for device in ("cpu", "cuda"):
         cfg = load_config(CONFIG, [*overrides, f"run.device={device}"])
@@ -195,8 +268,15 @@ def test_ffcv_loader_feeds_the_device(cifar_tree, tmp_path):
 
 
 def test_tencrop_evaluation_on_cuda():
-    overrides = imagenet_overrides(**{"eval.protocol": "tencrop", "eval.max_images": 8, "eval.batch_size": 4,
-                                      "run.amp": "true", "run.channels_last": "true"})
+    overrides = imagenet_overrides(
+        **{
+            "eval.protocol": "tencrop",
+            "eval.max_images": 8,
+            "eval.batch_size": 4,
+            "run.amp": "true",
+            "run.channels_last": "true",
+        }
+    )
     assert train.main(["--config", str(IMAGENET / "resnet18.yaml"), *overrides]) == 0
     run = _finished_on_gpu()
     assert run.data.tags["reproduce.eval_protocol"] == "tencrop" and math.isfinite(run.data.metrics["test_top5_err"])
@@ -215,7 +295,9 @@ def test_stop_and_resume_of_the_session_recipe_continues_the_same_run(cifar_tar,
     only the resume is checked: SIGTERM -> checkpoint and exit 143; the rerun goes on in the same
     MLflow run, logs each iteration once, and finishes."""
     config = str(CIFAR / "resnet20.yaml")
-    overrides = cuda_overrides(cifar_tar, iterations=8, **{**SESSION_RECIPE, "run.dir": tmp_path / "run", "run.checkpoint_every": 100})
+    overrides = cuda_overrides(
+        cifar_tar, iterations=8, **{**SESSION_RECIPE, "run.dir": tmp_path / "run", "run.checkpoint_every": 100}
+    )
     real_lr_at = sigterm_during(monkeypatch, 3)
     assert train.main(["--config", config, *overrides]) == 128 + signal.SIGTERM
     (stopped,) = _runs()
@@ -233,13 +315,35 @@ def test_parallel_sweep_shares_one_gpu(cifar_tar, tmp_path):
     """`reproduce sweep --parallel 2` with one GPU visible: both runs train on it at once."""
     first_gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     overrides = cuda_overrides(cifar_tar, iterations=40, **{"run.log_every": 10})
-    proc = subprocess.run([sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "plain20.yaml"),
-                           str(CIFAR / "resnet20.yaml"), "--seeds", "0", "--parallel", "2", "--log-dir", str(tmp_path / "logs"),
-                           *overrides], cwd=tmp_path, env=_env(CUDA_VISIBLE_DEVICES=first_gpu), capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reproduce.cli",
+            "sweep",
+            "--configs",
+            str(CIFAR / "plain20.yaml"),
+            str(CIFAR / "resnet20.yaml"),
+            "--seeds",
+            "0",
+            "--parallel",
+            "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            *overrides,
+        ],
+        cwd=tmp_path,
+        env=_env(CUDA_VISIBLE_DEVICES=first_gpu),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = {r.data.params["model.name"]: r for r in _runs()}
     assert {k: r.info.status for k, r in runs.items()} == {"plain20": "FINISHED", "resnet20": "FINISHED"}
-    assert {r.data.tags["reproduce.gpu"] for r in runs.values()} == {torch.cuda.get_device_name(0)}  # this process's first GPU
+    assert {r.data.tags["reproduce.gpu"] for r in runs.values()} == {
+        torch.cuda.get_device_name(0)
+    }  # this process's first GPU
     a, b = runs["plain20"].info, runs["resnet20"].info
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they trained at once

@@ -1,6 +1,7 @@
 """The device-resident CIFAR-10 loader (data.loader=gpu), run on the CPU: the torchvision
 path's augmentation semantics and evaluation batches, TrainBatches' order and sharding,
 exact resume, and a real training run through train.main."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,8 +76,18 @@ def marker_tree(tmp_path_factory) -> Path:
 
 
 def marker_config(tree: Path, loader: str, **extra):
-    overrides = tiny_overrides(tree, **{"data.val_split": 0, "data.normalize": "channel", "optim.batch_size": 32,
-                                        "schedule.iterations": 40, "schedule.milestones": "[]", "data.loader": loader, **extra})
+    overrides = tiny_overrides(
+        tree,
+        **{
+            "data.val_split": 0,
+            "data.normalize": "channel",
+            "optim.batch_size": 32,
+            "schedule.iterations": 40,
+            "schedule.milestones": "[]",
+            "data.loader": loader,
+            **extra,
+        },
+    )
     return load_config(CIFAR, overrides)
 
 
@@ -90,16 +101,24 @@ def marker(tree: Path) -> torch.Tensor:
 def test_crops_and_flips_are_uniform(loader, marker_tree):
     """1280 augmented views of the marker: offsets uniform over 0..8 on both axes, flips ~50%."""
     cfg = marker_config(marker_tree, loader)
-    found = [f for images, _ in train_loader(build_data(cfg), cfg, dist(), 0) for f in read_offsets(images, marker(marker_tree))]
+    found = [
+        f
+        for images, _ in train_loader(build_data(cfg), cfg, dist(), 0)
+        for f in read_offsets(images, marker(marker_tree))
+    ]
     assert len(found) == 40 * 32
     check_uniform_crops_and_flips(found)
 
 
 @pytest.mark.parametrize("normalize", ["pixel_mean", "channel"])
 def test_evaluation_batches_equal_the_torchvision_path(cifar_tree, normalize):
-    configs = [load_config(CIFAR, tiny_overrides(cifar_tree, **{"data.loader": loader, "data.normalize": normalize,
-                                                                "eval.batch_size": 16}))
-               for loader in ("torchvision", "gpu")]
+    configs = [
+        load_config(
+            CIFAR,
+            tiny_overrides(cifar_tree, **{"data.loader": loader, "data.normalize": normalize, "eval.batch_size": 16}),
+        )
+        for loader in ("torchvision", "gpu")
+    ]
     reference, resident = (build_data(cfg) for cfg in configs)
     assert reference.fingerprint == resident.fingerprint
     for split in ("val", "test"):
@@ -113,12 +132,19 @@ def test_evaluation_batches_equal_the_torchvision_path(cifar_tree, normalize):
 
 def test_order_and_shards_are_trainbatches(cifar_tree):
     """Same permutation and labels as TrainBatches; two ranks split each global batch."""
-    cfg = load_config(CIFAR, tiny_overrides(cifar_tree, **{"data.loader": "gpu", "optim.batch_size": 32,
-                                                           "schedule.iterations": 14, "schedule.milestones": "[7]"}))
+    cfg = load_config(
+        CIFAR,
+        tiny_overrides(
+            cifar_tree,
+            **{"data.loader": "gpu", "optim.batch_size": 32, "schedule.iterations": 14, "schedule.milestones": "[7]"},
+        ),
+    )
     data = build_data(cfg)
     single = list(train_loader(data, cfg, dist(), 0))
     assert len(single) == 14 and single[0][0].shape == (32, 3, 32, 32) and single[0][0].dtype == torch.float32
-    expected = [data.train.labels[[i for i, _ in batch]] for batch in TrainBatches(len(data.train), 32, 0, 1, cfg.seed, 0, 14)]
+    expected = [
+        data.train.labels[[i for i, _ in batch]] for batch in TrainBatches(len(data.train), 32, 0, 1, cfg.seed, 0, 14)
+    ]
     assert all(torch.equal(labels, want) for (_, labels), want in zip(single, expected))
     ranks = [list(train_loader(data, cfg, dist(rank, 2), 0)) for rank in (0, 1)]
     for it in range(14):

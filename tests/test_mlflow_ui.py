@@ -9,6 +9,7 @@ store, and headless Chromium (Debian's, driven by selenium) on two pages:
 The expected values come from the store (MlflowClient), the shown ones from the page; each page is
 saved as a screenshot in the test's tmp_path. Routes and selectors are MLflow 3.17's UI.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,25 +61,42 @@ return {rows, metrics};
 def browser(tmp_path):
     """Headless Chromium from Debian's packages, its driver named explicitly: selenium's own
     driver lookup (Selenium Manager) would download a browser from the internet."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="could not import 'selenium': pip install -e '.[test]'")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="could not import 'selenium': pip install -e '.[test]'"
+    )
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} is absent: {INSTALL}")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1600,1100",
+    ):
         options.add_argument(arg)  # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
-                              options=options)
+    driver = webdriver.Chrome(
+        service=Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
+        options=options,
+    )
     driver.set_page_load_timeout(LOAD_S)
     yield driver
     driver.quit()
 
 
 def _train(config: str, seed: int, tmp_path: Path) -> None:
-    done = run_cli("train", "--config", str(REPO / "configs" / "cifar10" / f"{config}.yaml"), f"seed={seed}",
-                   "data.synthetic=true", *TINY, cwd=tmp_path)
+    done = run_cli(
+        "train",
+        "--config",
+        str(REPO / "configs" / "cifar10" / f"{config}.yaml"),
+        f"seed={seed}",
+        "data.synthetic=true",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, f"{config} seed {seed}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
@@ -101,8 +119,10 @@ def _wait(driver, what: str, condition, shot: Path):
         return WebDriverWait(driver, LOAD_S, poll_frequency=0.5).until(condition)
     except TimeoutException:
         driver.save_screenshot(str(shot))
-        raise AssertionError(f"{what}: not on {driver.current_url} within {LOAD_S} s (screenshot {shot}); "
-                             f"the page reads:\n{_page_text(driver)}") from None
+        raise AssertionError(
+            f"{what}: not on {driver.current_url} within {LOAD_S} s (screenshot {shot}); "
+            f"the page reads:\n{_page_text(driver)}"
+        ) from None
 
 
 def _compare_problems(page: dict, runs: dict) -> list[str]:
@@ -126,7 +146,9 @@ def _compare_problems(page: dict, runs: dict) -> list[str]:
     stored = [runs[i].data.metrics[METRIC] for i in order]
     shown = metrics.get(METRIC)
     try:
-        if shown is None or [float(v) for v in shown] != pytest.approx(stored, rel=1e-3):  # the UI shows 4 significant digits
+        if shown is None or [float(v) for v in shown] != pytest.approx(
+            stored, rel=1e-3
+        ):  # the UI shows 4 significant digits
             problems.append(f"metric {METRIC} reads {shown}, stored {stored}")
     except ValueError:
         problems.append(f"metric {METRIC} reads {shown}, not numbers; stored {stored}")
@@ -137,7 +159,9 @@ def _compare_problems(page: dict, runs: dict) -> list[str]:
 @pytest.mark.timeout(300)
 def test_mlflow_ui_shows_runs_and_comparison(browser, tmp_path):
     driver, store, port = browser, tmp_path / "mlflow.db", _free_port()  # the store conftest's `isolated` points at
-    _train(*RUNS[0], tmp_path)  # alone: it makes the store's tables and the experiment, which concurrent first writers race on
+    _train(
+        *RUNS[0], tmp_path
+    )  # alone: it makes the store's tables and the experiment, which concurrent first writers race on
     pool = ThreadPoolExecutor(3)
     starting = pool.submit(_start_server, store, port)  # about 10 s, beside the other two runs (1 thread each)
     try:
@@ -159,34 +183,52 @@ def test_mlflow_ui_shows_runs_and_comparison(browser, tmp_path):
         def linked_names(d):
             links = d.execute_script(
                 "return [...document.querySelectorAll(arguments[0])].map(a => [a.getAttribute('href'), a.innerText.trim()]);",
-                f'a[href*="/experiments/{experiment.experiment_id}/runs/"]')
+                f'a[href*="/experiments/{experiment.experiment_id}/runs/"]',
+            )
             shown = {href.rsplit("/", 1)[-1]: text for href, text in links if text}
             return shown if all(shown.get(i) == n for i, n in names.items()) else None
+
         _wait(driver, f"the runs table with {sorted(names.values())}", linked_names, shot)
         driver.save_screenshot(str(shot))
 
         # (b) the compare page: names, params and the final error, run by run
         ids = list(runs)
-        driver.get(f"{url}/#/compare-runs?runs={json.dumps(ids, separators=(',', ':'))}"
-                   f"&experiments={json.dumps([experiment.experiment_id])}")
+        driver.get(
+            f"{url}/#/compare-runs?runs={json.dumps(ids, separators=(',', ':'))}"
+            f"&experiments={json.dumps([experiment.experiment_id])}"
+        )
         shot = tmp_path / "compare.png"
+
         def compare_page(d):  # rendered: the run names, the first param's row and the metric's values
             page = d.execute_script(READ_COMPARE)
-            return page if page["rows"].get("Run Name:") and page["rows"].get(PARAMS[0]) and page["metrics"].get(METRIC) else None
+            return (
+                page
+                if page["rows"].get("Run Name:") and page["rows"].get(PARAMS[0]) and page["metrics"].get(METRIC)
+                else None
+            )
+
         page = _wait(driver, f"the compare page with its run names, {PARAMS[0]} and {METRIC}", compare_page, shot)
         driver.save_screenshot(str(shot))
         # Scrolled to the params' row (the table scrolls as one) and to the metrics' grid as a whole: scrolling
         # to a metric's name would scroll the names grid alone, out of line with the values in the picture.
-        for selector, key, name in (("th", "model.depth", "compare-params.png"),
-                                    ('a[title="Plot chart"]', METRIC, "compare-metrics.png")):
-            driver.execute_script("""for (const el of document.querySelectorAll(arguments[0]))
+        for selector, key, name in (
+            ("th", "model.depth", "compare-params.png"),
+            ('a[title="Plot chart"]', METRIC, "compare-metrics.png"),
+        ):
+            driver.execute_script(
+                """for (const el of document.querySelectorAll(arguments[0]))
                                        if (el.innerText.trim() === arguments[1]) {
                                          (el.closest('[role=grid]') || el).scrollIntoView({block: 'center'}); break; }""",
-                                  selector, key)
+                selector,
+                key,
+            )
             driver.save_screenshot(str(tmp_path / name))
         problems = _compare_problems(page, runs)
-        assert not problems, (f"the compare page ({driver.current_url}, screenshots in {tmp_path}):\n  "
-                              + "\n  ".join(problems) + f"\nthe page reads:\n{_page_text(driver)}")
+        assert not problems, (
+            f"the compare page ({driver.current_url}, screenshots in {tmp_path}):\n  "
+            + "\n  ".join(problems)
+            + f"\nthe page reads:\n{_page_text(driver)}"
+        )
     finally:
         pool.shutdown(wait=True)
         if starting.exception() is None:

@@ -1,6 +1,7 @@
 """The model registry against the paper: shapes, Table 6 parameter counts, Table 1
 multiply-adds, shortcut options A/B/C, v1 vs v1.5, torchvision and public-checkpoint
 compatibility, and the error messages for options that do not apply."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,19 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 import reproduce.models as models
-from reproduce.models import (MODELS, CifarResNet, Shortcut, Variant, ZeroPadShortcut, build_model,
-                              check_model_options, count_macs, count_parameters, format_model_table, model_names)
+from reproduce.models import (
+    MODELS,
+    CifarResNet,
+    Shortcut,
+    Variant,
+    ZeroPadShortcut,
+    build_model,
+    check_model_options,
+    count_macs,
+    count_parameters,
+    format_model_table,
+    model_names,
+)
 from tests.conftest import shared_file
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrained"
@@ -50,6 +62,7 @@ def projection_params(pairs: list[tuple[int, int]]) -> int:
 
 # --- every registered network runs forward and backward --------------------------------------
 
+
 def _registry_params():
     for name in MODELS:
         marks = [pytest.mark.slow] if name == "resnet1202" else []  # ~3600 modules: seconds on 2 cores
@@ -73,9 +86,18 @@ def test_forward_backward(name):
 def test_registry_entries():
     assert model_names() == list(MODELS)
     assert {n for n, s in MODELS.items() if s.family == "cifar"} == {
-        *(f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)), *(f"plain{d}" for d in (20, 32, 44, 56, 110))}
+        *(f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)),
+        *(f"plain{d}" for d in (20, 32, 44, 56, 110)),
+    }
     assert {n for n, s in MODELS.items() if s.family == "imagenet"} == {
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34"}
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "plain18",
+        "plain34",
+    }
     for name, spec in MODELS.items():
         assert (spec.input_size, spec.num_classes) == ((32, 10) if spec.family == "cifar" else (224, 1000))
         assert name.startswith("resnet") == spec.residual
@@ -90,15 +112,26 @@ def test_num_classes_override():
 
 # --- the paper's numbers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, millions, digits", [
-    ("resnet20", 0.27, 2), ("resnet32", 0.46, 2), ("resnet44", 0.66, 2), ("resnet56", 0.85, 2),
-    ("resnet110", 1.7, 1), ("resnet1202", 19.4, 1)])
+
+@pytest.mark.parametrize(
+    "name, millions, digits",
+    [
+        ("resnet20", 0.27, 2),
+        ("resnet32", 0.46, 2),
+        ("resnet44", 0.66, 2),
+        ("resnet56", 0.85, 2),
+        ("resnet110", 1.7, 1),
+        ("resnet1202", 19.4, 1),
+    ],
+)
 def test_cifar_params_match_table6(name, millions, digits):
     assert round(params(name) / 1e6, digits) == millions
 
 
-@pytest.mark.parametrize("name, paper", [
-    ("resnet18", 1.8e9), ("resnet34", 3.6e9), ("resnet50", 3.8e9), ("resnet101", 7.6e9), ("resnet152", 11.3e9)])
+@pytest.mark.parametrize(
+    "name, paper",
+    [("resnet18", 1.8e9), ("resnet34", 3.6e9), ("resnet50", 3.8e9), ("resnet101", 7.6e9), ("resnet152", 11.3e9)],
+)
 def test_imagenet_macs_match_table1(name, paper):
     assert abs(macs(name) - paper) / paper < 0.03
 
@@ -111,6 +144,7 @@ def test_plain_and_option_a_have_equal_cost(depth):
 
 
 # --- shortcut options A / B / C (§3.3, Table 3) ------------------------------------------------
+
 
 @pytest.mark.parametrize("depth", [20, 56])
 def test_cifar_shortcut_options(depth):
@@ -176,8 +210,15 @@ def test_cifar_layout_and_init():
     torch.manual_seed(0)
     model = build_model("resnet20", "B")
     keys = set(model.state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "layer3.2.bn2.weight", "linear.weight", "linear.bias",
-            "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.running_var"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer3.2.bn2.weight",
+        "linear.weight",
+        "linear.bias",
+        "layer2.0.shortcut.0.weight",
+        "layer2.0.shortcut.1.running_var",
+    } <= keys
     assert not any(k.startswith("layer1.") and "shortcut" in k for k in keys)  # B: projections only where shapes change
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
     assert not model.linear.bias.any()
@@ -187,8 +228,10 @@ def test_cifar_layout_and_init():
 
 # --- torchvision compatibility and bottleneck variants ------------------------------------------
 
-@pytest.mark.parametrize("name, variant, reference", [
-    ("resnet18", Variant.V1, tv.resnet18), ("resnet50", Variant.V1_5, tv.resnet50)])
+
+@pytest.mark.parametrize(
+    "name, variant, reference", [("resnet18", Variant.V1, tv.resnet18), ("resnet50", Variant.V1_5, tv.resnet50)]
+)
 def test_torchvision_weights_load_and_outputs_match(name, variant, reference):
     torch.manual_seed(0)
     ref = reference(weights=None).eval()
@@ -210,6 +253,7 @@ def test_v1_and_v1_5_differ_only_in_strides():
 
 
 # --- public CIFAR checkpoints (../shared/data/pretrained) --------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("depth", [20, 32, 44, 56])
@@ -239,16 +283,20 @@ def test_public_cifar_checkpoint_loads_strictly_and_scores_as_published(depth):
 
 # --- bad options ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, options, message", [
-    ("resnt20", {}, "unknown model 'resnt20'; did you mean 'resnet20'?"),
-    ("resnet50", {"shortcut": "A"}, "bottleneck"),
-    ("resnet152", {"shortcut": Shortcut.A}, "use B or C"),
-    ("plain20", {"shortcut": "A"}, "plain network"),
-    ("plain34", {"shortcut": "B"}, "plain network"),
-    ("resnet18", {"variant": "v1.5"}, "v1.5"),
-    ("resnet56", {"variant": Variant.V1_5}, "v1.5"),
-    ("resnet20", {"shortcut": "D"}, "A, B, C"),
-])
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("resnt20", {}, "unknown model 'resnt20'; did you mean 'resnet20'?"),
+        ("resnet50", {"shortcut": "A"}, "bottleneck"),
+        ("resnet152", {"shortcut": Shortcut.A}, "use B or C"),
+        ("plain20", {"shortcut": "A"}, "plain network"),
+        ("plain34", {"shortcut": "B"}, "plain network"),
+        ("resnet18", {"variant": "v1.5"}, "v1.5"),
+        ("resnet56", {"variant": Variant.V1_5}, "v1.5"),
+        ("resnet20", {"shortcut": "D"}, "A, B, C"),
+    ],
+)
 def test_bad_options_are_refused(name, options, message):
     with pytest.raises(ValueError, match=message.replace("?", r"\?")):
         check_model_options(name, **options)
@@ -264,6 +312,7 @@ def test_good_options_pass_and_cifar_depth_is_checked():
 
 
 # --- the table printed by `reproduce models` -----------------------------------------------------
+
 
 def test_model_table_small(monkeypatch):
     monkeypatch.setattr(models, "MODELS", {k: MODELS[k] for k in ("resnet20", "plain20", "resnet18")})

@@ -1,9 +1,10 @@
 """`reproduce park` / `unpark`: an unfinished run goes on in another tracking store and run directory
 (a fresh machine) from the parked folder alone, bit for bit, into one MLflow record."""
+
 from __future__ import annotations
 
-import signal
 import shutil
+import signal
 
 import mlflow
 import torch
@@ -24,7 +25,9 @@ def _files(folder):
 
 
 def test_a_parked_run_resumes_in_a_fresh_store_bit_for_bit(cifar_tar, tmp_path, monkeypatch, capsys):
-    straight = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100})
+    straight = tiny_overrides(
+        cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100}
+    )
     assert _train(straight) == 0
 
     first_store = f"sqlite:///{tmp_path / 'first.db'}"
@@ -50,7 +53,10 @@ def test_a_parked_run_resumes_in_a_fresh_store_bit_for_bit(cifar_tar, tmp_path, 
     assert park.unpark_main([str(parked)]) == 0  # again: nothing new, the same imported run
     assert _train(args) == 0
 
-    a, b = (torch.load(checkpoint.list_checkpoints(d)[-1], weights_only=True)["model"] for d in (tmp_path / "straight", run_dir))
+    a, b = (
+        torch.load(checkpoint.list_checkpoints(d)[-1], weights_only=True)["model"]
+        for d in (tmp_path / "straight", run_dir)
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1  # one record, not one per unpark

@@ -1,4 +1,5 @@
 """provenance.py: what counts as a dirty checkout."""
+
 from __future__ import annotations
 
 import subprocess
@@ -51,8 +52,17 @@ def test_runs_trained_in_one_process_carry_the_commit_it_loaded(cifar_tar, monke
     provenance.code_state.cache_clear()
     try:
         for seed in (0, 1):
-            assert train.main(["--config", str(REPO / "configs" / "cifar10" / "resnet20.yaml"), f"seed={seed}",
-                               *tiny_overrides(cifar_tar, iterations=2)]) == 0
+            assert (
+                train.main(
+                    [
+                        "--config",
+                        str(REPO / "configs" / "cifar10" / "resnet20.yaml"),
+                        f"seed={seed}",
+                        *tiny_overrides(cifar_tar, iterations=2),
+                    ]
+                )
+                == 0
+            )
     finally:
         provenance.code_state.cache_clear()
     runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")

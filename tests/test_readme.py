@@ -11,6 +11,7 @@ config, prints its srun command and stops). Sweeps are expanded with --dry-run a
 their runs checked with `reproduce check`. A README command that is neither run nor listed in
 NOT_RUN with its reason fails the test.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,19 @@ NOT_RUN = {
 # Long-running servers: tests/test_faults_tracking.py starts and stops a real `mlflow server`,
 # tests/test_mlflow_ui.py the UI, with a real browser looking at it.
 SERVER = ("mlflow server ", "mlflow ui ")
-TINY = ["schedule.iterations=2", "schedule.milestones=[]", "schedule.warmup_iterations=0", "eval.every=2",
-        "run.checkpoint_every=2", "optim.batch_size=8", "data.workers=0", "run.progress=false", "eval.max_images=16",
-        "eval.batch_size=8", "run.device=cpu"]
+TINY = [
+    "schedule.iterations=2",
+    "schedule.milestones=[]",
+    "schedule.warmup_iterations=0",
+    "eval.every=2",
+    "run.checkpoint_every=2",
+    "optim.batch_size=8",
+    "data.workers=0",
+    "run.progress=false",
+    "eval.max_images=16",
+    "eval.batch_size=8",
+    "run.device=cpu",
+]
 TINY_CIFAR = ["data.val_split=16"]
 TINY_IMAGENET = ["data.crop=32", "data.scale=[36,44]"]
 
@@ -98,7 +109,9 @@ def _weights(tmp_path: Path) -> Path:
     torch.save({"state_dict": state, "best_prec1": 93.0}, cifar)
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    torch.save(resnet50(weights=None, num_classes=2).state_dict(), hub / "resnet50-0676ba61.pth")  # the tiny set's 2 classes
+    torch.save(
+        resnet50(weights=None, num_classes=2).state_dict(), hub / "resnet50-0676ba61.pth"
+    )  # the tiny set's 2 classes
     torch.save(resnet50(weights=None).state_dict(), hub / "resnet50-11ad3fa6.pth")  # IMAGENET1K_V2
     return cifar
 
@@ -128,10 +141,13 @@ def tiny(command: str, paths: dict[str, str]) -> str:
     if command.startswith("python reproduce/train.py") or command.startswith("reproduce train "):
         return f"{command} {overrides}"
     if command.startswith("reproduce study "):
-        return f"{command} --iterations 10 --models plain20 --seeds 0 " + \
-            " ".join(o for o in TINY + TINY_CIFAR if not o.startswith(("schedule.", "eval.every", "run.checkpoint")))
+        return f"{command} --iterations 10 --models plain20 --seeds 0 " + " ".join(
+            o for o in TINY + TINY_CIFAR if not o.startswith(("schedule.", "eval.every", "run.checkpoint"))
+        )
     if command.startswith("reproduce evaluate "):
-        return f"{command} eval.max_images=8 eval.batch_size=8 run.device=cpu" + (" data.crop=32" if "resnet50" in command else "")
+        return f"{command} eval.max_images=8 eval.batch_size=8 run.device=cpu" + (
+            " data.crop=32" if "resnet50" in command else ""
+        )
     if command.startswith("reproduce prepare cifar10 "):
         return f"{command} --val-split 16"
     if command.startswith("reproduce prepare imagenet "):
@@ -154,13 +170,22 @@ def run_lane(commands: list[str], work: Path, env: dict[str, str], paths: dict[s
         if "RUN_ID" in command:
             client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
             experiment = client.get_experiment_by_name("cifar10")
-            trained = [r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
-                       if "reproduce.run_dir" in r.data.tags] if experiment else []  # training runs (evaluations have no run dir)
+            trained = (
+                [
+                    r
+                    for r in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+                    if "reproduce.run_dir" in r.data.tags
+                ]
+                if experiment
+                else []
+            )  # training runs (evaluations have no run dir)
             assert trained, f"README: {command}\nno finished CIFAR-10 training run before it in its lane"
             command = command.replace("RUN_ID", trained[0].info.run_id)
         line = tiny(command, paths)
         result = subprocess.run(["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"README: {command}\nran: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"README: {command}\nran: {line}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
         if "--dry-run" in line:  # each run of the sweep must pass the same checks train makes
             runs = [shlex.split(r)[2:] for r in result.stdout.splitlines() if r.startswith("reproduce train ")]
             assert runs, result.stdout
@@ -168,8 +193,14 @@ def run_lane(commands: list[str], work: Path, env: dict[str, str], paths: dict[s
             for args in runs:
                 by_overrides.setdefault(tuple(args[2:]), []).append(args[1])
             for overrides, configs in by_overrides.items():
-                check = subprocess.run([sys.executable, "-m", "reproduce.cli", "check", *configs, *overrides], cwd=work,
-                                       env=env, capture_output=True, text=True, timeout=300)
+                check = subprocess.run(
+                    [sys.executable, "-m", "reproduce.cli", "check", *configs, *overrides],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 assert check.returncode == 0, f"README: {command}\nruns: {configs} {overrides}\n{check.stderr}"
         if "REPRODUCE_DRY_RUN=1" in line:
             assert "reproduce: " in result.stdout and "srun " in result.stdout, result.stdout
@@ -184,8 +215,13 @@ def test_lanes_split_the_commands_as_their_data_needs():
     first = [c for c in commands if lane(c) == 0]
     assert any(c.startswith("reproduce train --config configs/cifar10/") for c in first)
     assert all(lane(c) == 0 for c in commands if "RUN_ID" in c or c.startswith(("reproduce report ", "reproduce runs")))
-    assert lane("reproduce prepare imagenet --source /data/imagenet --out /data/imagenet-ffcv") == \
-        lane("reproduce train --config configs/imagenet/resnet50.yaml data.loader=ffcv data.path=/data/imagenet-ffcv") == 1
+    assert (
+        lane("reproduce prepare imagenet --source /data/imagenet --out /data/imagenet-ffcv")
+        == lane(
+            "reproduce train --config configs/imagenet/resnet50.yaml data.loader=ffcv data.path=/data/imagenet-ffcv"
+        )
+        == 1
+    )
     assert 0 < len(first) < len(commands)
 
 
@@ -196,14 +232,25 @@ def test_every_readme_command_runs(cifar_tar, tmp_path):
     assert len(commands) > 20, commands  # the blocks were found
     imagenet = _imagenet_tree(tmp_path / "imagenet")
     weights = _weights(tmp_path)
-    paths = {"../shared/data/pretrained/cifar-resnet56-4bfd9763.th": str(weights), "my_images/": str(imagenet),"../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar), "/data/cifar-10-batches-py": str(cifar_tar),
-             "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"), "/data/imagenet": str(imagenet),
-             "$HEAD:29500": f"127.0.0.1:{_port()}"}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HEAD": "127.0.0.1",
-           "REPRODUCE_PYTHON": sys.executable,
-           "REPRODUCE_CIFAR10": str(cifar_tar),  # for the commands without data.path: tests never download
-           "TORCH_HOME": str(tmp_path / "torch")}  # the hub cache, holding torchvision-shaped weights made here
+    paths = {
+        "../shared/data/pretrained/cifar-resnet56-4bfd9763.th": str(weights),
+        "my_images/": str(imagenet),
+        "../shared/data/cifar10-jpeg.tar.gz": str(cifar_tar),
+        "/data/cifar-10-batches-py": str(cifar_tar),
+        "/data/imagenet-ffcv": str(tmp_path / "imagenet-ffcv"),
+        "/data/imagenet": str(imagenet),
+        "$HEAD:29500": f"127.0.0.1:{_port()}",
+    }
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HEAD": "127.0.0.1",
+        "REPRODUCE_PYTHON": sys.executable,
+        "REPRODUCE_CIFAR10": str(cifar_tar),  # for the commands without data.path: tests never download
+        "TORCH_HOME": str(tmp_path / "torch"),
+    }  # the hub cache, holding torchvision-shaped weights made here
     # A scratch folder per lane that links the code and configs in keeps the commands' outputs
     # (runs/, results/, data/, sweep-logs/, mlflow.db) out of the checkout and out of the other lane.
     to_run = [c for c in commands if c not in NOT_RUN and not c.startswith(SERVER)]

@@ -1,5 +1,6 @@
 """results/reliability.md is built from the fault tests' docstrings and a JUnit report
 (tools/reliability.py, a script outside the package, loaded here from its file)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,12 +54,16 @@ def test_table_from_a_junit_report(tmp_path):
     report = tmp_path / "junit.xml"
     report.write_text(JUNIT.replace("{FAULTS_A}", faults_a).replace("{FAULTS_B}", faults_b))
     results = reliability.read_junit(report)
-    assert set(results) == {f"{faults_a}::test_unreachable_tracking_server_is_refused_before_training",
-                            f"{faults_b}::test_bad_dataset_archive_is_refused_before_training",
-                            "test_ffcv::test_files_prepared_otherwise_are_refused",
-                            "test_ffcv::test_round_trip_of_generated_images"}
+    assert set(results) == {
+        f"{faults_a}::test_unreachable_tracking_server_is_refused_before_training",
+        f"{faults_b}::test_bad_dataset_archive_is_refused_before_training",
+        "test_ffcv::test_files_prepared_otherwise_are_refused",
+        "test_ffcv::test_round_trip_of_generated_images",
+    }
     assert results[f"{faults_b}::test_bad_dataset_archive_is_refused_before_training"] == [
-        ("empty", "passed", 0.2), ("truncated", "FAILED", 0.3)]
+        ("empty", "passed", 0.2),
+        ("truncated", "FAILED", 0.3),
+    ]
     out = tmp_path / "reliability.md"
     assert reliability.main(["--from-junit", str(report), "--out", str(out)]) == 1  # a failure is not hidden
     text = out.read_text()
@@ -90,14 +95,26 @@ def test_fault_files_split_in_several_are_all_read(tmp_path):
     (tests / "test_sweep.py").write_text("def test_f():\n    pass\n")
     (tests / "test_slurm.py").write_text("def test_g():\n    pass\n")
     copy = _load_copy(tmp_path)
-    assert [s.name for s in copy.SUITES] == ["test_faults_data.py", "test_faults_train.py", "test_ffcv.py", "test_sweep.py",
-                                             "test_slurm.py"]
+    assert [s.name for s in copy.SUITES] == [
+        "test_faults_data.py",
+        "test_faults_train.py",
+        "test_ffcv.py",
+        "test_sweep.py",
+        "test_slurm.py",
+    ]
     stmts = copy.statements()
-    assert list(stmts) == ["test_faults_data::test_a", "test_faults_train::test_b", "test_faults_train::test_c",
-                           "test_ffcv::test_d"]
+    assert list(stmts) == [
+        "test_faults_data::test_a",
+        "test_faults_train::test_b",
+        "test_faults_train::test_c",
+        "test_ffcv::test_d",
+    ]
     assert stmts["test_faults_train::test_c"] == {}  # undocumented, yet a fault test: its row shows the gaps
-    assert copy.node_ids(stmts) == [str(tests / "test_faults_data.py"), str(tests / "test_faults_train.py"),
-                                    str(tests / "test_ffcv.py") + "::test_d"]
+    assert copy.node_ids(stmts) == [
+        str(tests / "test_faults_data.py"),
+        str(tests / "test_faults_train.py"),
+        str(tests / "test_ffcv.py") + "::test_d",
+    ]
 
 
 def test_a_spurious_ast_systemerror_is_retried(monkeypatch):

@@ -1,5 +1,6 @@
 """The report against real MLflow stores (the per-test sqlite file, and a real `mlflow server`),
 its export round trip, its figures' data, and the sweep that feeds it."""
+
 from __future__ import annotations
 
 import math
@@ -55,15 +56,35 @@ def log_runs(client: mlflow.MlflowClient | None = None, runs: list = RUNS, **ext
     histories = {}
     for model, recipe, seed, status, final, iterations in runs:
         shortcut = "None" if model.startswith("plain") else "A"
-        tags = {"reproduce.model": model, "reproduce.study": "cifar10", "reproduce.recipe": recipe,
-                "reproduce.seed": str(seed), "reproduce.git_commit": "abc123", "reproduce.git_dirty": "false",
-                "reproduce.torch": "2.14.1", "reproduce.cuda": "None", "reproduce.host": "testhost",
-                "reproduce.gpu": "none", "reproduce.world_size": "1", "reproduce.launcher": "python",
-                "reproduce.slurm_job_id": "", "reproduce.data_fingerprint": "f00d", "reproduce.data": DATA,
-                "reproduce.eval_protocol": "single", "reproduce.run_dir": f"/runs/{model}-s{seed}-{recipe}",
-                **{f"reproduce.{k}": v for k, v in extra_tags.items()}}
-        params = {"model.name": model, "model.shortcut": shortcut, "model.variant": "v1", "seed": seed,
-                  "data.dataset": "cifar10", "eval.protocol": "single", "schedule.iterations": iterations}
+        tags = {
+            "reproduce.model": model,
+            "reproduce.study": "cifar10",
+            "reproduce.recipe": recipe,
+            "reproduce.seed": str(seed),
+            "reproduce.git_commit": "abc123",
+            "reproduce.git_dirty": "false",
+            "reproduce.torch": "2.14.1",
+            "reproduce.cuda": "None",
+            "reproduce.host": "testhost",
+            "reproduce.gpu": "none",
+            "reproduce.world_size": "1",
+            "reproduce.launcher": "python",
+            "reproduce.slurm_job_id": "",
+            "reproduce.data_fingerprint": "f00d",
+            "reproduce.data": DATA,
+            "reproduce.eval_protocol": "single",
+            "reproduce.run_dir": f"/runs/{model}-s{seed}-{recipe}",
+            **{f"reproduce.{k}": v for k, v in extra_tags.items()},
+        }
+        params = {
+            "model.name": model,
+            "model.shortcut": shortcut,
+            "model.variant": "v1",
+            "seed": seed,
+            "data.dataset": "cifar10",
+            "eval.protocol": "single",
+            "schedule.iterations": iterations,
+        }
         run = client.create_run(exp_id, tags=tags, run_name=f"{model}-s{seed}")
         done = iterations if status == "FINISHED" else iterations // 2
         train = [(s, v) for s, v in _curve(final + 5, seed, iterations, iterations // 10) if s <= done]
@@ -71,8 +92,12 @@ def log_runs(client: mlflow.MlflowClient | None = None, runs: list = RUNS, **ext
         now = int(time.time() * 1000)
         metrics = [Metric("train_top1_err", v, now, s) for s, v in train]
         metrics += [Metric(k, v, now, s) for k in ("test_top1_err", "val_top1_err") for s, v in test]
-        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
-                         tags=[RunTag("mlflow.user", "test")])
+        client.log_batch(
+            run.info.run_id,
+            metrics=metrics,
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag("mlflow.user", "test")],
+        )
         client.set_terminated(run.info.run_id, status)
         histories[(model, recipe, seed)] = {"train": train, "test": test, "run_id": run.info.run_id}
     return histories
@@ -141,8 +166,11 @@ def test_figure_lines_are_the_runs_metrics(store):
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
     assert {line.get_gid() for line in plain.get_lines()} == {"plain-20|train", "plain-20|test_top1_err"}
     # One line per depth = the mean over the seeds of the tabulated recipe.
-    for name, model, recipe, seeds in [("plain-20", "plain20", "p20", [0]), ("ResNet-20 A", "resnet20", "r20", [0, 1]),
-                                       ("ResNet-110 A", "resnet110", "r110", [0, 1, 2])]:
+    for name, model, recipe, seeds in [
+        ("plain-20", "plain20", "p20", [0]),
+        ("ResNet-20 A", "resnet20", "r20", [0, 1]),
+        ("ResNet-110 A", "resnet110", "r110", [0, 1, 2]),
+    ]:
         for kind, gid in (("train", f"{name}|train"), ("test", f"{name}|test_top1_err")):
             series = [histories[(model, recipe, s)][kind] for s in seeds]
             x, y = lines[gid].get_data()
@@ -187,7 +215,10 @@ def test_report_refuses_an_unreachable_server_and_an_unwritable_out_in_one_line(
         assert report.main(["--study", "cifar10", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith(f"error: cannot write the report to {out} (") and "--out" in err
-    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "o"), "--export", str(tmp_path / "a-file" / "x")]) == 2
+    assert (
+        report.main(["--study", "cifar10", "--out", str(tmp_path / "o"), "--export", str(tmp_path / "a-file" / "x")])
+        == 2
+    )
     assert "cannot write the export" in capsys.readouterr().err
     uri = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -208,10 +239,28 @@ def mlflow_server(tmp_path, monkeypatch):
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -257,9 +306,12 @@ def test_sweep_then_report_end_to_end(tmp_path, cifar_tar):
     assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
     table = pd.read_csv(out / "table.csv", keep_default_na=False)
     assert list(table.model) == ["resnet20"] and list(table.n) == [2] and list(table.iterations) == [4]
-    runs = {r.data.tags["reproduce.seed"] + r.data.params["model.name"]: r
-            for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list",
-                                        filter_string="tags.`reproduce.study` = 'cifar10'")}  # not the report's own run
+    runs = {
+        r.data.tags["reproduce.seed"] + r.data.params["model.name"]: r
+        for r in mlflow.search_runs(
+            experiment_names=["cifar10"], output_format="list", filter_string="tags.`reproduce.study` = 'cifar10'"
+        )
+    }  # not the report's own run
     finals = {key: run.data.metrics["test_top1_err"] for key, run in runs.items()}
     assert float(_row(table, "resnet20")["mean"]) == pytest.approx((finals["0resnet20"] + finals["1resnet20"]) / 2)
     assert _row(table, "resnet20").data == next(iter(runs.values())).data.tags["reproduce.data"]
@@ -269,33 +321,73 @@ def test_fig6_draws_resnet110_against_1202_and_marks_single_points():
     from reproduce.report.runs import Group
 
     def run(model, seed, train, test):
-        return {"run_id": f"{model}-{seed}", "tags": {"reproduce.model": model, "reproduce.seed": str(seed)},
-                "params": {}, "metrics": {}, "history": {"train_top1_err": train, "test_top1_err": test}}
+        return {
+            "run_id": f"{model}-{seed}",
+            "tags": {"reproduce.model": model, "reproduce.seed": str(seed)},
+            "params": {},
+            "metrics": {},
+            "history": {"train_top1_err": train, "test_top1_err": test},
+        }
 
-    groups = [Group(("resnet110", "A", "v1", "single"), "r110", [run("resnet110", 0, [[1000, 30.0], [64000, 5.0]], [[64000, 6.5]])]),
-              Group(("resnet1202", "A", "v1", "single"), "r1202", [run("resnet1202", 0, [[64000, 4.0]], [[64000, 7.9]])]),
-              Group(("plain20", "", "v1", "single"), "p20", [run("plain20", 0, [[32000, 9.0], [64000, 8.0]], [[32000, 12.0], [64000, 10.0]])])]
+    groups = [
+        Group(
+            ("resnet110", "A", "v1", "single"),
+            "r110",
+            [run("resnet110", 0, [[1000, 30.0], [64000, 5.0]], [[64000, 6.5]])],
+        ),
+        Group(("resnet1202", "A", "v1", "single"), "r1202", [run("resnet1202", 0, [[64000, 4.0]], [[64000, 7.9]])]),
+        Group(
+            ("plain20", "", "v1", "single"),
+            "p20",
+            [run("plain20", 0, [[32000, 9.0], [64000, 8.0]], [[32000, 12.0], [64000, 10.0]])],
+        ),
+    ]
     fig = depth_curves(groups, "cifar10")
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["plain networks", "ResNets", "ResNet-110 and ResNet-1202"]
     third = {line.get_gid(): line for line in fig.axes[2].get_lines()}
-    assert set(third) == {"ResNet-110 A|train", "ResNet-110 A|test_top1_err", "ResNet-1202 A|train", "ResNet-1202 A|test_top1_err"}
+    assert set(third) == {
+        "ResNet-110 A|train",
+        "ResNet-110 A|test_top1_err",
+        "ResNet-1202 A|train",
+        "ResNet-1202 A|test_top1_err",
+    }
     assert "ResNet-1202 A|train" not in {line.get_gid() for line in fig.axes[1].get_lines()}
-    assert third["ResNet-1202 A|test_top1_err"].get_marker() == "o" and third["ResNet-110 A|train"].get_marker() in (None, "None", "")
+    assert third["ResNet-1202 A|test_top1_err"].get_marker() == "o" and third["ResNet-110 A|train"].get_marker() in (
+        None,
+        "None",
+        "",
+    )
     assert list(third["ResNet-110 A|train"].get_xdata()) == [0.1, 6.4] and fig.axes[0].get_xlabel() == "iter. (1e4)"
 
 
 def test_with_export_adds_runs_from_another_store_and_a_carried_run_replaces_its_original(tmp_path, monkeypatch, store):
     export = tmp_path / "runs.json"
-    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "a"), "--export", str(export), "--no-mlflow"]) == 0
+    assert (
+        report.main(["--study", "cifar10", "--out", str(tmp_path / "a"), "--export", str(export), "--no-mlflow"]) == 0
+    )
     exported = report.runs.read_export(export)["runs"]
     # Another machine: a fresh store holding one run carried there from the first (reproduce unpark).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'second.db'}")
     carried = next(r for r in exported if r["tags"]["reproduce.model"] == "resnet20" and r["status"] == "FAILED")
     log_runs(runs=[("resnet20", "r20", 2, "FINISHED", 11.0, FULL)], imported_from=carried["run_id"])
     merged = tmp_path / "merged.json"
-    assert report.main(["--study", "cifar10", "--out", str(tmp_path / "b"), "--with-export", str(export),
-                        "--export", str(merged), "--no-mlflow"]) == 0
+    assert (
+        report.main(
+            [
+                "--study",
+                "cifar10",
+                "--out",
+                str(tmp_path / "b"),
+                "--with-export",
+                str(export),
+                "--export",
+                str(merged),
+                "--no-mlflow",
+            ]
+        )
+        == 0
+    )
     runs = report.runs.read_export(merged)["runs"]
     assert len(runs) == len(exported)  # the carried run replaced its original, nothing else was lost or doubled
     assert carried["run_id"] not in {r["run_id"] for r in runs}
@@ -304,8 +396,10 @@ def test_with_export_adds_runs_from_another_store_and_a_carried_run_replaces_its
     assert row["n"] == 3 and row["mean"] == pytest.approx(11.0)
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"format": "reproduce-runs/1"}', '{"format": "x", "runs": []}',
-                                  '{"format": "reproduce-runs/1", "stu'])
+@pytest.mark.parametrize(
+    "text",
+    ["[1, 2]", '{"format": "reproduce-runs/1"}', '{"format": "x", "runs": []}', '{"format": "reproduce-runs/1", "stu'],
+)
 def test_a_file_that_is_not_an_export_is_refused_in_one_line(text, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(text)

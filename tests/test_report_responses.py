@@ -1,5 +1,6 @@
 """Fig. 7 layer responses: measured on a real tiny training run's checkpoint, checked against an
 independent computation (hooks on the convs, BN applied by hand), logged, and drawn by the report."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,16 @@ def independent_stds(model: nn.Module, images: torch.Tensor) -> list[float]:
     """Each 3x3 conv paired with the next BatchNorm2d in registration order (true for plain
     nets); the conv output captured by name and normalised here with the BN's running stats."""
     modules = list(model.named_modules())
-    pairs = [(name, next(m for _, m in modules[i + 1:] if isinstance(m, nn.BatchNorm2d)))
-             for i, (name, conv) in enumerate(modules) if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)]
+    pairs = [
+        (name, next(m for _, m in modules[i + 1 :] if isinstance(m, nn.BatchNorm2d)))
+        for i, (name, conv) in enumerate(modules)
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+    ]
     captured, by_name = {}, dict(modules)
-    handles = [by_name[name].register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
-               for name, _ in pairs]
+    handles = [
+        by_name[name].register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
+        for name, _ in pairs
+    ]
     model.eval()
     with torch.no_grad():
         model(images)
@@ -97,7 +103,9 @@ def test_unknown_run_is_a_clear_error(capsys):
 def test_a_damaged_checkpoint_is_not_analysed(cifar_tar, capsys):
     """The newest checkpoint fails its sha256: it is set aside and the previous one is measured;
     with none intact left, a one-line error."""
-    assert train.main(["--config", str(REPO / "configs" / "cifar10" / "resnet20.yaml"), *tiny_overrides(cifar_tar)]) == 0
+    assert (
+        train.main(["--config", str(REPO / "configs" / "cifar10" / "resnet20.yaml"), *tiny_overrides(cifar_tar)]) == 0
+    )
     (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
     run_dir = Path(run.data.tags["reproduce.run_dir"])
     first, newest = checkpoint.list_checkpoints(run_dir)

@@ -4,6 +4,7 @@ requeue decisions with srun stubbed out; and the real scripts on a one-node SLUR
 jobs of two gloo processes under torchrun. One job finishes; one is signalled as before a time
 limit, checkpoints, requeues itself, resumes and ends bit for bit where the first ends; one
 fails on bad input and is not requeued."""
+
 from __future__ import annotations
 
 import os
@@ -26,23 +27,35 @@ from tests.conftest import REPO, tiny_overrides
 
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(SLURM.glob("*.sh"))
-IMAGENET = {"r18": ("resnet18", 1), "r34": ("resnet34", 1), "r50": ("resnet50", 1), "r101": ("resnet101", 2),
-            "r152": ("resnet152", 2), "plain18": ("plain18", 1), "plain34": ("plain34", 1)}
+IMAGENET = {
+    "r18": ("resnet18", 1),
+    "r34": ("resnet34", 1),
+    "r50": ("resnet50", 1),
+    "r101": ("resnet101", 2),
+    "r152": ("resnet152", 2),
+    "plain18": ("plain18", 1),
+    "plain34": ("plain34", 1),
+}
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 ITERATIONS = 60  # 5-20 s for two gloo processes here; checkpoints every 10 leave time to signal one
 
 
 def _sbatch_options(script: Path) -> dict[str, str]:
     """`#SBATCH --name=value` lines as {name: value}; a bare `--name` gives ''."""
-    return {m["name"]: m["value"] or "" for m in
-            re.finditer(r"^#SBATCH --(?P<name>[\w-]+)(?:=(?P<value>\S+))?$", script.read_text(), re.M)}
+    return {
+        m["name"]: m["value"] or ""
+        for m in re.finditer(r"^#SBATCH --(?P<name>[\w-]+)(?:=(?P<value>\S+))?$", script.read_text(), re.M)
+    }
 
 
 def _clean_env() -> dict[str, str]:
     """This environment without the variables of a SLURM job pytest may itself run in, and
     without settings of the scripts and MLflow that a user may have exported."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "REPRODUCE_", "CIFAR10_", "MLFLOW_"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "REPRODUCE_", "CIFAR10_", "MLFLOW_"))
+    }
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -71,15 +84,25 @@ def test_job_script_requests_and_preemption(name):
     config, nodes = IMAGENET[name]
     assert options["nodes"] == str(nodes) and options["gpus-per-node"] == "8"
     assert options["output"] == "slurm/logs/%x-%j.out"
-    assert f"configs/imagenet/{config}.yaml" in script.read_text() and (REPO / "configs" / "imagenet" / f"{config}.yaml").is_file()
+    assert (
+        f"configs/imagenet/{config}.yaml" in script.read_text()
+        and (REPO / "configs" / "imagenet" / f"{config}.yaml").is_file()
+    )
 
 
 def test_cifar10_array_index_picks_net_depth_and_seed(tmp_path):
     """Task i -> (net, depth, seed), seed fastest; lists from the environment; a task past the
     end is refused with the --array to use. (REPRODUCE_DRY_RUN prints the srun command.)"""
+
     def dry_run(task: int, **lists) -> subprocess.CompletedProcess:
-        env = {**_clean_env(), "SLURM_ARRAY_TASK_ID": str(task), "REPRODUCE_DRY_RUN": "1",
-               "REPRODUCE_WORKDIR": str(tmp_path), "REPRODUCE_OVERRIDES": "run.amp=true", **lists}
+        env = {
+            **_clean_env(),
+            "SLURM_ARRAY_TASK_ID": str(task),
+            "REPRODUCE_DRY_RUN": "1",
+            "REPRODUCE_WORKDIR": str(tmp_path),
+            "REPRODUCE_OVERRIDES": "run.amp=true",
+            **lists,
+        }
         return subprocess.run(["bash", str(SLURM / "cifar10.sh")], capture_output=True, text=True, env=env, timeout=60)
 
     out = dry_run(7).stdout
@@ -108,15 +131,19 @@ echo "$*" >> "$STUB_DIR/scontrol.log"
 """
 
 
-@pytest.mark.parametrize("signal_name, codes, srun_exit, status, requeued", [
-    (None, "0 0", 0, 0, False),             # finished
-    ("USR1", "143 143", 0, 143, True),      # time limit or preemption warning: checkpoint, requeue
-    ("TERM", "143 143", 0, 143, False),     # scancel or preemption: checkpoint, no requeue
-    (None, "2 2", 1, 2, False),             # bad config on every rank: its status, no requeue
-    (None, "143 2", 1, 2, False),           # one rank failed, torchrun stopped the other with TERM
-    (None, "1 1", 1, 1, False),             # non-finite loss
-    ("USR1", "143", 1, 1, False),           # a rank left no status (killed): not a clean stop
-], ids=["finished", "usr1", "term", "config-error", "one-failed", "nan", "rank-lost"])
+@pytest.mark.parametrize(
+    "signal_name, codes, srun_exit, status, requeued",
+    [
+        (None, "0 0", 0, 0, False),  # finished
+        ("USR1", "143 143", 0, 143, True),  # time limit or preemption warning: checkpoint, requeue
+        ("TERM", "143 143", 0, 143, False),  # scancel or preemption: checkpoint, no requeue
+        (None, "2 2", 1, 2, False),  # bad config on every rank: its status, no requeue
+        (None, "143 2", 1, 2, False),  # one rank failed, torchrun stopped the other with TERM
+        (None, "1 1", 1, 1, False),  # non-finite loss
+        ("USR1", "143", 1, 1, False),  # a rank left no status (killed): not a clean stop
+    ],
+    ids=["finished", "usr1", "term", "config-error", "one-failed", "nan", "rank-lost"],
+)
 def test_launcher_exit_status_and_requeue(tmp_path, signal_name, codes, srun_exit, status, requeued):
     """launch.sh's decisions, with srun and scontrol replaced by stubs: the status it reports
     comes from the ranks, and only a stop on USR1 is requeued."""
@@ -125,13 +152,27 @@ def test_launcher_exit_status_and_requeue(tmp_path, signal_name, codes, srun_exi
     for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**_clean_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_DIR": str(tmp_path),
-           "STUB_CODES": codes, "STUB_EXIT": str(srun_exit), "STUB_WAIT": "1" if signal_name else "",
-           "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
-           "REPRODUCE_NPROC_PER_NODE": "2", "REPRODUCE_STATUS_DIR": str(tmp_path / "status"),
-           "REPRODUCE_WORKDIR": str(tmp_path)}
-    launcher = subprocess.Popen(["bash", str(SLURM / "launch.sh"), "configs/cifar10/resnet20.yaml"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **_clean_env(),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "STUB_DIR": str(tmp_path),
+        "STUB_CODES": codes,
+        "STUB_EXIT": str(srun_exit),
+        "STUB_WAIT": "1" if signal_name else "",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "REPRODUCE_NPROC_PER_NODE": "2",
+        "REPRODUCE_STATUS_DIR": str(tmp_path / "status"),
+        "REPRODUCE_WORKDIR": str(tmp_path),
+    }
+    launcher = subprocess.Popen(
+        ["bash", str(SLURM / "launch.sh"), "configs/cifar10/resnet20.yaml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if signal_name:
         deadline = time.monotonic() + 30
         while not (tmp_path / "started").exists():
@@ -153,17 +194,30 @@ def test_launcher_refuses_a_bad_config_before_srun(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(STUB_SRUN)
     (bin_dir / "srun").chmod(0o755)
-    env = {**_clean_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_DIR": str(tmp_path),
-           "STUB_CODES": "0", "STUB_EXIT": "0", "SLURM_JOB_ID": "78", "REPRODUCE_WORKDIR": str(tmp_path),
-           "REPRODUCE_OVERRIDES": "run.device=cpu schedule.iterations=200"}
-    result = subprocess.run(["bash", str(SLURM / "launch.sh"), "configs/cifar10/resnet20.yaml"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {
+        **_clean_env(),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "STUB_DIR": str(tmp_path),
+        "STUB_CODES": "0",
+        "STUB_EXIT": "0",
+        "SLURM_JOB_ID": "78",
+        "REPRODUCE_WORKDIR": str(tmp_path),
+        "REPRODUCE_OVERRIDES": "run.device=cpu schedule.iterations=200",
+    }
+    result = subprocess.run(
+        ["bash", str(SLURM / "launch.sh"), "configs/cifar10/resnet20.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "schedule.milestones: milestone 48000 is not below schedule.iterations=200" in result.stderr, result.stderr
     assert "exit status 2 (bad config, not started)" in result.stdout and not (tmp_path / "started").exists()
 
 
 # --- a one-node cluster -------------------------------------------------------------------------
+
 
 @dataclass
 class Cluster:
@@ -177,8 +231,15 @@ class Cluster:
 
     def sbatch(self, script: Path, *options: str, env: dict[str, str], cwd: Path) -> str:
         """Submit from `cwd` with this environment plus `env`; the job id."""
-        out = subprocess.run(["sbatch", "--parsable", *options, str(script)], env={**self.env, **env}, cwd=cwd,
-                             capture_output=True, text=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script)],
+            env={**self.env, **env},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
         return out.strip().split(";")[0]
 
     def state(self, job: str) -> str:
@@ -207,8 +268,10 @@ def _free_port() -> int:
 def _munge_works() -> bool:
     try:
         cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-        return cred.returncode == 0 and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True,
-                                                       timeout=10).returncode == 0
+        return (
+            cred.returncode == 0
+            and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -225,7 +288,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = [name for name in ("slurmctld", "slurmd", "munged", "sbatch", "munge") if shutil.which(name, path=SBIN) is None]
+    missing = [
+        name for name in ("slurmctld", "slurmd", "munged", "sbatch", "munge") if shutil.which(name, path=SBIN) is None
+    ]
     if missing:
         pytest.skip(f"{', '.join(missing)} absent: apt-get install slurmctld slurmd slurm-client munge (.ci/run does)")
     if os.geteuid() != 0:
@@ -293,8 +358,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if jobs:  # training processes get TERM, checkpoint and exit
             subprocess.run(["scancel", *jobs], env=env, capture_output=True)
             deadline = time.monotonic() + 60
-            while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip() \
-                    and time.monotonic() < deadline:
+            while (
+                subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
         for daemon in reversed(daemons):  # slurmd, slurmctld, then munged if it was started here
             _stop(daemon)
@@ -303,11 +370,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 def _job_env(cluster: Cluster, name: str, overrides: list[str], **extra: str) -> dict[str, str]:
     """A CPU job: 2 gloo processes on the one node, its own MLflow store."""
     return {
-        "REPRODUCE_PYTHON": sys.executable, "REPRODUCE_NPROC_PER_NODE": "2",
-        "REPRODUCE_RDZV_PORT": str(_free_port()), "REPRODUCE_STATUS_DIR": str(cluster.root / "status"),
+        "REPRODUCE_PYTHON": sys.executable,
+        "REPRODUCE_NPROC_PER_NODE": "2",
+        "REPRODUCE_RDZV_PORT": str(_free_port()),
+        "REPRODUCE_STATUS_DIR": str(cluster.root / "status"),
         "REPRODUCE_OVERRIDES": " ".join(overrides),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{cluster.root / name}.db", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
-        "REPRODUCE_CACHE": str(cluster.root / "cache"), "OMP_NUM_THREADS": "1", **extra,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{cluster.root / name}.db",
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+        "REPRODUCE_CACHE": str(cluster.root / "cache"),
+        "OMP_NUM_THREADS": "1",
+        **extra,
     }
 
 
@@ -344,8 +416,14 @@ def jobs(cluster, cifar_tar) -> dict[str, Job]:
     tiny = tiny_overrides(cifar_tar, iterations=ITERATIONS, **{"run.checkpoint_every": 10, "run.log_every": 10})
     submissions = (
         ("straight", "cifar10.sh", ["--array=0"], REPO, tiny, {"REPRODUCE_WORKDIR": str(cluster.root / "straight")}),
-        ("preempted", "cifar10.sh", ["--array=1"], cluster.root / "preempted", tiny,
-         {"REPRODUCE_REPO": str(REPO), "CIFAR10_NETS": "resnet", "CIFAR10_DEPTHS": "56 20"}),
+        (
+            "preempted",
+            "cifar10.sh",
+            ["--array=1"],
+            cluster.root / "preempted",
+            tiny,
+            {"REPRODUCE_REPO": str(REPO), "CIFAR10_NETS": "resnet", "CIFAR10_DEPTHS": "56 20"},
+        ),
         ("failed", "r18.sh", [], REPO, ["run.device=cpu"], {"REPRODUCE_WORKDIR": str(cluster.root / "failed")}),
     )
     submitted = {}
@@ -353,8 +431,14 @@ def jobs(cluster, cifar_tar) -> dict[str, Job]:
         workdir = Path(extra.get("REPRODUCE_WORKDIR", cwd))
         workdir.mkdir(parents=True, exist_ok=True)
         log = cluster.root / f"{name}.out"
-        job = cluster.sbatch(SLURM / script, *options, *CPU_JOB, f"--output={log}",
-                             env=_job_env(cluster, name, overrides, **extra), cwd=cwd)
+        job = cluster.sbatch(
+            SLURM / script,
+            *options,
+            *CPU_JOB,
+            f"--output={log}",
+            env=_job_env(cluster, name, overrides, **extra),
+            cwd=cwd,
+        )
         submitted[name] = Job(job, log, workdir, cluster.root / f"{name}.db")
 
     preempted = submitted["preempted"]
@@ -401,8 +485,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, jobs):
     job = jobs["preempted"]
     cluster.wait_gone(job.id, timeout=500)
     log = job.log.read_text()
-    events = ["-> resnet20, seed 0", "restart 0", "got SIGUSR1", "exit status 143 (stopped on request",
-              "requeueing job", "restart 1", "resuming at iteration", "exit status 0 (finished)"]
+    events = [
+        "-> resnet20, seed 0",
+        "restart 0",
+        "got SIGUSR1",
+        "exit status 143 (stopped on request",
+        "requeueing job",
+        "restart 1",
+        "resuming at iteration",
+        "exit status 0 (finished)",
+    ]
     positions = [log.find(e) for e in events]
     assert -1 not in positions and positions == sorted(positions), log
     assert log.count("requeueing") == 1, log
@@ -441,16 +533,20 @@ def test_scancel_with_loader_workers_checkpoints_and_resubmission_resumes(cluste
     name = "cancelled"
     workdir = cluster.root / name
     workdir.mkdir()
-    tiny = tiny_overrides(cifar_tar, iterations=iterations, **{"run.checkpoint_every": 10, "run.log_every": 10,
-                                                               "data.workers": 2})
+    tiny = tiny_overrides(
+        cifar_tar, iterations=iterations, **{"run.checkpoint_every": 10, "run.log_every": 10, "data.workers": 2}
+    )
     env = _job_env(cluster, name, tiny, REPRODUCE_WORKDIR=str(workdir))
     job = Job("", cluster.root / f"{name}.out", workdir, cluster.root / f"{name}.db")
 
     def submit_and_cancel_after_a_checkpoint(newer_than: Path | None) -> tuple[str, Path]:
         job_id = cluster.sbatch(SLURM / "cifar10.sh", "--array=0", *CPU_JOB, f"--output={job.log}", env=env, cwd=REPO)
         deadline = time.monotonic() + 400
-        while not ((run_dir := job.run_dir()) and (saved := checkpoint.list_checkpoints(run_dir))
-                   and (newer_than is None or saved[-1] > newer_than)):
+        while not (
+            (run_dir := job.run_dir())
+            and (saved := checkpoint.list_checkpoints(run_dir))
+            and (newer_than is None or saved[-1] > newer_than)
+        ):
             assert cluster.state(job_id), f"job ended before a checkpoint:\n{job.log.read_text()}"
             assert time.monotonic() < deadline, f"no checkpoint after 400 s:\n{job.log.read_text()}"
             time.sleep(0.2)

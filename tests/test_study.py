@@ -1,5 +1,6 @@
 """The README's main job, at tiny size: every model trains for each seed, is logged, lands in the
 table beside the paper's number, the findings are stated, and the report's table and Fig. 6 are written."""
+
 from __future__ import annotations
 
 import fcntl
@@ -13,9 +14,25 @@ from reproduce.runs import study
 
 
 def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp_path, capsys):
-    code = study.main(["--data", str(cifar_tar), "--models", "plain20", "resnet20", "--seeds", "0", "1",
-                       "--iterations", "10", "--out", str(tmp_path / "out"),
-                       "optim.batch_size=16", "run.progress=false", "eval.batch_size=64"])
+    code = study.main(
+        [
+            "--data",
+            str(cifar_tar),
+            "--models",
+            "plain20",
+            "resnet20",
+            "--seeds",
+            "0",
+            "1",
+            "--iterations",
+            "10",
+            "--out",
+            str(tmp_path / "out"),
+            "optim.batch_size=16",
+            "run.progress=false",
+            "eval.batch_size=64",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
@@ -23,22 +40,31 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(report.info.run_id)} >= {"table.md", "fig6.png"}
     runs = [r for r in runs if r is not report]
     assert sorted((r.data.tags["reproduce.model"], r.data.tags["reproduce.seed"]) for r in runs) == [
-        ("plain20", "0"), ("plain20", "1"), ("resnet20", "0"), ("resnet20", "1")]
+        ("plain20", "0"),
+        ("plain20", "1"),
+        ("resnet20", "0"),
+        ("resnet20", "1"),
+    ]
     assert all(r.info.status == "FINISHED" for r in runs)
     # the start of the paper's schedule at its starting rate for deep nets: lr 0.01 throughout
     assert {(r.data.params["schedule.milestones"], r.data.params["optim.lr"]) for r in runs} == {("[]", "0.01")}
     # no validation split: the study reads training and test error only, so none is held out or evaluated
     assert {r.data.params["data.val_split"] for r in runs} == {"0"}
     assert not any(key.startswith("val_") for r in runs for key in r.data.metrics)
-    table = out[out.index("model "):]
+    table = out[out.index("model ") :]
     client = mlflow.MlflowClient()
     for model in ("plain20", "resnet20"):
         row = next(line for line in table.splitlines() if line.startswith(model + " "))
         mine = [r for r in runs if r.data.tags["reproduce.model"] == model]
         tests = [r.data.metrics["test_top1_err"] for r in mine]
         assert f"{sum(tests) / 2:.2f} ± {(max(tests) - min(tests)) / 2:.2f}" in row, row
-        trains = [sum(v) / len(v) for v in ([m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err")
-                                              if m.step > 8] for r in mine)]
+        trains = [
+            sum(v) / len(v)
+            for v in (
+                [m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err") if m.step > 8]
+                for r in mine
+            )
+        ]
         assert f"{sum(trains) / 2:.2f}" in row, row
         assert all(r.info.run_id in row for r in mine)
     assert "8.75" in next(line for line in table.splitlines() if line.startswith("resnet20 "))  # the paper's Table 6
@@ -79,8 +105,19 @@ def test_a_failed_run_leaves_the_table_of_the_others_and_only_this_studys_recipe
     and reports the run that finished, says the finding that needed plain20 is not measured, and
     exits 1. Its table holds this study's recipe only, not an earlier study's longer run of the
     same net in the same experiment."""
-    tiny = ["--data", str(cifar_tar), "--seeds", "0", "--out", str(tmp_path / "out"), "optim.batch_size=16",
-            "run.progress=false", "eval.batch_size=64", "run.amp=false", "run.channels_last=false"]
+    tiny = [
+        "--data",
+        str(cifar_tar),
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        "optim.batch_size=16",
+        "run.progress=false",
+        "eval.batch_size=64",
+        "run.amp=false",
+        "run.channels_last=false",
+    ]
     assert study.main([*tiny, "--models", "resnet20", "--iterations", "12"]) == 0
     argv = [*tiny, "--models", "resnet20", "plain20", "--iterations", "10"]
     run_dir = load_config(study.CONFIGS / "plain20.yaml", study.run_overrides(study.parse_args(argv))).run_dir()
@@ -103,5 +140,9 @@ def test_the_studys_paper_column_is_the_reports_reference():
     args = study.parse_args(["--budget", "full", "--models", "resnet110", "resnet20", "plain20"])
     configs = {m: load_config(study.CONFIGS / f"{m}.yaml", study.run_overrides(args)) for m in args.models}
     rows = {r["model"]: r for r in study.compare(args, configs).rows}  # no runs yet: the paper's numbers only
-    assert rows["resnet110"]["paper"] == 6.61 and rows["resnet20"]["paper"] == 8.75 and math.isnan(rows["plain20"]["paper"])
+    assert (
+        rows["resnet110"]["paper"] == 6.61
+        and rows["resnet20"]["paper"] == 8.75
+        and math.isnan(rows["plain20"]["paper"])
+    )
     assert all(r["n"] == 0 for r in rows.values())

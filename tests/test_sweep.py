@@ -1,4 +1,5 @@
 """The sweep: the configs x seeds grid, in this process or as parallel child processes."""
+
 from __future__ import annotations
 
 import signal
@@ -20,8 +21,11 @@ CIFAR = REPO / "configs" / "cifar10"
 def test_sweep_dry_run_prints_the_grid(capsys):
     assert sweep.main(["--configs", "a.yaml", "b.yaml", "--seeds", "0", "1", "optim.lr=0.05", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "reproduce train --config a.yaml seed=0 optim.lr=0.05", "reproduce train --config b.yaml seed=0 optim.lr=0.05",
-        "reproduce train --config a.yaml seed=1 optim.lr=0.05", "reproduce train --config b.yaml seed=1 optim.lr=0.05"]
+        "reproduce train --config a.yaml seed=0 optim.lr=0.05",
+        "reproduce train --config b.yaml seed=0 optim.lr=0.05",
+        "reproduce train --config a.yaml seed=1 optim.lr=0.05",
+        "reproduce train --config b.yaml seed=1 optim.lr=0.05",
+    ]
 
 
 def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
@@ -64,18 +68,34 @@ def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
     """Three runs, two at a time, as child processes sharing one sqlite MLflow store: the first
     two overlap in time, each writes its own log, and the failing one is reported, not fatal."""
     configs = [str(CIFAR / "plain20.yaml"), str(CIFAR / "resnet20.yaml"), str(_exploding_config(tmp_path))]
-    code = sweep.main(["--configs", *configs, "--seeds", "0", "--parallel", "2", "--log-dir", str(tmp_path / "logs"),
-                       *tiny_overrides(cifar_tar, iterations=20, **{"run.log_every": 1})])
+    code = sweep.main(
+        [
+            "--configs",
+            *configs,
+            "--seeds",
+            "0",
+            "--parallel",
+            "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            *tiny_overrides(cifar_tar, iterations=20, **{"run.log_every": 1}),
+        ]
+    )
     assert code == 1
     out, err = capsys.readouterr()
     assert "sweep: 2 of 3 runs succeeded" in out and err.count("FAILED") == 1 and "exploding.yaml" in err
     logs = sorted((tmp_path / "logs").iterdir())
     assert [p.name for p in logs] == ["001-plain20-seed0.log", "002-resnet20-seed0.log", "003-exploding-seed0.log"]
     assert "training loss is" in logs[2].read_text() and "final:" in logs[0].read_text()
-    runs = {r.data.params["model.name"] + r.data.params["optim.lr"]: r
-            for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    runs = {
+        r.data.params["model.name"] + r.data.params["optim.lr"]: r
+        for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    }
     assert {k: r.info.status for k, r in runs.items()} == {
-        "plain200.1": "FINISHED", "resnet200.1": "FINISHED", "resnet201000000000000.0": "FAILED"}
+        "plain200.1": "FINISHED",
+        "resnet200.1": "FINISHED",
+        "resnet201000000000000.0": "FAILED",
+    }
     first, second = runs["plain200.1"].info, runs["resnet200.1"].info
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they trained at once
     for run in (first, second):  # every logged step of each run is there, none twice, despite the shared store
@@ -91,8 +111,19 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     without starting the third; the same command resumes both into their own runs and trains the third, all FINISHED.
     Lost: nothing: each run goes on from the checkpoint written at the stop."""
     overrides = tiny_overrides(cifar_tar, iterations=100, **{"run.checkpoint_every": 1000, "run.log_every": 10})
-    command = [sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "plain20.yaml"),
-               str(CIFAR / "resnet20.yaml"), str(CIFAR / "plain32.yaml"), "--parallel", "2", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "reproduce.cli",
+        "sweep",
+        "--configs",
+        str(CIFAR / "plain20.yaml"),
+        str(CIFAR / "resnet20.yaml"),
+        str(CIFAR / "plain32.yaml"),
+        "--parallel",
+        "2",
+        *overrides,
+    ]
     sweep_ = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = [tmp_path / "sweep-logs" / name for name in ("001-plain20-seed0.log", "002-resnet20-seed0.log")]
     deadline = time.monotonic() + 240
@@ -107,18 +138,25 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     out, err = sweep_.communicate(timeout=120)  # a run still pending once stopping must not keep the sweep waiting
     assert sweep_.returncode == 128 + signal.SIGTERM, err
     assert "with 1 runs not started; start the same command to resume" in err
-    stopped = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    stopped = {
+        r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    }
     assert {k: r.info.status for k, r in stopped.items()} == {"plain20": "KILLED", "resnet20": "KILLED"}
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    final = {r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")}
+    final = {
+        r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    }
     assert final.pop("plain32").info.status == "FINISHED"
     assert {k: (r.info.run_id, r.info.status) for k, r in final.items()} == {
-        k: (r.info.run_id, "FINISHED") for k, r in stopped.items()}
+        k: (r.info.run_id, "FINISHED") for k, r in stopped.items()
+    }
     for path in logs:  # each log holds both attempts: the second resumed from the stop's checkpoint
         assert "resuming at iteration" in path.read_text()
-    assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs] + ["003-plain32-seed0.log"]
+    assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs] + [
+        "003-plain32-seed0.log"
+    ]
 
 
 def test_a_stop_during_a_runs_last_iteration_ends_the_sweep_after_that_run(cifar_tar, monkeypatch, capsys):
@@ -141,7 +179,10 @@ def test_a_stop_during_a_runs_last_iteration_ends_the_sweep_after_that_run(cifar
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     assert sweep.main(command) == 0
     runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    assert sorted((r.data.params["model.name"], r.info.status) for r in runs) == [("plain20", "FINISHED"), ("resnet20", "FINISHED")]
+    assert sorted((r.data.params["model.name"], r.info.status) for r in runs) == [
+        ("plain20", "FINISHED"),
+        ("resnet20", "FINISHED"),
+    ]
 
 
 def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys):
@@ -153,7 +194,9 @@ def test_sweep_refuses_an_unreachable_server_before_any_run(monkeypatch, capsys)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     assert sweep.main(["--configs", str(CIFAR / "resnet20.yaml"), "--parallel", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: MLflow tracking server http://127.0.0.1:") and "unreachable" in err and "\n" not in err
+    assert (
+        err.startswith("error: MLflow tracking server http://127.0.0.1:") and "unreachable" in err and "\n" not in err
+    )
 
 
 @pytest.mark.slow
@@ -163,8 +206,22 @@ def test_children_stop_when_the_sweep_is_killed(cifar_tar, tmp_path):
     Suite: the kernel sends the child SIGTERM (PR_SET_PDEATHSIG); it checkpoints and ends its MLflow run as KILLED instead of training on unwatched, holding its run directory's lock.
     Lost: nothing: the run resumes from that checkpoint when the sweep is started again."""
     overrides = tiny_overrides(cifar_tar, iterations=1000, **{"run.checkpoint_every": 5000, "run.log_every": 10})
-    sweep_ = subprocess.Popen([sys.executable, "-m", "reproduce.cli", "sweep", "--configs", str(CIFAR / "resnet20.yaml"),
-                               "--parallel", "2", *overrides], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep_ = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reproduce.cli",
+            "sweep",
+            "--configs",
+            str(CIFAR / "resnet20.yaml"),
+            "--parallel",
+            "2",
+            *overrides,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = tmp_path / "sweep-logs" / "001-resnet20-seed0.log"
     deadline = time.monotonic() + 240
     while not (log.exists() and "MLflow run" in log.read_text()):

@@ -1,5 +1,6 @@
 """What a run looks like in MLflow (issue 17): params that describe it, MLflow's own fields, the
 trained network as an MLflow model, the report stored in the tracking store, `reproduce runs`."""
+
 from __future__ import annotations
 
 import io
@@ -34,9 +35,19 @@ def test_params_describe_the_run_and_nothing_else():
     plain = run_params(load_config(PLAIN, ["data.loader=gpu"]))
     assert plain["model.shortcut"] == "none" and plain["model.family"] == "plain"
     assert plain["model.depth"] == 20 and plain["model.block"] == "basic"
-    for key in ("data.crop", "data.lighting", "data.scale", "data.train_crop", "data.workers",  # not CIFAR / not this loader
-                "run.progress", "run.tracking_flush_s", "run.collective_timeout_s", "run.dir",  # plumbing
-                "optim.pretrained_lr_scale", "schedule.warmup_lr"):  # unused here
+    for key in (
+        "data.crop",
+        "data.lighting",
+        "data.scale",
+        "data.train_crop",
+        "data.workers",  # not CIFAR / not this loader
+        "run.progress",
+        "run.tracking_flush_s",
+        "run.collective_timeout_s",
+        "run.dir",  # plumbing
+        "optim.pretrained_lr_scale",
+        "schedule.warmup_lr",
+    ):  # unused here
         assert key not in plain, key
     assert None not in plain.values() and "None" not in map(str, plain.values())
     assert plain["optim.lr"] == 0.1 and plain["schedule.iterations"] == 64000 and plain["data.val_split"] == 5000
@@ -50,7 +61,9 @@ def test_params_describe_the_run_and_nothing_else():
 
 def test_system_metrics_default_to_gpu_jobs(monkeypatch):
     cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), launcher="python", slurm_job_id=None)
-    cuda = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), launcher="python", slurm_job_id=None)
+    cuda = DistInfo(
+        rank=0, local_rank=0, world_size=1, device=torch.device("cuda"), launcher="python", slurm_job_id=None
+    )
     cfg = load_config(CIFAR)
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
     assert not Tracker(cpu, "r")._system_metrics(cfg) and Tracker(cuda, "r")._system_metrics(cfg)
@@ -74,9 +87,17 @@ def test_mlflow_fields_are_filled(logged_run, cifar_tar):
     tags = run.data.tags
     assert tags["mlflow.source.git.commit"] == tags["reproduce.git_commit"] and len(tags["reproduce.git_commit"]) >= 7
     note = tags["mlflow.note.content"]
-    for text in ("**resnet20** (ResNet of 20 layers, basic blocks, shortcut option A), seed 0", "global batch 16",
-                 "lr divided by 10 at 3", "6 iterations", tags["reproduce.data_fingerprint"], "`train_top1_err`: %",
-                 "`test_top1_err / test_top5_err`", "images_per_sec", "final protocol: single"):
+    for text in (
+        "**resnet20** (ResNet of 20 layers, basic blocks, shortcut option A), seed 0",
+        "global batch 16",
+        "lr divided by 10 at 3",
+        "6 iterations",
+        tags["reproduce.data_fingerprint"],
+        "`train_top1_err`: %",
+        "`test_top1_err / test_top5_err`",
+        "images_per_sec",
+        "final protocol: single",
+    ):
         assert text in note, text
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "cifar10" and dataset.dataset.digest == tags["reproduce.data_fingerprint"]
@@ -106,8 +127,11 @@ def test_the_logged_network_is_the_trained_one(logged_run, cifar_tar, tmp_path, 
     # as the run's own final evaluation, on the same images.
     data = ["--data", str(cifar_tar), "data.val_split=40", "eval.batch_size=64", "run.device=cpu"]
     outs = {}
-    for name, weights in (("run", f"runs:/{run.info.run_id}"), ("registry", "models:/tiny-resnet20/1"),
-                          ("dir", str(cfg.run_dir()))):
+    for name, weights in (
+        ("run", f"runs:/{run.info.run_id}"),
+        ("registry", "models:/tiny-resnet20/1"),
+        ("dir", str(cfg.run_dir())),
+    ):
         outs[name] = tmp_path / f"{name}.json"
         assert evaluate.main(["--weights", weights, "--model", "resnet20", "--out", str(outs[name]), *data]) == 0
     results = {name: pd.read_json(path, typ="series") for name, path in outs.items()}
@@ -131,8 +155,9 @@ def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
     out = tmp_path / "report"
     for _ in range(2):  # a second report replaces the first one's files, in the same run
         assert report.main(["--study", "cifar10", "--out", str(out)]) == 0
-    runs = mlflow.search_runs(experiment_names=["cifar10"], filter_string="tags.`reproduce.kind` = 'report'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["cifar10"], filter_string="tags.`reproduce.kind` = 'report'", output_format="list"
+    )
     assert len(runs) == 1 and runs[0].info.run_name == "report-cifar10" and runs[0].info.status == "FINISHED"
     artifacts = {a.path: a for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert {"table.md", "table.csv", "provenance.csv", "fig6.png"} <= set(artifacts)
@@ -147,15 +172,19 @@ def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
 def test_runs_lists_the_comparison(cifar_tar):
     for config, seed in ((CIFAR, 0), (CIFAR, 1), (PLAIN, 0)):
         assert train.main(["--config", str(config), f"seed={seed}", *tiny_overrides(cifar_tar)]) == 0
-    evaluate_run = mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("cifar10").experiment_id,
-                                    tags={"reproduce.kind": "evaluation", "reproduce.recipe": "x"})
+    evaluate_run = mlflow.start_run(
+        experiment_id=mlflow.get_experiment_by_name("cifar10").experiment_id,
+        tags={"reproduce.kind": "evaluation", "reproduce.recipe": "x"},
+    )
     mlflow.end_run()
     rows = training_runs()
     assert list(rows.model) == ["plain20", "resnet20", "resnet20"] and list(rows.seed) == [0, 0, 1]
     assert list(rows.depth) == [20, 20, 20] and list(rows.family) == ["plain", "resnet", "resnet"]
     assert set(rows.status) == {"FINISHED"} and set(rows.iterations) == {"6/6"}
     assert evaluate_run.info.run_id not in set(rows.run_id)
-    finals = {r.info.run_id: r.data.metrics["test_top1_err"] for r in _runs() if r.info.run_id != evaluate_run.info.run_id}
+    finals = {
+        r.info.run_id: r.data.metrics["test_top1_err"] for r in _runs() if r.info.run_id != evaluate_run.info.run_id
+    }
     assert all(v == pytest.approx(round(finals[i], 2)) for i, v in zip(rows.run_id, rows.test_top1_err))
 
     cli = [sys.executable, "-m", "reproduce.cli", "runs"]
@@ -176,8 +205,9 @@ def test_runs_shows_a_stopped_run_at_its_checkpoint(cifar_tar, tmp_path, monkeyp
 
     from tests.conftest import sigterm_during
 
-    overrides = tiny_overrides(cifar_tar, iterations=8, **{"run.log_every": 3, "run.checkpoint_every": 100,
-                                                           "run.dir": tmp_path / "runs"})
+    overrides = tiny_overrides(
+        cifar_tar, iterations=8, **{"run.log_every": 3, "run.checkpoint_every": 100, "run.dir": tmp_path / "runs"}
+    )
     real_lr_at = sigterm_during(monkeypatch, 4)
     assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
     (stopped,) = training_runs().itertuples()

@@ -1,5 +1,6 @@
 """The training loop through its real entry points: one process, resume, failure states,
 real DDP processes with gloo (one node and two "nodes"), and real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import os
@@ -41,12 +42,35 @@ def test_one_process_run_is_logged_and_checkpointed(cifar_tar):
     (run,) = _runs()
     assert run.info.status == "FINISHED"
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-    assert params["model.name"] == "resnet20" and params["optim.batch_size"] == "16" and params["schedule.iterations"] == "6"
-    for tag in ("git_commit", "git_dirty", "torch", "host", "world_size", "launcher", "data_fingerprint", "eval_protocol", "recipe"):
+    assert (
+        params["model.name"] == "resnet20"
+        and params["optim.batch_size"] == "16"
+        and params["schedule.iterations"] == "6"
+    )
+    for tag in (
+        "git_commit",
+        "git_dirty",
+        "torch",
+        "host",
+        "world_size",
+        "launcher",
+        "data_fingerprint",
+        "eval_protocol",
+        "recipe",
+    ):
         assert tags[f"reproduce.{tag}"], tag
     assert tags["reproduce.launcher"] == "python" and tags["reproduce.world_size"] == "1"
     assert tags["reproduce.eval_protocol"] == "single"
-    for key in ("train_loss", "train_top1_err", "lr", "images_per_sec", "val_top1_err", "val_top5_err", "test_top1_err", "test_top5_err"):
+    for key in (
+        "train_loss",
+        "train_top1_err",
+        "lr",
+        "images_per_sec",
+        "val_top1_err",
+        "val_top5_err",
+        "test_top1_err",
+        "test_top5_err",
+    ):
         assert key in metrics, key
     assert _metric_steps(run.info.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
     assert _metric_steps(run.info.run_id, "test_top1_err") == [3, 6]
@@ -76,21 +100,45 @@ def test_resume_with_another_recipe_under_an_explicit_run_dir_is_refused(cifar_t
     saved = checkpoint.list_checkpoints(tmp_path / "run")
     assert [p.name for p in saved] == ["ckpt-00000002.pt"]
     capsys.readouterr()
-    changed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100,
-                                                         "optim.lr": 0.05, "seed": 3, "run.deterministic": "false"})
+    changed = tiny_overrides(
+        cifar_tar,
+        iterations=8,
+        **{
+            "run.dir": tmp_path / "run",
+            "run.checkpoint_every": 100,
+            "optim.lr": 0.05,
+            "seed": 3,
+            "run.deterministic": "false",
+        },
+    )
     assert train.main(["--config", str(CIFAR), *changed, "experiment=other"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: checkpoint "), err
-    for pair in ("experiment 'cifar10' -> 'other'", "seed 0 -> 3", "optim.lr 0.1 -> 0.05", "schedule.iterations 4 -> 8",
-                 "schedule.milestones [2] -> [4]", "run.deterministic True -> False"):
+    for pair in (
+        "experiment 'cifar10' -> 'other'",
+        "seed 0 -> 3",
+        "optim.lr 0.1 -> 0.05",
+        "schedule.iterations 4 -> 8",
+        "schedule.milestones [2] -> [4]",
+        "run.deterministic True -> False",
+    ):
         assert pair in err, (pair, err)
     (run,) = _runs()
     assert run.info.status == "KILLED" and checkpoint.list_checkpoints(tmp_path / "run") == saved
     # The same recipe from another copy of the data, with other run.* settings, resumes.
     copy = tmp_path / "copy.tar.gz"
     copy.write_bytes(cifar_tar.read_bytes())
-    same = tiny_overrides(copy, iterations=4, **{"run.dir": tmp_path / "run", "run.checkpoint_every": 100,
-                                                 "run.log_every": 2, "data.workers": 1, "eval.batch_size": 32})
+    same = tiny_overrides(
+        copy,
+        iterations=4,
+        **{
+            "run.dir": tmp_path / "run",
+            "run.checkpoint_every": 100,
+            "run.log_every": 2,
+            "data.workers": 1,
+            "eval.batch_size": 32,
+        },
+    )
     assert train.main(["--config", str(CIFAR), *same]) == 0
     (run,) = _runs()
     assert run.info.status == "FINISHED"
@@ -98,7 +146,9 @@ def test_resume_with_another_recipe_under_an_explicit_run_dir_is_refused(cifar_t
 
 def test_resume_after_sigterm_is_bitwise_identical(cifar_tar, tmp_path, monkeypatch):
     """8 iterations straight == 4, SIGTERM (run KILLED, checkpoint written), resume 4 more."""
-    straight = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100})
+    straight = tiny_overrides(
+        cifar_tar, iterations=8, **{"run.dir": tmp_path / "straight", "run.checkpoint_every": 100}
+    )
     assert train.main(["--config", str(CIFAR), *straight]) == 0
 
     resumed = tiny_overrides(cifar_tar, iterations=8, **{"run.dir": tmp_path / "resumed", "run.checkpoint_every": 100})
@@ -159,15 +209,29 @@ def _free_port() -> int:
 
 def _torchrun(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_one_run(cifar_tar, tmp_path):
     overrides = tiny_overrides(cifar_tar, iterations=6, **{"run.dir": tmp_path / "ddp"})
-    proc = _torchrun(["--standalone", "--nproc_per_node", "2", str(REPO / "reproduce" / "train.py"),
-                      "--config", str(CIFAR), *overrides])
+    proc = _torchrun(
+        [
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "reproduce" / "train.py"),
+            "--config",
+            str(CIFAR),
+            *overrides,
+        ]
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     (run,) = _runs()  # rank 1 created no run of its own
@@ -183,9 +247,29 @@ def test_torchrun_two_processes_one_run(cifar_tar, tmp_path):
 def test_two_nodes_with_c10d_rendezvous(cifar_tar, tmp_path):
     port = _free_port()
     overrides = tiny_overrides(cifar_tar, iterations=4, **{"run.dir": tmp_path / "nodes"})
-    nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-                        "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "twonodes", "--node_rank", str(rank),
-                        str(REPO / "reproduce" / "train.py"), "--config", str(CIFAR), *overrides]) for rank in (0, 1)]
+    nodes = [
+        _torchrun(
+            [
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "twonodes",
+                "--node_rank",
+                str(rank),
+                str(REPO / "reproduce" / "train.py"),
+                "--config",
+                str(CIFAR),
+                *overrides,
+            ]
+        )
+        for rank in (0, 1)
+    ]
     outs = [n.communicate(timeout=300)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs
     (run,) = _runs()
@@ -197,9 +281,19 @@ def test_resnet20_learns_real_cifar10(tmp_path):
     """200 iterations (half an epoch) on the real CIFAR-10 images (lossy JPEG copies) are
     far better than chance (90% error) on 2,000 test images spread over the test split."""
     archive = shared_file("cifar10-jpeg.tar.gz")
-    overrides = [f"data.path={archive}", "data.workers=0", "optim.batch_size=128", "schedule.iterations=200",
-                 "schedule.milestones=[]", "eval.every=1000", "eval.max_images=2000", "run.checkpoint_every=1000",
-                 "run.progress=false", "run.log_every=50", "run.device=cpu"]
+    overrides = [
+        f"data.path={archive}",
+        "data.workers=0",
+        "optim.batch_size=128",
+        "schedule.iterations=200",
+        "schedule.milestones=[]",
+        "eval.every=1000",
+        "eval.max_images=2000",
+        "run.checkpoint_every=1000",
+        "run.progress=false",
+        "run.log_every=50",
+        "run.device=cpu",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, os.cpu_count() or 1))  # one process alone: every core (conftest sets 1)
     try:
@@ -215,11 +309,26 @@ def test_resnet20_learns_real_cifar10(tmp_path):
 def test_compiled_training_on_cpu_matches_eager(cifar_tar, tmp_path):
     """run.compile (mode reduce-overhead: CUDA graphs on a GPU, plain compilation on a CPU) with
     channels_last works on a CPU-only machine and trains the same weights as eager mode."""
-    base = tiny_overrides(cifar_tar, iterations=2, **{"run.deterministic": "false", "eval.max_images": 16,
-                                                      "run.checkpoint_every": 100, "optim.lr": 0.01})
+    base = tiny_overrides(
+        cifar_tar,
+        iterations=2,
+        **{"run.deterministic": "false", "eval.max_images": 16, "run.checkpoint_every": 100, "optim.lr": 0.01},
+    )
     assert train.main(["--config", str(CIFAR), *base, f"run.dir={tmp_path / 'eager'}"]) == 0
-    assert train.main(["--config", str(CIFAR), *base, f"run.dir={tmp_path / 'compiled'}", "run.compile=true",
-                       "run.compile_mode=reduce-overhead", "run.channels_last=true"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                str(CIFAR),
+                *base,
+                f"run.dir={tmp_path / 'compiled'}",
+                "run.compile=true",
+                "run.compile_mode=reduce-overhead",
+                "run.channels_last=true",
+            ]
+        )
+        == 0
+    )
     eager, compiled = _final_weights(tmp_path / "eager"), _final_weights(tmp_path / "compiled")
     torch.manual_seed(0)  # the weights both runs started from (train.py seeds with cfg.seed before building)
     start = build_model("resnet20").state_dict()
@@ -237,15 +346,27 @@ def test_compiled_training_on_cpu_matches_eager(cifar_tar, tmp_path):
 def test_auto_numerics_are_recorded_and_kept_on_resume(cifar_tar, tmp_path, monkeypatch):
     """run.amp=auto / run.channels_last=auto: decided once, tagged in MLflow, stored in the
     checkpoint and reused by the resumed segment (which does not measure again)."""
-    overrides = tiny_overrides(cifar_tar, 4, **{"run.amp": "auto", "run.channels_last": "auto", "run.dir": tmp_path / "run",
-                                                "schedule.milestones": "[]", "run.checkpoint_every": 100})
+    overrides = tiny_overrides(
+        cifar_tar,
+        4,
+        **{
+            "run.amp": "auto",
+            "run.channels_last": "auto",
+            "run.dir": tmp_path / "run",
+            "schedule.milestones": "[]",
+            "run.checkpoint_every": 100,
+        },
+    )
     real_lr_at = sigterm_during(monkeypatch, 1)
     assert train.main(["--config", str(CIFAR), *overrides]) == 128 + signal.SIGTERM
     (run,) = _runs()
     tags = run.data.tags
     assert tags["reproduce.numerics"].startswith(("measured images/s", "by capability"))
     saved = torch.load(checkpoint.list_checkpoints(tmp_path / "run")[-1], weights_only=True)["numerics"]
-    assert str(saved["amp"]).lower() == tags["reproduce.amp"] and str(saved["channels_last"]).lower() == tags["reproduce.channels_last"]
+    assert (
+        str(saved["amp"]).lower() == tags["reproduce.amp"]
+        and str(saved["channels_last"]).lower() == tags["reproduce.channels_last"]
+    )
 
     def no_second_measurement(*args, **kwargs):
         raise AssertionError("a resumed run must reuse the stored numerics")

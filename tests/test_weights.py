@@ -1,17 +1,17 @@
 """reproduce/weights.py: every weights format to (state_dict, architecture), refusals in one line,
 and the architecture check of the suite's checkpoints on resume (issue 14 item 3, issue 16 item 1)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import REPO, SHARED_DATA, shared_file, tiny_overrides
-
 from reproduce import checkpoint
 from reproduce.config import load_config
 from reproduce.models import Shortcut, Variant, build_model
 from reproduce.weights import Arch, WeightsError, load_weights
+from tests.conftest import REPO, SHARED_DATA, shared_file, tiny_overrides
 
 
 def _save(state: dict, path) -> str:
@@ -79,8 +79,9 @@ def test_first_mismatching_tensor_is_named(tmp_path):
     state["layer2.1.conv2.weight"] = torch.zeros(128, 128, 1, 1)
     with pytest.raises(WeightsError) as err:
         load_weights(_save(state, tmp_path / "bad.pt")).build()
-    assert _one_line(err).endswith("tensor 'layer2.1.conv2.weight' is [128, 128, 1, 1] in the file but the model wants "
-                                   "[128, 128, 3, 3]")
+    assert _one_line(err).endswith(
+        "tensor 'layer2.1.conv2.weight' is [128, 128, 1, 1] in the file but the model wants [128, 128, 3, 3]"
+    )
 
 
 def test_not_a_state_dict_is_refused(tmp_path):
@@ -131,11 +132,18 @@ def test_public_cifar_checkpoints(depth):
 
 # ---------------------------------------------------------------------------- the suite's checkpoints
 def _suite_checkpoint(run_dir, name="resnet20", shortcut=None):
-    cfg = load_config(REPO / "configs" / "cifar10" / "resnet20.yaml", [f"model.name={name}"] +
-                      ([f"model.shortcut={shortcut}"] if shortcut else []))
+    cfg = load_config(
+        REPO / "configs" / "cifar10" / "resnet20.yaml",
+        [f"model.name={name}"] + ([f"model.shortcut={shortcut}"] if shortcut else []),
+    )
     model = build_model(name, shortcut)
-    state = {"model": model.state_dict(), "iteration": 5, "config": cfg.model_dump(mode="json"),
-             "architecture": checkpoint.architecture(cfg.model), "mlflow_run_id": None}
+    state = {
+        "model": model.state_dict(),
+        "iteration": 5,
+        "config": cfg.model_dump(mode="json"),
+        "architecture": checkpoint.architecture(cfg.model),
+        "mlflow_run_id": None,
+    }
     return checkpoint.save(run_dir, 5, state, keep=2), model
 
 

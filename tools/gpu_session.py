@@ -25,6 +25,7 @@ Every MLflow record goes to the sqlite store OUT/mlflow.db. At --budget-min the 
 SIGTERM (the sweep's runs checkpoint and end KILLED) and the session exits 0: run it again to go on.
 Trailing key=value arguments go to every training run (e.g. a shorter schedule for a try-out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,12 +42,46 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The order that yields the most per minute: the depth comparison's two ends (20, 56) for both
 # kinds of net, then resnet110, then the middle depths, then the costliest (plain110, resnet1202).
-TABLE6 = ["resnet20", "resnet56", "plain20", "plain56", "resnet110", "resnet32", "resnet44", "plain32", "plain44",
-          "plain110", "resnet1202"]
-RECIPE = {"data.loader": "gpu", "run.amp": "true", "run.channels_last": "true", "run.compile": "true",
-          "run.compile_mode": "reduce-overhead", "run.progress": "false"}
-BENCH = ["--models", "resnet20", "resnet56", "resnet110", "--precision", "bf16", "--channels-last", "on",
-         "--compile", "off", "reduce-overhead", "--iterations", "40", "--warmup", "15", "--cifar-loader", "gpu"]
+TABLE6 = [
+    "resnet20",
+    "resnet56",
+    "plain20",
+    "plain56",
+    "resnet110",
+    "resnet32",
+    "resnet44",
+    "plain32",
+    "plain44",
+    "plain110",
+    "resnet1202",
+]
+RECIPE = {
+    "data.loader": "gpu",
+    "run.amp": "true",
+    "run.channels_last": "true",
+    "run.compile": "true",
+    "run.compile_mode": "reduce-overhead",
+    "run.progress": "false",
+}
+BENCH = [
+    "--models",
+    "resnet20",
+    "resnet56",
+    "resnet110",
+    "--precision",
+    "bf16",
+    "--channels-last",
+    "on",
+    "--compile",
+    "off",
+    "reduce-overhead",
+    "--iterations",
+    "40",
+    "--warmup",
+    "15",
+    "--cifar-loader",
+    "gpu",
+]
 GRACE_S = 120.0  # after SIGTERM: time for runs to reach a safe point and checkpoint, then SIGKILL
 STOP = []  # signals received by this process
 
@@ -65,7 +100,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plan", action="store_true", help="print the compute plan of Table 6 and exit")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="--plan: bf16 dense matmul rate assumed")
     parser.add_argument("--share", type=float, nargs="+", default=[0.1, 0.2, 0.35], help="--plan: shares of it reached")
-    parser.add_argument("--us-per-op", type=float, default=4.0, help="--plan: the time of one tiny GPU kernel, in microseconds")
+    parser.add_argument(
+        "--us-per-op", type=float, default=4.0, help="--plan: the time of one tiny GPU kernel, in microseconds"
+    )
     args = parser.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides
     if not args.plan and (args.out is None or args.data is None):
@@ -97,25 +134,49 @@ def main(argv: list[str] | None = None) -> int:
     state_path = out / "session.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"steps": {}, "attempts": []}
     git = git_state()
-    state["attempts"].append({"command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]), "cwd": os.getcwd(),
-                              "started": _now(), "commit": git.commit, "git_dirty": git.dirty, "budget_min": args.budget_min})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}"}
+    state["attempts"].append(
+        {
+            "command": shlex.join([sys.executable, str(Path(__file__).resolve()), *argv]),
+            "cwd": os.getcwd(),
+            "started": _now(),
+            "commit": git.commit,
+            "git_dirty": git.dirty,
+            "budget_min": args.budget_min,
+        }
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
+    }
 
     def save() -> None:
         atomic_write_json(state_path, state, indent=1)
 
-    def step(name: str, command: list[str], limit_s: float, cwd: Path, stdout: Path | None = None, bounded: bool = True,
-             stop_signal: int = signal.SIGTERM) -> dict:
+    def step(
+        name: str,
+        command: list[str],
+        limit_s: float,
+        cwd: Path,
+        stdout: Path | None = None,
+        bounded: bool = True,
+        stop_signal: int = signal.SIGTERM,
+    ) -> dict:
         """Run one step for at most `limit_s` (and within the budget when `bounded`), and record
         it. A step stopped at its own `limit_s` (tests, bench) is done: a rerun does not repeat it."""
         say(f"== {name}: {shlex.join(command)}")
         started, left = _now(), deadline - time.monotonic()
         own_limit = not bounded or limit_s < left
-        code, how = run_step(command, cwd, env, out / f"{name}.log", stdout, limit_s if own_limit else left, stop_signal)
+        code, how = run_step(
+            command, cwd, env, out / f"{name}.log", stdout, limit_s if own_limit else left, stop_signal
+        )
         if how == "stopped at the time limit" and not own_limit:
             how = "stopped at the budget"
-        status = "done" if code == 0 or (bounded and own_limit and how == "stopped at the time limit") else how or f"exit {code}"
+        status = (
+            "done"
+            if code == 0 or (bounded and own_limit and how == "stopped at the time limit")
+            else how or f"exit {code}"
+        )
         record = {"status": status, "exit": code, "started": started, "ended": _now(), "command": shlex.join(command)}
         if how and status == "done":
             record["note"] = f"stopped at its own limit of {limit_s / 60:.1f} min; what it wrote is kept"
@@ -139,22 +200,55 @@ def main(argv: list[str] | None = None) -> int:
     save()
     cli = [sys.executable, "-m", "reproduce.cli"]
     if not done("doctor"):  # not bounded by the budget: it is what the rest depends on (about 30 s to 3 min)
-        record = step("doctor", [*cli, "doctor", "--json", "--data", str(args.data.resolve())], 600, out, out / "doctor.json",
-                      bounded=False)
+        record = step(
+            "doctor",
+            [*cli, "doctor", "--json", "--data", str(args.data.resolve())],
+            600,
+            out,
+            out / "doctor.json",
+            bounded=False,
+        )
         if record["exit"] not in (0, 1) or not (out / "doctor.json").exists():
-            return _finish(state, save, f"the doctor did not complete ({record['status']}); see {out / 'doctor.log'}", 1)
+            return _finish(
+                state, save, f"the doctor did not complete ({record['status']}); see {out / 'doctor.log'}", 1
+            )
     doctor = json.loads((out / "doctor.json").read_text())
-    state["machine"] = {"device": doctor["device"], "devices": doctor["devices"], "versions": doctor["versions"],
-                        "host": doctor["host"], "doctor_verdict": doctor["verdict"]}
+    state["machine"] = {
+        "device": doctor["device"],
+        "devices": doctor["devices"],
+        "versions": doctor["versions"],
+        "host": doctor["host"],
+        "doctor_verdict": doctor["verdict"],
+    }
     save()
     if not doctor["ready"]:
         return _finish(state, save, f"this machine cannot train: {doctor['verdict']}", 1)
     cuda = doctor["device"].startswith("cuda")
     for name, command, limit in (
-            ("tests", [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_gpu.py"), "-m", "gpu", "-q", "-rs",
-                       "-p", "no:cacheprovider", "--junitxml", str(out / "gpu-tests.xml")], 60 * args.tests_min),
-            ("bench", [*cli, "bench-matrix", *BENCH, "--cifar-data", str(args.data.resolve()), "--out", str(out / "bench")],
-             60 * args.bench_min)):
+        (
+            "tests",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(REPO / "tests" / "test_gpu.py"),
+                "-m",
+                "gpu",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "--junitxml",
+                str(out / "gpu-tests.xml"),
+            ],
+            60 * args.tests_min,
+        ),
+        (
+            "bench",
+            [*cli, "bench-matrix", *BENCH, "--cifar-data", str(args.data.resolve()), "--out", str(out / "bench")],
+            60 * args.bench_min,
+        ),
+    ):
         if done(name):
             continue
         if not cuda:
@@ -162,32 +256,74 @@ def main(argv: list[str] | None = None) -> int:
         elif time.monotonic() >= deadline or STOP:
             skip(name, "not started", "the budget is spent" if not STOP else "stopped on request")
         else:
-            step(name, command, limit, REPO if name == "tests" else out, stop_signal=signal.SIGINT)  # both end tidily on SIGINT
+            step(
+                name, command, limit, REPO if name == "tests" else out, stop_signal=signal.SIGINT
+            )  # both end tidily on SIGINT
 
     switches, notes = recipe(doctor)
     state["recipe"] = {"switches": switches, "notes": notes}
     for note in notes:
         say(f"   {note}")
     configs = [str(REPO / "configs" / "cifar10" / f"{c}.yaml") for c in args.configs]
-    sweep = [*cli, "sweep", "--configs", *configs, "--seeds", *map(str, args.seeds), "--parallel", str(args.parallel),
-             "--log-dir", str(out / "sweep-logs"), f"data.path={args.data.resolve()}", *switches, *args.overrides]
+    sweep = [
+        *cli,
+        "sweep",
+        "--configs",
+        *configs,
+        "--seeds",
+        *map(str, args.seeds),
+        "--parallel",
+        str(args.parallel),
+        "--log-dir",
+        str(out / "sweep-logs"),
+        f"data.path={args.data.resolve()}",
+        *switches,
+        *args.overrides,
+    ]
     if not done("table6"):
         if time.monotonic() >= deadline or STOP:
             skip("table6", "not started", "the budget is spent; run the same command again to train")
         else:
             step("table6", sweep, float("inf"), out)
     state["mlflow_runs"] = mlflow_runs(out / "mlflow.db")
-    report = [*cli, "report", "--study", "cifar10", "--out", str(out / "report"), "--export", str(out / "report" / "runs.json")]
-    state["report_command"] = f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']} " + shlex.join(["reproduce", *report[3:]])
+    report = [
+        *cli,
+        "report",
+        "--study",
+        "cifar10",
+        "--out",
+        str(out / "report"),
+        "--export",
+        str(out / "report" / "runs.json"),
+    ]
+    state["report_command"] = f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']} " + shlex.join(
+        ["reproduce", *report[3:]]
+    )
     save()
     if any(r["status"] == "FINISHED" for r in state["mlflow_runs"]) and not STOP:
         step("report", report, 600, out, bounded=False)
-    left = [n for n in ("doctor", "tests", "bench", "table6") if state["steps"].get(n, {}).get("status") not in ("done", "skipped")]
-    return _finish(state, save, "complete" if not left else f"not complete ({', '.join(left)}): run the same command again to go on", 0)
+    left = [
+        n
+        for n in ("doctor", "tests", "bench", "table6")
+        if state["steps"].get(n, {}).get("status") not in ("done", "skipped")
+    ]
+    return _finish(
+        state,
+        save,
+        "complete" if not left else f"not complete ({', '.join(left)}): run the same command again to go on",
+        0,
+    )
 
 
-def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path | None, limit_s: float,
-             stop_signal: int = signal.SIGTERM) -> tuple[int, str]:
+def run_step(
+    command: list[str],
+    cwd: Path,
+    env: dict,
+    log: Path,
+    stdout: Path | None,
+    limit_s: float,
+    stop_signal: int = signal.SIGTERM,
+) -> tuple[int, str]:
     """Run `command`, its output appended to `log` (stdout to the file `stdout` instead, when
     given, written whole or not at all), for at most `limit_s` seconds or until this process is
     asked to stop: then `stop_signal` (the sweep: SIGTERM, its runs checkpoint; pytest and the
@@ -208,7 +344,9 @@ def run_step(command: list[str], cwd: Path, env: dict, log: Path, stdout: Path |
                 pass
             if not how and (time.monotonic() >= end or STOP):
                 how = "stopped at the time limit" if not STOP else "stopped on request"
-                say(f"   {how}: {signal.Signals(stop_signal).name} to pid {proc.pid} (a sweep's runs checkpoint: the same command resumes them)")
+                say(
+                    f"   {how}: {signal.Signals(stop_signal).name} to pid {proc.pid} (a sweep's runs checkpoint: the same command resumes them)"
+                )
                 proc.send_signal(stop_signal)
                 end = time.monotonic() + GRACE_S
             elif how and time.monotonic() >= end:
@@ -248,11 +386,18 @@ def mlflow_runs(db: Path) -> list[dict]:
     experiment = client.get_experiment_by_name("cifar10")
     if experiment is None:
         return []
-    return [{"run_id": r.info.run_id, "model": r.data.params.get("model.name"), "seed": r.data.tags.get("reproduce.seed"),
-             "status": r.info.status, "test_top1_err": r.data.metrics.get("test_top1_err"),
-             "iterations": r.data.params.get("schedule.iterations")}
-            for r in client.search_runs([experiment.experiment_id], max_results=1000)
-            if "reproduce.kind" not in r.data.tags]  # training runs: not the report's or an evaluation's
+    return [
+        {
+            "run_id": r.info.run_id,
+            "model": r.data.params.get("model.name"),
+            "seed": r.data.tags.get("reproduce.seed"),
+            "status": r.info.status,
+            "test_top1_err": r.data.metrics.get("test_top1_err"),
+            "iterations": r.data.params.get("schedule.iterations"),
+        }
+        for r in client.search_runs([experiment.experiment_id], max_results=1000)
+        if "reproduce.kind" not in r.data.tags
+    ]  # training runs: not the report's or an evaluation's
 
 
 def plan(configs: list[str], peak_tflops: float, shares: list[float], us_per_op: float) -> str:
@@ -275,8 +420,11 @@ def plan(configs: list[str], peak_tflops: float, shares: list[float], us_per_op:
             self.count += 1
             return func(*args, **(kwargs or {}))
 
-    head = "| net | multiply-adds / image | iterations x batch | PFLOP | " + " | ".join(
-        f"s at {s:.0%} ({s * peak_tflops:.0f} TFLOP/s)" for s in shares) + f" | aten ops / step | s latency-bound at {us_per_op:g} us / op |"
+    head = (
+        "| net | multiply-adds / image | iterations x batch | PFLOP | "
+        + " | ".join(f"s at {s:.0%} ({s * peak_tflops:.0f} TFLOP/s)" for s in shares)
+        + f" | aten ops / step | s latency-bound at {us_per_op:g} us / op |"
+    )
     lines, totals = [head, "|" + "---|" * (6 + len(shares))], [0.0, 0.0]
     for name in configs:
         cfg = load_config(REPO / "configs" / "cifar10" / f"{name}.yaml")
@@ -289,10 +437,16 @@ def plan(configs: list[str], peak_tflops: float, shares: list[float], us_per_op:
                 F.cross_entropy(model.train()(images), labels).backward()
         flops, floor = macs * 2 * 3 * iterations * batch, ops.count * us_per_op * 1e-6 * iterations
         totals = [totals[0] + flops, totals[1] + floor]
-        lines.append(f"| {name} | {macs / 1e6:.1f} M | {iterations} x {batch} | {flops / 1e15:.2f} | "
-                     + " | ".join(f"{flops / (s * peak_tflops * 1e12):.0f}" for s in shares) + f" | {ops.count} | {floor:.0f} |")
-    lines.append(f"| all {len(configs)} | | | {totals[0] / 1e15:.2f} | "
-                 + " | ".join(f"{totals[0] / (s * peak_tflops * 1e12):.0f}" for s in shares) + f" | | {totals[1]:.0f} |")
+        lines.append(
+            f"| {name} | {macs / 1e6:.1f} M | {iterations} x {batch} | {flops / 1e15:.2f} | "
+            + " | ".join(f"{flops / (s * peak_tflops * 1e12):.0f}" for s in shares)
+            + f" | {ops.count} | {floor:.0f} |"
+        )
+    lines.append(
+        f"| all {len(configs)} | | | {totals[0] / 1e15:.2f} | "
+        + " | ".join(f"{totals[0] / (s * peak_tflops * 1e12):.0f}" for s in shares)
+        + f" | | {totals[1]:.0f} |"
+    )
     return "\n".join(lines)
 
 

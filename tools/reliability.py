@@ -11,6 +11,7 @@ test's outcome and duration.
 This script is not part of the installed package; it uses the checkout's `reproduce`
 (its provenance and atomic writes), found from the script's own location.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,16 +73,31 @@ def statements() -> dict[str, dict[str, str]]:
 def node_ids(stmts: dict) -> list[str]:
     """pytest node ids of the documented tests: whole files where every test is one."""
     whole = [s for s in SUITES if sum(k.startswith(s.stem + "::") for k in stmts) == len(_tests(s))]
-    return [str(s) for s in whole] + [str(REPO / "tests" / f"{k.split('::')[0]}.py") + "::" + k.split("::")[1]
-                                      for k in stmts if not any(k.startswith(s.stem + "::") for s in whole)]
+    return [str(s) for s in whole] + [
+        str(REPO / "tests" / f"{k.split('::')[0]}.py") + "::" + k.split("::")[1]
+        for k in stmts
+        if not any(k.startswith(s.stem + "::") for s in whole)
+    ]
 
 
 def run_suite(stmts: dict, extra: list[str]) -> dict[str, list[tuple[str, str, float]]]:
-    """"file::test" -> [(case id, outcome, seconds)] from a real pytest run."""
+    """ "file::test" -> [(case id, outcome, seconds)] from a real pytest run."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        subprocess.run([sys.executable, "-m", "pytest", *node_ids(stmts), "-p", "no:cacheprovider", "-q",
-                        f"--junitxml={report}", *extra], cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                *node_ids(stmts),
+                "-p",
+                "no:cacheprovider",
+                "-q",
+                f"--junitxml={report}",
+                *extra,
+            ],
+            cwd=REPO,
+        )
         return read_junit(report)
 
 
@@ -149,8 +165,12 @@ def _reproduce():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reliability.md")
-    parser.add_argument("--from-junit", type=Path, help="a JUnit XML of a pytest run that included tests/test_faults*.py, "
-                        "test_ffcv.py and test_sweep.py, instead of running the suite again")
+    parser.add_argument(
+        "--from-junit",
+        type=Path,
+        help="a JUnit XML of a pytest run that included tests/test_faults*.py, "
+        "test_ffcv.py and test_sweep.py, instead of running the suite again",
+    )
     args, extra = parser.parse_known_args(argv)
     command = COMMAND + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     stmts = statements()

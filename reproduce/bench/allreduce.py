@@ -1,6 +1,7 @@
 """All-reduce bus bandwidth among fresh processes (`reproduce doctor`'s NCCL check), and the
 small child-process protocol the doctor's probes share: run one function of a module in a
 process of its own session, read its one JSON line, stop it and its helpers together."""
+
 from __future__ import annotations
 
 import datetime
@@ -19,7 +20,10 @@ def allreduce_bandwidth(backend: str, world: int, nbytes: int, timeout: float = 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [child("reproduce.bench.allreduce", "allreduce_worker", backend, str(rank), str(world), str(port), str(nbytes)) for rank in range(world)]
+    procs = [
+        child("reproduce.bench.allreduce", "allreduce_worker", backend, str(rank), str(world), str(port), str(nbytes))
+        for rank in range(world)
+    ]
     deadline, outputs = time.monotonic() + timeout, []
     try:
         for proc in procs:
@@ -48,8 +52,14 @@ def allreduce_worker(backend: str, rank: str, world: str, port: str, nbytes: str
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60), device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         t = torch.full((int(nbytes) // 4,), float(rank + 1), device=device)
         dist.all_reduce(t)
@@ -73,12 +83,24 @@ def child(module: str, function: str, *args: str, env: dict | None = None) -> su
     `env`: variables added to this process's environment for the child."""
     from reproduce.provenance import REPO
 
-    code = (f"import json, sys, importlib\ntry:\n    reply = importlib.import_module({module!r}).{function}(*sys.argv[1:])\n"
-            "except Exception as err:\n    reply = {'error': (str(err).splitlines() or [type(err).__name__])[0][:200]}\n"
-            "print(json.dumps(reply), flush=True)")
-    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    code = (
+        f"import json, sys, importlib\ntry:\n    reply = importlib.import_module({module!r}).{function}(*sys.argv[1:])\n"
+        "except Exception as err:\n    reply = {'error': (str(err).splitlines() or [type(err).__name__])[0][:200]}\n"
+        "print(json.dumps(reply), flush=True)"
+    )
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def reply_of(proc: subprocess.Popen, out: str, err: str) -> dict:

@@ -11,6 +11,7 @@ depend on the weights) on this machine's default device, one process, data.worke
 protocol runs once untimed (warm-up) and then --rounds times, the protocols taking turns; the
 best round counts. No MLflow run is made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.model, num_classes=classes).to(info.device).eval()
         splits = {}
         for protocol in args.protocols:
-            ns = argparse.Namespace(model=args.model, config=None, protocol=protocol, data=str(root),
-                                    overrides=["data.workers=0", f"eval.batch_size={args.batch}"])
+            ns = argparse.Namespace(
+                model=args.model,
+                config=None,
+                protocol=protocol,
+                data=str(root),
+                overrides=["data.workers=0", f"eval.batch_size={args.batch}"],
+            )
             cfg = eval_config(ns)
             splits[protocol] = (cfg, test_split(cfg)[0])
         best = {p: 0.0 for p in args.protocols}
@@ -87,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.synchronize()
                 if round_:  # round 0 warms up
                     best[protocol] = max(best[protocol], len(split) / (time.perf_counter() - start))
-    print(f"{args.model}, {args.images} images of {args.source.name}, {machine()}, device {info.device}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.rounds} rounds")
+    print(
+        f"{args.model}, {args.images} images of {args.source.name}, {machine()}, device {info.device}, "
+        f"torch threads {torch.get_num_threads()}, best of {args.rounds} rounds"
+    )
     base = best.get("center224")
     for protocol, speed in best.items():
         relative = f"{base / speed:6.1f}x the time of center224" if base else ""

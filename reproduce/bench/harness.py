@@ -4,6 +4,7 @@ a stream of steps, and the device's measured matrix-multiplication rate.
 The bare loop is train.py's step (engine.build_optimizer, engine.train_step) with nothing
 around it: no tracking, no progress bar, no checkpoints, no evaluation.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,9 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def items_per_sec(batches: Iterable, step: Callable, iterations: int, warmup: int, batch: int,
-                  device: torch.device) -> float:
+def items_per_sec(
+    batches: Iterable, step: Callable, iterations: int, warmup: int, batch: int, device: torch.device
+) -> float:
     """Run `step(b)` on the first `iterations` of `batches`; the rate (batch x steps / s) of
     those after the first `warmup`, timed between two device synchronisations."""
     start = None

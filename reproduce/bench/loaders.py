@@ -30,6 +30,7 @@ imdecode, libjpeg-turbo, on the JPEGs of the all-JPEG file as prepared), times -
 loader's share of it is its images/s over that limit (a file holding raw images can pass 100%:
 those need no decoding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ VARIANTS = {
     "ffcv-raw": ("every image raw", ["--compress-probability", "0"]),
     "ffcv-jpg-q75": ("every image JPEG, quality 75", ["--compress-probability", "1", "--jpeg-quality", "75"]),
     "ffcv-mix-q75": ("50% JPEG q75, 50% raw", ["--compress-probability", "0.5", "--jpeg-quality", "75"]),
-    "ffcv-jpg-256": ("every image JPEG q90, longer side at most 256 (changes what the crops see)",
-                     ["--compress-probability", "1", "--max-side", "256"]),
+    "ffcv-jpg-256": (
+        "every image JPEG q90, longer side at most 256 (changes what the crops see)",
+        ["--compress-probability", "1", "--max-side", "256"],
+    ),
 }
 DEFAULT_VARIANTS = "ffcv-jpg,ffcv-mix,ffcv-raw"
 
@@ -67,8 +70,13 @@ DEFAULT_VARIANTS = "ffcv-jpg,ffcv-mix,ffcv-raw"
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="reproduce bench-loaders", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=SETS, default="imagenette-val", help="the images (see above)")
-    parser.add_argument("--source", type=Path, default=None, help="imagenette-val: a .tar.gz of <split>/<class>/*.JPEG "
-                        "or such a folder (default ../shared/data/imagenette-224-val.tar.gz)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="imagenette-val: a .tar.gz of <split>/<class>/*.JPEG "
+        "or such a folder (default ../shared/data/imagenette-224-val.tar.gz)",
+    )
     parser.add_argument("--images", type=int, default=2000, help="imagenet-sized: how many")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes = FFCV threads")
     parser.add_argument("--batch", type=int, default=64)
@@ -77,11 +85,18 @@ def parse_args(argv):
     parser.add_argument("--crop", choices=["random_resized", "scale"], default="random_resized")
     parser.add_argument("--size", type=int, default=160, help="output crop in pixels")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"FFCV preparations to run, from {list(VARIANTS)}")
-    parser.add_argument("--device-loader", action="store_true", help="also data.loader=device (decode on run.device: "
-                        "the CPU here, in one process)")
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default thresholds, under which "
-                        "every freed block over 32 MiB goes back to the kernel (a CPU job raises them: "
-                        "reproduce.distributed.reuse_freed_host_memory)")
+    parser.add_argument(
+        "--device-loader",
+        action="store_true",
+        help="also data.loader=device (decode on run.device: the CPU here, in one process)",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default thresholds, under which "
+        "every freed block over 32 MiB goes back to the kernel (a CPU job raises them: "
+        "reproduce.distributed.reuse_freed_host_memory)",
+    )
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
@@ -112,7 +127,11 @@ def make_imagenet_sized(root: Path, count: int, seed: int = 0) -> Path:
                     continue
                 wnid = Path(member.name).parent.name
                 side = rng.randint(333, 500)  # drawn in archive order: the same sizes every time
-                image = Image.open(io.BytesIO(tf.extractfile(member).read())).convert("RGB").resize((side, side), Image.BICUBIC)
+                image = (
+                    Image.open(io.BytesIO(tf.extractfile(member).read()))
+                    .convert("RGB")
+                    .resize((side, side), Image.BICUBIC)
+                )
                 for split in ("train",) + (("val",) if not (tree / "val" / wnid).exists() else ()):
                     (tree / split / wnid).mkdir(parents=True, exist_ok=True)
                     image.save(tree / split / wnid / Path(member.name).name, quality=90)
@@ -150,10 +169,18 @@ def ffcv_jpeg_rate(beton: Path, limit: int = 600) -> tuple[float, int]:
     mapped = np.memmap(beton, dtype=np.uint8, mode="r")
     jpegs = [i for i in range(reader.num_samples) if meta["mode"][i] == 0]
     picked = jpegs[:: max(1, len(jpegs) // limit)]
-    items = [(np.array(mapped[int(meta["data_ptr"][i]): int(meta["data_ptr"][i]) + sizes[int(meta["data_ptr"][i])]]),
-              int(meta["height"][i]), int(meta["width"][i])) for i in picked]
+    items = [
+        (
+            np.array(mapped[int(meta["data_ptr"][i]) : int(meta["data_ptr"][i]) + sizes[int(meta["data_ptr"][i])]]),
+            int(meta["height"][i]),
+            int(meta["width"][i]),
+        )
+        for i in picked
+    ]
     buffer = np.empty(int(max(h * w for _, h, w in items)) * 3, np.uint8)
-    rate = decode_rate(items, lambda item: imdecode(item[0], buffer, item[1], item[2], item[1], item[2], 0, 0, 1, 1, False, False))
+    rate = decode_rate(
+        items, lambda item: imdecode(item[0], buffer, item[1], item[2], item[1], item[2], 0, 0, 1, 1, False, False)
+    )
     return rate, len(jpegs)
 
 
@@ -234,56 +261,97 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-loaders-") as tmp:
         try:
-            tree = make_tree(source, Path(tmp)) if args.set == "imagenette-val" else make_imagenet_sized(Path(tmp), args.images)
+            tree = (
+                make_tree(source, Path(tmp))
+                if args.set == "imagenette-val"
+                else make_imagenet_sized(Path(tmp), args.images)
+            )
         except FileNotFoundError as err:
             print(f"error: {err} (see ../shared/data/README.md)", file=sys.stderr)
             return 2
         files = [p for p in (tree / "train").glob("*/*") if p.is_file()]
         n, source_mb = len(files), sum(p.stat().st_size for p in files) / 1e6
         pixels = sum(_pixels(p) for p in files[:: max(1, n // 200)]) / len(files[:: max(1, n // 200)])
-        base = [f"data.workers={args.workers}", f"optim.batch_size={args.batch}", f"data.crop={args.size}",
-                f"data.train_crop={args.crop}", f"schedule.iterations={args.epochs * (n // args.batch)}",
-                "schedule.milestones=[]", "run.device=cpu"]
+        base = [
+            f"data.workers={args.workers}",
+            f"optim.batch_size={args.batch}",
+            f"data.crop={args.size}",
+            f"data.train_crop={args.crop}",
+            f"schedule.iterations={args.epochs * (n // args.batch)}",
+            "schedule.milestones=[]",
+            "run.device=cpu",
+        ]
         configs = {"torchvision": load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}"])}
         disk = {"torchvision": source_mb}
         limits = {"torchvision": pil_rate(tree)}
         if args.device_loader:
-            configs["device"] = load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}", "data.loader=device"])
+            configs["device"] = load_config(
+                CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}", "data.loader=device"]
+            )
             disk["device"] = source_mb
         for name in variants:
             out = Path(tmp) / name
             prepared_at = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # its "wrote ..." lines: stdout is the table
-                if prepare.main(["imagenet", "--source", str(tree), "--out", str(out), "--workers", str(args.workers),
-                                 *VARIANTS[name][1]]) != 0:
+                if (
+                    prepare.main(
+                        [
+                            "imagenet",
+                            "--source",
+                            str(tree),
+                            "--out",
+                            str(out),
+                            "--workers",
+                            str(args.workers),
+                            *VARIANTS[name][1],
+                        ]
+                    )
+                    != 0
+                ):
                     return 2
             disk[name] = (out / "train.beton").stat().st_size / 1e6
-            print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {disk[name]:.0f} MB", file=sys.stderr)
+            print(
+                f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {disk[name]:.0f} MB", file=sys.stderr
+            )
             rate, jpegs = ffcv_jpeg_rate(out / "train.beton") if "raw" not in name else (0.0, 0)
             if jpegs == n:  # an all-JPEG file: its JPEGs are what FFCV decodes
                 limits[name] = rate
-            configs[name] = load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={out}", "data.loader=ffcv"])
+            configs[name] = load_config(
+                CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={out}", "data.loader=ffcv"]
+            )
         ffcv_limit = limits.get("ffcv-jpg") or next((limits[v] for v in variants if v in limits), None)
         results = {name: [] for name in configs}
         cpu_share = {name: [] for name in configs if name.startswith("ffcv")}
         for round_ in range(args.rounds):
             for name, cfg in configs.items():
                 results[name] += measure(cfg, args.epochs)
-                print(f"round {round_ + 1} {name}: {' '.join(f'{s:,.0f}' for s in results[name][-(args.epochs - 1):])} images/s",
-                      file=sys.stderr)
+                print(
+                    f"round {round_ + 1} {name}: {' '.join(f'{s:,.0f}' for s in results[name][-(args.epochs - 1) :])} images/s",
+                    file=sys.stderr,
+                )
                 if name in cpu_share:
                     cpu_share[name] += measure_cpu_share(cfg, args.epochs)
     reference = sum(results["torchvision"]) / len(results["torchvision"])
     print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs")
-    print(f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
-          f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
-          f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}; "
-          f"freed host memory {'reused (blocks up to 1 GiB)' if reused else 'glibc default (blocks over 32 MiB unmapped)'}")
-    print(f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
-          + (f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images" if ffcv_limit else "")
-          + f"; x {args.workers} workers")
-    print(f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}"
-          f" {'uint8 only':>11} {'vs torchvision':>15} {'of decode limit':>16}")
+    print(
+        f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
+        f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
+        f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}; "
+        f"freed host memory {'reused (blocks up to 1 GiB)' if reused else 'glibc default (blocks over 32 MiB unmapped)'}"
+    )
+    print(
+        f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
+        + (
+            f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images"
+            if ffcv_limit
+            else ""
+        )
+        + f"; x {args.workers} workers"
+    )
+    print(
+        f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}"
+        f" {'uint8 only':>11} {'vs torchvision':>15} {'of decode limit':>16}"
+    )
     for name, speeds in results.items():
         limit = limits.get(name) or (limits["torchvision"] if name in ("torchvision", "device") else ffcv_limit)
         shown = {"device": " (of PIL's)"}.get(name, "" if name in limits else " (of FFCV's)")
@@ -294,11 +362,15 @@ def main(argv=None) -> int:
                 continue
             mean = sum(values) / len(values)
             share = f"{mean / (limit * args.workers):.0%}{shown}" if limit else "-"
-            cells.append((f"{mean:>9,.0f} {min(values):>7,.0f} {max(values):>7,.0f} " if not cells else f"{mean:>11,.0f} ")
-                         + f"{mean / reference:>14.2f}x {share:>16}")
+            cells.append(
+                (f"{mean:>9,.0f} {min(values):>7,.0f} {max(values):>7,.0f} " if not cells else f"{mean:>11,.0f} ")
+                + f"{mean / reference:>14.2f}x {share:>16}"
+            )
         print(f"{name:<14} {disk[name]:>8,.0f} {cells[0]} {cells[1]}")
-    print("uint8 only: FFCV's threads alone (decode, crop, flip into uint8 batches), without the float conversion, "
-          "lighting and normalisation that a GPU job runs on the GPU; torchvision's workers do all of it on the CPU")
+    print(
+        "uint8 only: FFCV's threads alone (decode, crop, flip into uint8 batches), without the float conversion, "
+        "lighting and normalisation that a GPU job runs on the GPU; torchvision's workers do all of it on the CPU"
+    )
     for name in variants:
         print(f"  {name}: {VARIANTS[name][0]}")
     return 0

@@ -21,6 +21,7 @@ The table is rewritten after every cell (matrix.md and matrix.csv in --out, atom
 run cut short keeps what it measured; the cells are also logged to one MLflow run
 (experiment `bench`), whose id the table carries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,17 +48,25 @@ COMPUTE_BOUND_SHARE = 0.9  # real input at >= 90% of the synthetic speed: the lo
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="reproduce bench-matrix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "resnet152", "resnet20", "resnet56", "resnet110"])
+    parser.add_argument(
+        "--models", nargs="+", default=["resnet18", "resnet50", "resnet152", "resnet20", "resnet56", "resnet110"]
+    )
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--channels-last", nargs="+", choices=["off", "on"], default=["off", "on"])
-    parser.add_argument("--compile", nargs="+", default=["off", "default"],
-                        choices=["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="off, or a torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off", "default"],
+        choices=["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="off, or a torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument("--cifar-data", type=Path, help="CIFAR-10 source for real-input cells (as data.path)")
     parser.add_argument("--cifar-loader", choices=["gpu", "ffcv", "torchvision"], default="gpu")
     parser.add_argument("--imagenet-data", type=Path, help="ImageNet-style data for real-input cells (as data.path)")
     parser.add_argument("--imagenet-loader", choices=["ffcv", "torchvision"], default="ffcv")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader workers / threads")
+    parser.add_argument(
+        "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader workers / threads"
+    )
     parser.add_argument("--batch", type=int, help="per-step batch for every model (default: the paper's, 128 / 256)")
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=20)
@@ -100,9 +109,18 @@ def main(argv=None) -> int:
     def config(model: str, overrides: list[str]):
         family = MODELS[model].family
         dataset = "cifar10" if family == "cifar" else "imagenet"
-        data_path, loader = (args.cifar_data, args.cifar_loader) if dataset == "cifar10" else (args.imagenet_data, args.imagenet_loader)
-        common = [f"schedule.iterations={args.iterations}", "schedule.milestones=[]", f"run.device={device.type}",
-                  f"data.workers={args.workers}", "run.progress=false", "data.val_split=0", "eval.every=1"]
+        data_path, loader = (
+            (args.cifar_data, args.cifar_loader) if dataset == "cifar10" else (args.imagenet_data, args.imagenet_loader)
+        )
+        common = [
+            f"schedule.iterations={args.iterations}",
+            "schedule.milestones=[]",
+            f"run.device={device.type}",
+            f"data.workers={args.workers}",
+            "run.progress=false",
+            "data.val_split=0",
+            "eval.every=1",
+        ]
         data = [f"data.path={data_path}", f"data.loader={loader}"] if data_path else ["data.synthetic=true"]
         return load_config(CONFIGS / dataset / f"{model}.yaml", [*common, *data, *args.overrides, *overrides])
 
@@ -128,10 +146,14 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": git.commit + (" (with uncommitted changes)" if git.dirty else ""),
-        "host": socket.gethostname(), "device": _device_name(device), "driver": driver_version() if device.type == "cuda" else "-",
+        "host": socket.gethostname(),
+        "device": _device_name(device),
+        "driver": driver_version() if device.type == "cuda" else "-",
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
-        "cpus": str(os.cpu_count()), "python": platform.python_version(),
-        "peak": f"{peak:.1f} TFLOP/s ({peak_what}, measured at start)", "mlflow_run": run.info.run_id,
+        "cpus": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "peak": f"{peak:.1f} TFLOP/s ({peak_what}, measured at start)",
+        "mlflow_run": run.info.run_id,
     }
     mlflow.log_params({k: v[:500] for k, v in context.items() if k not in ("date", "mlflow_run")})
     rows = []
@@ -191,17 +213,26 @@ def _cell(args, config, model, precision, channels_last, compile_mode, info, cac
         data = cache[key]
         real = _timed_cell(cfg, train_loader(data, cfg, info, 0), info, args, data.num_classes)
         if (key, batch) not in cache:
-            cache[(key, batch)] = loader_alone(train_loader(data, cfg, info, 0), device, args.iterations, args.warmup, batch)
+            cache[(key, batch)] = loader_alone(
+                train_loader(data, cfg, info, 0), device, args.iterations, args.warmup, batch
+            )
         loader = cache[(key, batch)]
     flops = train_flops_per_image(model, size)
     best = max(v for v in (synthetic, real) if v is not None)
     return {
-        "model": model, "input_size": size, "batch": batch, "precision": precision, "channels_last": channels_last,
-        "compile": compile_mode, "synthetic": round(synthetic, 1), "real": None if real is None else round(real, 1),
+        "model": model,
+        "input_size": size,
+        "batch": batch,
+        "precision": precision,
+        "channels_last": channels_last,
+        "compile": compile_mode,
+        "synthetic": round(synthetic, 1),
+        "real": None if real is None else round(real, 1),
         "loader": None if loader is None else round(loader, 1),
         "input": "-" if real is None else f"{cfg.data.loader}: {cfg.data.path}",
         "bound": "-" if real is None else "compute-bound" if real >= COMPUTE_BOUND_SHARE * synthetic else "input-bound",
-        "tflops": round(flops * best / 1e12, 3), "peak_share_pct": round(100 * flops * best / 1e12 / peak, 1),
+        "tflops": round(flops * best / 1e12, 3),
+        "peak_share_pct": round(100 * flops * best / 1e12 / peak, 1),
     }
 
 
@@ -223,10 +254,14 @@ def write_tables(rows: list[dict], context: dict, out: Path) -> None:
     atomic_write_text(out / "matrix.csv", frame.to_csv(index=False))
     head = ["# Training throughput matrix (`reproduce bench-matrix`)", ""]
     head += [f"- {k}: {'`' + v + '`' if k in ('command', 'commit', 'mlflow_run') else v}" for k, v in context.items()]
-    head += ["", "images/s of the bare training step (forward, backward, SGD step; no tracking). synthetic: a fixed "
-             "batch on the device; real: the named loader feeding the step; loader: the loader alone. bound: "
-             f"input-bound when real < {COMPUTE_BOUND_SHARE:.0%} of synthetic. TFLOP/s = 6 x multiply-adds per image "
-             "x the faster of synthetic and real; share: of the measured peak above.", ""]
+    head += [
+        "",
+        "images/s of the bare training step (forward, backward, SGD step; no tracking). synthetic: a fixed "
+        "batch on the device; real: the named loader feeding the step; loader: the loader alone. bound: "
+        f"input-bound when real < {COMPUTE_BOUND_SHARE:.0%} of synthetic. TFLOP/s = 6 x multiply-adds per image "
+        "x the faster of synthetic and real; share: of the measured peak above.",
+        "",
+    ]
     shown = frame.fillna("-")
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.itertuples(index=False)]
@@ -235,8 +270,10 @@ def write_tables(rows: list[dict], context: dict, out: Path) -> None:
 
 def _one_line(row: dict) -> str:
     real = "" if row["real"] is None else f", real {row['real']:.0f} ({row['bound']}), loader alone {row['loader']:.0f}"
-    return (f"{row['model']:<10} {row['precision']} cl={row['channels_last']:<3} compile={row['compile']:<16} batch {row['batch']:>3}: "
-            f"synthetic {row['synthetic']:.0f} images/s{real}; {row['tflops']:.1f} TFLOP/s = {row['peak_share_pct']:.1f}% of peak")
+    return (
+        f"{row['model']:<10} {row['precision']} cl={row['channels_last']:<3} compile={row['compile']:<16} batch {row['batch']:>3}: "
+        f"synthetic {row['synthetic']:.0f} images/s{real}; {row['tflops']:.1f} TFLOP/s = {row['peak_share_pct']:.1f}% of peak"
+    )
 
 
 def _device_name(device: torch.device) -> str:

@@ -8,6 +8,7 @@ Both loops run `iterations` steps from the same start and the first `--warmup` s
 each are not timed. They alternate (bare, full, bare, full, ..., bare: `--rounds` full runs)
 and the medians are compared, so drift of the machine's speed largely cancels out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,23 @@ def full_loop(args, run_dir: Path, round_: int) -> tuple[float, str]:
 
     from reproduce import train
 
-    overrides = [*args.overrides, f"schedule.iterations={args.iterations}", "schedule.milestones=[]",
-                 f"run.log_every={args.warmup}", f"eval.every={args.iterations}", f"run.checkpoint_every={args.iterations // 2}",
-                 f"run.dir={run_dir}", "experiment=bench", f"seed={round_}"]
+    overrides = [
+        *args.overrides,
+        f"schedule.iterations={args.iterations}",
+        "schedule.milestones=[]",
+        f"run.log_every={args.warmup}",
+        f"eval.every={args.iterations}",
+        f"run.checkpoint_every={args.iterations // 2}",
+        f"run.dir={run_dir}",
+        "experiment=bench",
+        f"seed={round_}",
+    ]
     code = train.main(["--config", args.config, *overrides])
     if code != 0:
         raise SystemExit(code)
-    run = mlflow.search_runs(experiment_names=["bench"], order_by=["attributes.start_time DESC"], max_results=1,
-                             output_format="list")[0]
+    run = mlflow.search_runs(
+        experiment_names=["bench"], order_by=["attributes.start_time DESC"], max_results=1, output_format="list"
+    )[0]
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "images_per_sec")
     windows = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > args.warmup]
     # Each window's speed weighs by its length: the harmonic mean of equal-length windows.
@@ -75,12 +85,15 @@ def main(argv=None) -> int:
             run_ids.append(run_id)
             bare_speeds.append(bare())
     device = torch.cuda.get_device_name() if info.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{cfg.model.name}, global batch {cfg.optim.batch_size}, {args.iterations - args.warmup} timed iterations, {device}")
-    print(f"bare loop   median {statistics.median(bare_speeds):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare_speeds)})")
+    print(
+        f"{cfg.model.name}, global batch {cfg.optim.batch_size}, {args.iterations - args.warmup} timed iterations, {device}"
+    )
+    print(
+        f"bare loop   median {statistics.median(bare_speeds):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare_speeds)})"
+    )
     print(f"train.py    median {statistics.median(full):8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in full)})")
     print(f"ratio       {statistics.median(full) / statistics.median(bare_speeds):.3f}  (goal >= 0.95)")
     import mlflow
 
     print(f"MLflow runs of train.py (experiment 'bench', {mlflow.get_tracking_uri()}): {', '.join(run_ids)}")
     return 0
-

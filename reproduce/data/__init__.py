@@ -19,6 +19,7 @@ first use. All use the same order (order.py) and, for CIFAR-10, the same split, 
 Layers, each importing only those below it: base.py (Data, Split, DataError) < order.py <
 augment.py, cifar.py, imagenet.py < the backends < this face.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -32,8 +33,19 @@ from reproduce.data.ffcv import load as _load_ffcv
 from reproduce.data.order import TrainBatches
 from reproduce.distributed import DistInfo
 
-__all__ = ["Data", "DataError", "Split", "TrainBatches", "build_data", "train_loader", "eval_loader", "cifar_split",
-           "cifar_stats", "ffcv_module", "BACKENDS"]
+__all__ = [
+    "Data",
+    "DataError",
+    "Split",
+    "TrainBatches",
+    "build_data",
+    "train_loader",
+    "eval_loader",
+    "cifar_split",
+    "cifar_stats",
+    "ffcv_module",
+    "BACKENDS",
+]
 
 
 def ffcv_module(needed_by: str = "data.loader=ffcv") -> ModuleType:

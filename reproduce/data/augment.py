@@ -9,6 +9,7 @@ permutation drawn from the epoch's generator right after the permutation
 (`epoch_augmentation`). The semantics are the same (padding comes after mean subtraction, so
 the padded pixels are the mean colour, i.e. zero input); the random numbers are not.
 """
+
 from __future__ import annotations
 
 from functools import partial

@@ -1,5 +1,6 @@
 """What every dataset and backend of reproduce.data shares: the error type, the splits and
 the Data that build_data returns. Imports nothing of the package."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ $REPRODUCE_CACHE), keyed by the source's path, size and modification time.
 Also the CIFAR-10 protocol that every loader and `reproduce prepare` share: the fixed
 train/validation split, the normalisation statistics and the data's fingerprint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,13 +89,15 @@ def cifar_split(n_train: int, holdout: int) -> tuple[np.ndarray, np.ndarray | No
     """(train indices, validation indices or None), both sorted. The split is fixed (seed 0),
     not drawn per run: every run, and every prepared .beton, validates on the same images."""
     if holdout < 0:
-        raise DataError(f"a validation split of {holdout} images (data.val_split, --val-split) is negative; give 0 or more (the paper: 5000)")
+        raise DataError(
+            f"a validation split of {holdout} images (data.val_split, --val-split) is negative; give 0 or more (the paper: 5000)"
+        )
     if holdout >= n_train:
         raise DataError(f"data.val_split={holdout} leaves no training images out of {n_train}")
     if not holdout:
         return np.arange(n_train), None
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0)).numpy()
-    return np.sort(perm[: n_train - holdout]), np.sort(perm[n_train - holdout:])
+    return np.sort(perm[: n_train - holdout]), np.sort(perm[n_train - holdout :])
 
 
 def cifar_stats(train_images: torch.Tensor, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +118,9 @@ def load_cifar10(path: Path | None, download_root: Path = Path("data")) -> Cifar
         return _torchvision(download_root, download=True)
     path = Path(path)
     if not path.exists():
-        raise DataError(f"CIFAR-10 source {path} does not exist; set data.path to a cifar-10-batches-py folder, an image tree or a .tar.gz")
+        raise DataError(
+            f"CIFAR-10 source {path} does not exist; set data.path to a cifar-10-batches-py folder, an image tree or a .tar.gz"
+        )
     if path.is_dir():
         if (path / "data_batch_1").exists():
             return _torchvision(path.parent, download=False)
@@ -137,14 +142,20 @@ def _read_prefix_npz(path: Path) -> CifarArrays:
     uint8 and `<batch>_labels` (all 10,000) for data_batch_1..5 and test_batch."""
     try:
         with np.load(path) as z:
-            parts = [(z[f"{b}_data_prefix"], z[f"{b}_labels"].astype(np.int64)) for b in
-                     [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]
+            parts = [
+                (z[f"{b}_data_prefix"], z[f"{b}_labels"].astype(np.int64))
+                for b in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            ]
     except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"{path} is not a CIFAR-10 prefix .npz (<batch>_data_prefix and <batch>_labels): {err}") from None
+        raise DataError(
+            f"{path} is not a CIFAR-10 prefix .npz (<batch>_data_prefix and <batch>_labels): {err}"
+        ) from None
     train_x = np.concatenate([x for x, _ in parts[:5]])
     train_y = np.concatenate([y[: len(x)] for x, y in parts[:5]])
     test_x, test_y = parts[5][0], parts[5][1][: len(parts[5][0])]
-    return CifarArrays(train_x, train_y, test_x, test_y, f"{path} (original pixels, the first {len(test_x)} images of each batch)")
+    return CifarArrays(
+        train_x, train_y, test_x, test_y, f"{path} (original pixels, the first {len(test_x)} images of each batch)"
+    )
 
 
 def _torchvision(root: Path, download: bool) -> CifarArrays:
@@ -156,8 +167,13 @@ def _torchvision(root: Path, download: bool) -> CifarArrays:
     except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found or corrupted", URLError
         hint = "no network? set data.path to a local copy" if download else "the batches are missing or corrupt"
         raise DataError(f"CIFAR-10 in {root}: {str(err).splitlines()[0]} ({hint})") from None
-    return CifarArrays(train.data, np.asarray(train.targets, np.int64), test.data, np.asarray(test.targets, np.int64),
-                       f"cifar-10-batches-py in {root}")
+    return CifarArrays(
+        train.data,
+        np.asarray(train.targets, np.int64),
+        test.data,
+        np.asarray(test.targets, np.int64),
+        f"cifar-10-batches-py in {root}",
+    )
 
 
 def _cached(path: Path, reader) -> CifarArrays:
@@ -176,8 +192,14 @@ def _cached(path: Path, reader) -> CifarArrays:
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:  # a file, not a name: np.savez would add .npz to the name
-            np.savez(f, train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x, test_y=arrays.test_y,
-                     lossy=arrays.lossy)
+            np.savez(
+                f,
+                train_x=arrays.train_x,
+                train_y=arrays.train_y,
+                test_x=arrays.test_x,
+                test_y=arrays.test_y,
+                lossy=arrays.lossy,
+            )
         atomic_replace(tmp, cache)
     finally:
         tmp.unlink(missing_ok=True)
@@ -240,10 +262,14 @@ def _read_tar(archive: Path) -> CifarArrays:
                 hit = _split_name(member.name) if member.isfile() else None
                 if hit:
                     blob = tf.extractfile(member).read()
-                    files.setdefault(hit[0], []).append((f"{archive}:{member.name}", _label(hit[1], str(archive)), blob))
+                    files.setdefault(hit[0], []).append(
+                        (f"{archive}:{member.name}", _label(hit[1], str(archive)), blob)
+                    )
     except DataError:
         raise
     except Exception as err:  # tarfile, gzip and zlib raise several types for a damaged archive
-        reason = "the file is empty" if archive.stat().st_size == 0 else (str(err).splitlines() or [type(err).__name__])[0]
+        reason = (
+            "the file is empty" if archive.stat().st_size == 0 else (str(err).splitlines() or [type(err).__name__])[0]
+        )
         raise DataError(f"cannot read archive {archive}: {reason} (truncated or not a tar file?)") from None
     return _assemble(files, str(archive))

@@ -13,6 +13,7 @@ It frees the CPU cores of a GPU node from decoding, which bounds data.loader=tor
 (results/loaders.md); on a CPU-only machine it runs the same code, to test it, not to be fast
 (one process decodes).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,14 @@ def build_data(cfg: Config) -> Data:
     if cfg.data.dataset != "imagenet":
         raise DataError("data.loader=device decodes ImageNet-style JPEG folders; for CIFAR-10 use data.loader=gpu")
     data = build_imagenet(cfg)
-    return Data(train=data.train, val=data.val, test=data.test, num_classes=data.num_classes,
-                fingerprint=data.fingerprint, description=data.description + "; decoded on the device")
+    return Data(
+        train=data.train,
+        val=data.val,
+        test=data.test,
+        num_classes=data.num_classes,
+        fingerprint=data.fingerprint,
+        description=data.description + "; decoded on the device",
+    )
 
 
 def decode(blobs: list[torch.Tensor], indices: list[int], split: Split, device: torch.device) -> list[torch.Tensor]:
@@ -75,8 +82,10 @@ def decode(blobs: list[torch.Tensor], indices: list[int], split: Split, device: 
                 decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
             except RuntimeError as err:
                 path = split.base.samples[index][0]
-                raise DataError(f"cannot decode image {path} on {device} ({str(err).splitlines()[0][:120]}); "
-                                "data.loader=device reads JPEG only: use data.loader=torchvision for other formats") from None
+                raise DataError(
+                    f"cannot decode image {path} on {device} ({str(err).splitlines()[0][:120]}); "
+                    "data.loader=device reads JPEG only: use data.loader=torchvision for other formats"
+                ) from None
         raise
 
 
@@ -101,7 +110,7 @@ def _window(image: torch.Tensor, cfg: Config, g: torch.Generator) -> torch.Tenso
     height, width = image.shape[-2:]
     top = int(torch.randint(0, height - crop + 1, (), generator=g))
     left = int(torch.randint(0, width - crop + 1, (), generator=g))
-    return image[:, top:top + crop, left:left + crop]
+    return image[:, top : top + crop, left : left + crop]
 
 
 def _normalise(batch: torch.Tensor) -> torch.Tensor:
@@ -143,18 +152,32 @@ def ten(images: list[torch.Tensor], crop: int) -> torch.Tensor:
 
 def train_batches(split: Split, cfg: Config, info: DistInfo, start: int):
     """This rank's (images, labels) for iterations start .. schedule.iterations, on info.device."""
-    batches = TrainBatches(len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start,
-                           cfg.schedule.iterations)
-    loader = DataLoader(_Bytes(split), batch_sampler=batches, num_workers=cfg.data.workers, collate_fn=_collate,
-                        worker_init_fn=_leave_stop_signals_to_the_trainer)
+    batches = TrainBatches(
+        len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.schedule.iterations
+    )
+    loader = DataLoader(
+        _Bytes(split),
+        batch_sampler=batches,
+        num_workers=cfg.data.workers,
+        collate_fn=_collate,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
+    )
     for blobs, labels, seeds, indices in loader:
         yield augment(decode(blobs, indices, split, info.device), seeds, cfg), labels.to(info.device, non_blocking=True)
 
 
 def eval_batches(split: Split, cfg: Config, info: DistInfo):
     share = torch.utils.data.Subset(_Bytes(split), eval_indices(len(split), cfg, info).tolist())
-    loader = DataLoader(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers, collate_fn=_collate,
-                        worker_init_fn=_leave_stop_signals_to_the_trainer)
+    loader = DataLoader(
+        share,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.workers,
+        collate_fn=_collate,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
+    )
     views = ten if cfg.eval.protocol.value == "tencrop" else center
     for blobs, labels, _, indices in loader:
-        yield views(decode(blobs, indices, split, info.device), cfg.data.crop), labels.to(info.device, non_blocking=True)
+        yield (
+            views(decode(blobs, indices, split, info.device), cfg.data.crop),
+            labels.to(info.device, non_blocking=True),
+        )

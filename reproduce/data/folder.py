@@ -9,6 +9,7 @@ eval.protocol for the test split). Both normalise with the ImageNet channel stat
 (data.normalize=imagenet), as torchvision's and the public CIFAR-10 weights were trained. The
 test split is val/; there is no separate validation split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,24 +35,38 @@ def build_data(cfg: Config) -> Data:
     root = unpacked(Path(d.path))
     train, val = image_folder(root, "train", None), image_folder(root, "val", None)
     if train.classes != val.classes:
-        raise DataError(f"{d.path}: train/ and val/ have different class folders ({len(train.classes)} and {len(val.classes)})")
+        raise DataError(
+            f"{d.path}: train/ and val/ have different class folders ({len(train.classes)} and {len(val.classes)})"
+        )
     if MODELS[cfg.model.name].family == "cifar":
         augment, plain = cifar_style(d.crop, d.augment)
         style = f"CIFAR-style {d.crop}x{d.crop}"
     else:
-        augment, plain = train_transform(d.scale, d.crop, d.lighting, d.augment, d.train_crop), eval_transform(d.crop, cfg.eval.protocol.value)
+        augment, plain = (
+            train_transform(d.scale, d.crop, d.lighting, d.augment, d.train_crop),
+            eval_transform(d.crop, cfg.eval.protocol.value),
+        )
         style = f"ImageNet-style, crop {d.crop}, test protocol {cfg.eval.protocol.value}"
     listing = "\n".join(f"{Path(p).relative_to(root)}:{label}" for p, label in train.samples + val.samples).encode()
-    return Data(train=Split(train, augment, seeded=True), val=None, test=Split(val, plain),
-                num_classes=len(train.classes), fingerprint=hashlib.sha256(listing).hexdigest()[:16],
-                description=f"image folder {d.path}: {len(train)} train / {len(val)} val (= test) images, "
-                f"{len(train.classes)} classes; {style}")
+    return Data(
+        train=Split(train, augment, seeded=True),
+        val=None,
+        test=Split(val, plain),
+        num_classes=len(train.classes),
+        fingerprint=hashlib.sha256(listing).hexdigest()[:16],
+        description=f"image folder {d.path}: {len(train)} train / {len(val)} val (= test) images, "
+        f"{len(train.classes)} classes; {style}",
+    )
 
 
 def cifar_style(size: int, augment: bool) -> tuple[v2.Compose, v2.Compose]:
     """(training, evaluation) transforms of a PIL image for a CIFAR network at size x size."""
-    head = [v2.PILToTensor(), v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD)]
+    head = [
+        v2.PILToTensor(),
+        v2.Resize((size, size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ]
     plain = v2.Compose(head)
     if not augment:
         return plain, plain

@@ -14,6 +14,7 @@ this loader's bit for bit, tests/test_ffcv.py).
 
 It works on the CPU too (run.device=cpu), which is how it is tested.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -62,9 +63,14 @@ def build_data(cfg: Config) -> Data:
         index = torch.from_numpy(np.asarray(indices, np.int64))
         return ResidentSplit(c.images[index].contiguous(), c.labels[index].contiguous(), c.mean, c.std)
 
-    return Data(train=split(c.train_idx), val=split(c.val_idx) if c.val_idx is not None else None,
-                test=split(np.arange(c.n_train, len(c.images))), num_classes=10, fingerprint=c.fingerprint,
-                description=f"{c.description}; resident on the device (data.loader=gpu)")
+    return Data(
+        train=split(c.train_idx),
+        val=split(c.val_idx) if c.val_idx is not None else None,
+        test=split(np.arange(c.n_train, len(c.images))),
+        num_classes=10,
+        fingerprint=c.fingerprint,
+        description=f"{c.description}; resident on the device (data.loader=gpu)",
+    )
 
 
 def train_batches(split: ResidentSplit, cfg: Config, info: DistInfo, start: int):

@@ -1,6 +1,7 @@
 """ImageNet-style folders (train/<wnid>/*, val/<wnid>/*) through torchvision, with the
 paper's augmentation (§3.4) and its two test protocols: the torchvision loader's ImageNet,
 and the constants the ffcv loader's ImageNet shares with it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,9 @@ def build_data(cfg: Config) -> Data:
     )
 
 
-def train_transform(scale: tuple[int, int], crop: int, lighting: float, augment: bool,
-                    train_crop: str = "scale") -> v2.Compose:
+def train_transform(
+    scale: tuple[int, int], crop: int, lighting: float, augment: bool, train_crop: str = "scale"
+) -> v2.Compose:
     """The paper's scale augmentation (shorter side resized to s ~ U{scale}, then a random
     crop x crop window) or, with train_crop=random_resized, torchvision's RandomResizedCrop;
     then a flip, the PCA lighting and the normalisation."""
@@ -74,15 +76,20 @@ def train_transform(scale: tuple[int, int], crop: int, lighting: float, augment:
     if train_crop == "random_resized":
         window = [v2.RandomResizedCrop(crop, antialias=True)]
     else:
-        window = [v2.RandomShortestSize(min_size=list(range(scale[0], scale[1] + 1)), antialias=True), v2.RandomCrop(crop)]
-    return v2.Compose([
-        v2.PILToTensor(),
-        *window,
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        Lighting(lighting),
-        v2.Normalize(MEAN, STD),
-    ])
+        window = [
+            v2.RandomShortestSize(min_size=list(range(scale[0], scale[1] + 1)), antialias=True),
+            v2.RandomCrop(crop),
+        ]
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            *window,
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            Lighting(lighting),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def eval_transform(crop: int, protocol: str) -> v2.Compose:

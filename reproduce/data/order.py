@@ -6,6 +6,7 @@ epoch_generator(seed, epoch); global batch k of it is cut into world_size contig
 (rank_slice). So the order is a pure function of (seed, iteration), and 1 and N processes
 see the same global batches.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -22,8 +23,10 @@ def batches_per_epoch(n: int, global_batch: int) -> int:
     """Global batches in an epoch of an n-image training split (the last incomplete batch of
     an epoch is dropped); DataError if there is not even one."""
     if n < global_batch:
-        raise DataError(f"the training split has {n} images, fewer than one global batch of {global_batch}; "
-                        "lower optim.batch_size (or data.val_split)")
+        raise DataError(
+            f"the training split has {n} images, fewer than one global batch of {global_batch}; "
+            "lower optim.batch_size (or data.val_split)"
+        )
     return n // global_batch
 
 
@@ -70,6 +73,9 @@ class TrainBatches:
 def eval_indices(n: int, cfg: Config, info: DistInfo) -> np.ndarray:
     """This rank's images of an n-image evaluation split: every world_size-th of all of them,
     or of an evenly spread subset of eval.max_images."""
-    picked = np.arange(n) if cfg.eval.max_images is None or cfg.eval.max_images >= n else \
-        np.linspace(0, n - 1, cfg.eval.max_images).round().astype(np.int64)
-    return picked[info.rank::info.world_size]
+    picked = (
+        np.arange(n)
+        if cfg.eval.max_images is None or cfg.eval.max_images >= n
+        else np.linspace(0, n - 1, cfg.eval.max_images).round().astype(np.int64)
+    )
+    return picked[info.rank :: info.world_size]

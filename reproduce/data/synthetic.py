@@ -1,5 +1,6 @@
 """data.synthetic=true: random tensors of the dataset's shapes, for benchmarks only (errors
 on them mean nothing), through the torchvision loader's DataLoader whatever data.loader is."""
+
 from __future__ import annotations
 
 import torch
@@ -20,5 +21,11 @@ def build_data(cfg: Config) -> Data:
     views = 10 if cfg.eval.protocol == Protocol.TENCROP else 0
     train = Pairs(pool, torch.randint(classes, (64,), generator=gen), n_train)
     test = Pairs(pool.unsqueeze(1).expand(-1, views, -1, -1, -1) if views else pool, train.labels, n_test)
-    return Data(Split(train, None, seeded=True), Split(Pairs(pool, train.labels, n_test), None), Split(test, None),
-                classes, f"synthetic-{cfg.seed}", f"synthetic {size}x{size} tensors (benchmark input: errors are meaningless)")
+    return Data(
+        Split(train, None, seeded=True),
+        Split(Pairs(pool, train.labels, n_test), None),
+        Split(test, None),
+        classes,
+        f"synthetic-{cfg.seed}",
+        f"synthetic {size}x{size} tensors (benchmark input: errors are meaningless)",
+    )

@@ -3,6 +3,7 @@
 A training sample is an (index, seed) pair of TrainBatches and its augmentation runs under
 that seed, so a batch does not depend on which worker draws which sample.
 """
+
 from __future__ import annotations
 
 import signal
@@ -15,7 +16,8 @@ from reproduce.config import Config
 from reproduce.data.augment import cifar_transforms
 from reproduce.data.base import Data, Pairs, Split
 from reproduce.data.cifar import cifar10
-from reproduce.data.imagenet import MultiScale, build_data as build_imagenet
+from reproduce.data.imagenet import MultiScale
+from reproduce.data.imagenet import build_data as build_imagenet
 from reproduce.data.order import TrainBatches, eval_indices
 from reproduce.distributed import DistInfo
 
@@ -51,10 +53,17 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> DataLoader:
     """This rank's (images, labels) for iterations start .. schedule.iterations."""
-    batches = TrainBatches(len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start,
-                           cfg.schedule.iterations)
-    return DataLoader(split, batch_sampler=batches, num_workers=cfg.data.workers, worker_init_fn=_leave_stop_signals_to_the_trainer,
-                      pin_memory=info.device.type == "cuda", persistent_workers=False)
+    batches = TrainBatches(
+        len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.schedule.iterations
+    )
+    return DataLoader(
+        split,
+        batch_sampler=batches,
+        num_workers=cfg.data.workers,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
@@ -64,8 +73,14 @@ def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
     batch, collate = cfg.eval.batch_size, None
     if isinstance(split.transform, MultiScale):
         batch, collate = max(1, int(batch // split.transform.pixels(cfg.data.crop))), collate_scales
-    return DataLoader(share, batch_size=batch, num_workers=cfg.data.workers, collate_fn=collate,
-                      worker_init_fn=_leave_stop_signals_to_the_trainer, pin_memory=info.device.type == "cuda")
+    return DataLoader(
+        share,
+        batch_size=batch,
+        num_workers=cfg.data.workers,
+        collate_fn=collate,
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
+        pin_memory=info.device.type == "cuda",
+    )
 
 
 def collate_scales(samples: list) -> tuple[list, torch.Tensor]:

@@ -3,6 +3,7 @@
 Entries are data (`resnet56 -> cifar family, depth 56, residual, option A`). `build_model`
 is the only way the suite makes a network; `reproduce models` prints `format_model_table()`.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,9 +17,22 @@ from reproduce.models.cifar import CifarResNet, ZeroPadShortcut, cifar_resnet
 from reproduce.models.imagenet import imagenet_resnet
 from reproduce.models.options import Shortcut, Variant
 
-__all__ = ["MODELS", "CifarResNet", "ModelSpec", "Shortcut", "Variant", "ZeroPadShortcut", "build_model",
-           "check_model_options", "count_macs", "count_parameters", "format_model_table", "imagenet_resnet",
-           "model_names", "model_table"]
+__all__ = [
+    "MODELS",
+    "CifarResNet",
+    "ModelSpec",
+    "Shortcut",
+    "Variant",
+    "ZeroPadShortcut",
+    "build_model",
+    "check_model_options",
+    "count_macs",
+    "count_parameters",
+    "format_model_table",
+    "imagenet_resnet",
+    "model_names",
+    "model_table",
+]
 
 # builder(depth, residual, shortcut, variant, num_classes) -> network
 Builder = Callable[[int, bool, Shortcut | None, Variant, int], nn.Module]
@@ -65,8 +79,9 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
-def check_model_options(name: str, shortcut: Shortcut | str | None = None,
-                        variant: Variant | str = Variant.V1) -> ModelSpec:
+def check_model_options(
+    name: str, shortcut: Shortcut | str | None = None, variant: Variant | str = Variant.V1
+) -> ModelSpec:
     """Raise a one-line ValueError when `name` is unknown or an option does not apply to it."""
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=1)
@@ -87,8 +102,12 @@ def check_model_options(name: str, shortcut: Shortcut | str | None = None,
     return spec
 
 
-def build_model(name: str, shortcut: Shortcut | str | None = None, variant: Variant | str = Variant.V1,
-                num_classes: int | None = None) -> nn.Module:
+def build_model(
+    name: str,
+    shortcut: Shortcut | str | None = None,
+    variant: Variant | str = Variant.V1,
+    num_classes: int | None = None,
+) -> nn.Module:
     """The network `name` of the registry; shortcut None means the paper's default for it."""
     spec = check_model_options(name, shortcut, variant)
     chosen = Shortcut(shortcut) if shortcut is not None else spec.default_shortcut
@@ -125,10 +144,18 @@ def model_table() -> list[dict]:
     for name, spec in MODELS.items():
         with torch.device("meta"):  # shapes only: no memory and no init cost, even for resnet1202
             model = build_model(name)
-        rows.append({"name": name, "family": spec.family, "depth": spec.depth, "residual": spec.residual,
-                     "shortcut": spec.default_shortcut.value if spec.default_shortcut else "-",
-                     "input": spec.input_size, "params": count_parameters(model),
-                     "macs": count_macs(model, spec.input_size)})
+        rows.append(
+            {
+                "name": name,
+                "family": spec.family,
+                "depth": spec.depth,
+                "residual": spec.residual,
+                "shortcut": spec.default_shortcut.value if spec.default_shortcut else "-",
+                "input": spec.input_size,
+                "params": count_parameters(model),
+                "macs": count_macs(model, spec.input_size),
+            }
+        )
     return rows
 
 
@@ -136,8 +163,10 @@ def format_model_table() -> str:
     header = f"{'model':<11}{'family':<10}{'depth':>6}{'shortcut':>10}{'input':>7}{'params':>10}{'mult-adds':>12}"
     lines = [header, "-" * len(header)]
     for r in model_table():
-        lines.append(f"{r['name']:<11}{r['family']:<10}{r['depth']:>6}{r['shortcut']:>10}{r['input']:>7}"
-                     f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e9:>11.3f}G")
+        lines.append(
+            f"{r['name']:<11}{r['family']:<10}{r['depth']:>6}{r['shortcut']:>10}{r['input']:>7}"
+            f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e9:>11.3f}G"
+        )
     lines.append("params in millions; mult-adds (convolutions + FC) of one image at the input size shown, in 1e9")
     return "\n".join(lines)
 
@@ -146,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     """`reproduce models`: the registry as a table."""
     import argparse
 
-    argparse.ArgumentParser(prog="reproduce models", description="every registered network: parameters and "
-                            "multiply-adds at the paper's input size").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="reproduce models",
+        description="every registered network: parameters and multiply-adds at the paper's input size",
+    ).parse_args(argv)
     print(format_model_table())
     return 0

@@ -3,6 +3,7 @@
 The state_dict layout (`conv1, bn1, layerX.K.{conv1,bn1,conv2,bn2,shortcut.0,shortcut.1}, linear`)
 is the one of the widely used public CIFAR ResNet checkpoints, so those load strictly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,9 @@ class CifarResNet(nn.Module):
     """§4.2: 3x3 conv (16) -> 3 stages of n blocks (16, 32, 64 filters; the first conv of stages
     2 and 3 has stride 2) -> global average pooling -> 10-way FC. 6n+2 weighted layers."""
 
-    def __init__(self, depth: int, residual: bool = True, shortcut: Shortcut | str | None = Shortcut.A,
-                 num_classes: int = 10):
+    def __init__(
+        self, depth: int, residual: bool = True, shortcut: Shortcut | str | None = Shortcut.A, num_classes: int = 10
+    ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, 1202), got {depth}")
@@ -124,8 +126,13 @@ class CifarResNet(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def cifar_resnet(depth: int, residual: bool = True, shortcut: Shortcut | None = Shortcut.A,
-                 variant: Variant = Variant.V1, num_classes: int = 10) -> CifarResNet:
+def cifar_resnet(
+    depth: int,
+    residual: bool = True,
+    shortcut: Shortcut | None = Shortcut.A,
+    variant: Variant = Variant.V1,
+    num_classes: int = 10,
+) -> CifarResNet:
     """Registry builder, with the same signature as `imagenet_resnet`."""
     if Variant(variant) != Variant.V1:
         raise ValueError("CIFAR networks have no bottleneck blocks; the variant must be v1")

@@ -4,6 +4,7 @@ We only adjust torchvision's modules in place (shortcut modules, conv strides, b
 classes), so the state_dict keys stay torchvision's: a torchvision checkpoint loads into
 our v1.5 / option-B networks, and ours into torchvision.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,13 @@ def _identity_projection(channels: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.BatchNorm2d(channels))
 
 
-def imagenet_resnet(depth: int, residual: bool = True, shortcut: Shortcut | str | None = Shortcut.B,
-                    variant: Variant | str = Variant.V1, num_classes: int = 1000) -> tv.ResNet:
+def imagenet_resnet(
+    depth: int,
+    residual: bool = True,
+    shortcut: Shortcut | str | None = Shortcut.B,
+    variant: Variant | str = Variant.V1,
+    num_classes: int = 1000,
+) -> tv.ResNet:
     """A Table 1 network. torchvision's own layout is option B / variant v1.5; we adapt it."""
     if depth not in LAYERS:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(LAYERS)}, got {depth}")

@@ -1,4 +1,5 @@
 """Architecture switches, as enums so a typo cannot pass silently."""
+
 import enum
 
 

@@ -10,6 +10,7 @@ Modules, each importing only those above it:
 
 Importing this package imports none of them (nor pandas, MLflow or matplotlib).
 """
+
 from __future__ import annotations
 
 

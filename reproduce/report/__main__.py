@@ -1,4 +1,5 @@
 """python -m reproduce.report: the same as `reproduce report`."""
+
 import sys
 
 from reproduce.report.command import main

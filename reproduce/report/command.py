@@ -25,6 +25,7 @@ Which runs make the table (the same rule for MLflow and for an export):
   * one run per seed: a repeated seed keeps its newest run.
 The export is one JSON file (its format: reproduce/report/runs.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default results/<study>)")
     parser.add_argument("--from-export", type=Path, metavar="FILE", help="read the runs from an export, not MLflow")
     parser.add_argument("--export", type=Path, metavar="FILE", help="also write the runs read to FILE (JSON)")
-    parser.add_argument("--with-export", type=Path, metavar="FILE", help="add the runs of an export to MLflow's "
-                        "(a run in both: MLflow's record; one carried by `reproduce unpark` replaces its original)")
+    parser.add_argument(
+        "--with-export",
+        type=Path,
+        metavar="FILE",
+        help="add the runs of an export to MLflow's "
+        "(a run in both: MLflow's record; one carried by `reproduce unpark` replaces its original)",
+    )
     parser.add_argument("--paper", type=Path, default=PAPER_CSV, help="reference numbers (default results/paper.csv)")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not store the report in the tracking store (by "
-                        "default, read from MLflow, it becomes the artifacts of the run report-<study> in the experiment)")
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not store the report in the tracking store (by "
+        "default, read from MLflow, it becomes the artifacts of the run report-<study> in the experiment)",
+    )
     return parser.parse_args(argv)
 
 
@@ -101,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             write_export(args.export, runs, study, experiment)
         except OSError as err:
-            print(f"error: cannot write the export {args.export} ({err.strerror or err}); give a writable path",
-                  file=sys.stderr)
+            print(
+                f"error: cannot write the export {args.export} ({err.strerror or err}); give a writable path",
+                file=sys.stderr,
+            )
             return 2
     if not runs:
         print(f"error: no {study} runs in {source}", file=sys.stderr)
@@ -113,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         written = write_report(runs, study, out, load_paper(args.paper), command, source)
     except OSError as err:
-        print(f"error: cannot write the report to {out} ({err.strerror or err}); give --out a writable folder",
-              file=sys.stderr)
+        print(
+            f"error: cannot write the report to {out} ({err.strerror or err}); give --out a writable folder",
+            file=sys.stderr,
+        )
         return 2
     print("wrote " + ", ".join(str(out / name) for name in written))
     if not (args.from_export or args.no_mlflow):
@@ -135,7 +149,9 @@ def store_report(experiment: str, study: str, out: Path, written: list[str], com
     except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
         print(f"warning: the report is in {out} but not in MLflow ({str(err).splitlines()[0][:200]})", file=sys.stderr)
         return
-    print(f"stored in MLflow: run report-{study} ({run_id}) of experiment `{experiment}` at {mlflow.get_tracking_uri()}")
+    print(
+        f"stored in MLflow: run report-{study} ({run_id}) of experiment `{experiment}` at {mlflow.get_tracking_uri()}"
+    )
 
 
 def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, command: str, source: str) -> list[str]:
@@ -152,7 +168,9 @@ def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, c
         atomic_write_bytes(out / name, png(fig, dpi=120))
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "provenance.csv", prov.to_csv(index=False))
-    atomic_write_text(out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source, paper))
+    atomic_write_text(
+        out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source, paper)
+    )
     return ["table.md", "table.csv", "provenance.csv", *figures]
 
 

@@ -4,6 +4,7 @@ Fig. 7 (`response_figure`, from the `response_std` that `reproduce analyze respo
 Figures are matplotlib `Figure`s (no pyplot state); `png` renders one to bytes, which the
 report writes atomically.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,8 +39,10 @@ def depth_curves(groups: list[Group], study: str):
     depths = sorted({depth_of(g.key[0]) for g in groups})
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     names = {g.key[0] for g in groups}
-    panels = [("plain networks", lambda g: g.key[0].startswith("plain")),
-              ("ResNets", lambda g: not g.key[0].startswith("plain") and g.key[0] != "resnet1202")]
+    panels = [
+        ("plain networks", lambda g: g.key[0].startswith("plain")),
+        ("ResNets", lambda g: not g.key[0].startswith("plain") and g.key[0] != "resnet1202"),
+    ]
     if {"resnet110", "resnet1202"} <= names:
         panels.append(("ResNet-110 and ResNet-1202", lambda g: g.key[0] in ("resnet110", "resnet1202")))
     elif "resnet1202" in names:
@@ -49,11 +52,21 @@ def depth_curves(groups: list[Group], study: str):
     for ax, (title, member) in zip(axes, panels):
         for g in (g for g in groups if member(g)):
             name, colour = display_name(g.key), colours[depth_of(g.key[0])]
-            for key, style, width, label in (("train_top1_err", "--", 1, "_train"),
-                                             (eval_key, "-", 2.2, f"{name} (n={len(g.runs)})")):
+            for key, style, width, label in (
+                ("train_top1_err", "--", 1, "_train"),
+                (eval_key, "-", 2.2, f"{name} (n={len(g.runs)})"),
+            ):
                 steps, values = mean_curve(g.runs, key)
-                ax.plot([s / 1e4 for s in steps], values, style, lw=width, color=colour, marker="o" if len(steps) == 1 else None,
-                        gid=f"{name}|{'train' if key == 'train_top1_err' else key}", label=label)
+                ax.plot(
+                    [s / 1e4 for s in steps],
+                    values,
+                    style,
+                    lw=width,
+                    color=colour,
+                    marker="o" if len(steps) == 1 else None,
+                    gid=f"{name}|{'train' if key == 'train_top1_err' else key}",
+                    label=label,
+                )
         ax.set_title(title)
         ax.set_xlabel("iter. (1e4)")
         ax.grid(alpha=0.3)
@@ -64,8 +77,11 @@ def depth_curves(groups: list[Group], study: str):
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(bottom=0)
     split = "test" if study == "cifar10" else "val (center crop)"
-    fig.suptitle(f"{'Fig. 6' if study == 'cifar10' else 'Fig. 4'}: dashed = training error, bold = {split} error; "
-                 "mean over seeds", fontsize=10)
+    fig.suptitle(
+        f"{'Fig. 6' if study == 'cifar10' else 'Fig. 4'}: dashed = training error, bold = {split} error; "
+        "mean over seeds",
+        fontsize=10,
+    )
     return fig
 
 

@@ -8,6 +8,7 @@ One row per training run: experiment, model, family, depth, seed, status, iterat
 the schedule, final (or latest) training / validation / test error in %, start time and run id,
 read with `mlflow.search_runs`. Evaluations and report runs (tag reproduce.kind) are left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,20 @@ import sys
 
 import pandas as pd
 
-COLUMNS = ["experiment", "model", "family", "depth", "seed", "status", "iterations", "train_top1_err",
-           "val_top1_err", "test_top1_err", "start_time", "run_id"]
+COLUMNS = [
+    "experiment",
+    "model",
+    "family",
+    "depth",
+    "seed",
+    "status",
+    "iterations",
+    "train_top1_err",
+    "val_top1_err",
+    "test_top1_err",
+    "start_time",
+    "run_id",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,30 +51,46 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
         missing = [name for name in experiments if name not in names.values()]
         if missing:
             known = ", ".join(names.values()) or "none"
-            raise LookupError(f"no MLflow experiment {', '.join(missing)} at {mlflow.get_tracking_uri()} (experiments: {known})")
+            raise LookupError(
+                f"no MLflow experiment {', '.join(missing)} at {mlflow.get_tracking_uri()} (experiments: {known})"
+            )
         ids = [i for i, name in names.items() if name in experiments]
-    frame = mlflow.search_runs(experiment_ids=ids, filter_string="tags.`reproduce.recipe` != ''") if ids else pd.DataFrame()
+    frame = (
+        mlflow.search_runs(experiment_ids=ids, filter_string="tags.`reproduce.recipe` != ''") if ids else pd.DataFrame()
+    )
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
     frame = frame[frame.get("tags.reproduce.kind", pd.Series(index=frame.index, dtype=object)).isna()]
     col = lambda name: frame[name] if name in frame else pd.Series(index=frame.index, dtype=object)  # noqa: E731
     total = pd.to_numeric(col("params.schedule.iterations"), errors="coerce")
     done = [_iterations_done(client, run_id, status, t) for run_id, status, t in zip(frame.run_id, frame.status, total)]
-    rows = pd.DataFrame({
-        "experiment": frame.experiment_id.map(names), "model": col("params.model.name"),
-        "family": col("params.model.family"), "depth": pd.to_numeric(col("params.model.depth"), errors="coerce").astype("Int64"),
-        "seed": pd.to_numeric(col("params.seed"), errors="coerce").astype("Int64"), "status": frame.status,
-        "iterations": [f"{d}/{int(t)}" if pd.notna(t) else str(d) for d, t in zip(done, total)],
-        **{m: pd.to_numeric(col(f"metrics.{m}"), errors="coerce").round(2) for m in COLUMNS[7:10]},
-        "start_time": pd.to_datetime(frame.start_time).dt.strftime("%Y-%m-%d %H:%M"), "run_id": frame.run_id})
+    rows = pd.DataFrame(
+        {
+            "experiment": frame.experiment_id.map(names),
+            "model": col("params.model.name"),
+            "family": col("params.model.family"),
+            "depth": pd.to_numeric(col("params.model.depth"), errors="coerce").astype("Int64"),
+            "seed": pd.to_numeric(col("params.seed"), errors="coerce").astype("Int64"),
+            "status": frame.status,
+            "iterations": [f"{d}/{int(t)}" if pd.notna(t) else str(d) for d, t in zip(done, total)],
+            **{m: pd.to_numeric(col(f"metrics.{m}"), errors="coerce").round(2) for m in COLUMNS[7:10]},
+            "start_time": pd.to_datetime(frame.start_time).dt.strftime("%Y-%m-%d %H:%M"),
+            "run_id": frame.run_id,
+        }
+    )
     from reproduce.models import MODELS
 
     known = rows.model.map(lambda m: MODELS.get(m))  # runs logged before model.family / model.depth were params
-    rows["family"] = rows.family.fillna(known.map(lambda s: None if s is None else ("resnet" if s.residual else "plain")))
+    rows["family"] = rows.family.fillna(
+        known.map(lambda s: None if s is None else ("resnet" if s.residual else "plain"))
+    )
     rows["depth"] = rows.depth.fillna(known.map(lambda s: None if s is None else s.depth)).astype("Int64")
     rows["_order"] = rows.family.ne("plain")
-    return rows.sort_values(["experiment", "_order", "depth", "model", "seed", "start_time"]).drop(columns="_order") \
+    return (
+        rows.sort_values(["experiment", "_order", "depth", "model", "seed", "start_time"])
+        .drop(columns="_order")
         .reset_index(drop=True)[COLUMNS]
+    )
 
 
 def _iterations_done(client, run_id: str, status: str, total) -> int:
@@ -88,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
     except mlflow.exceptions.MlflowException as err:
-        print(f"error: cannot read the tracking store {mlflow.get_tracking_uri()} ({str(err).splitlines()[0][:200]})",
-              file=sys.stderr)
+        print(
+            f"error: cannot read the tracking store {mlflow.get_tracking_uri()} ({str(err).splitlines()[0][:200]})",
+            file=sys.stderr,
+        )
         return 2
     if args.csv:
         sys.stdout.write(rows.to_csv(index=False))

@@ -18,6 +18,7 @@ Layers are numbered 1, 2, ... in the order the forward pass reaches them (the st
 first). Logged to the run: metric `response_std` with step = layer number, and the
 artifact `layer_responses.json` (names, stds in order and sorted, split, image count).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFINITION = ("per-channel population std over images and positions of the BN output that follows each 3x3 conv "
-              "(eval mode, before addition and ReLU), averaged over channels")
+DEFINITION = (
+    "per-channel population std over images and positions of the BN output that follows each 3x3 conv "
+    "(eval mode, before addition and ReLU), averaged over channels"
+)
 
 
 class ResponseStats:
@@ -58,7 +61,11 @@ class ResponseStats:
             return  # this BN follows something else (a 1x1 projection)
         x = output.detach().double()
         count, total, squares = self.sums.setdefault(name, [0, 0.0, 0.0])
-        self.sums[name] = [count + x.numel() // x.shape[1], total + x.sum((0, 2, 3)), squares + x.square().sum((0, 2, 3))]
+        self.sums[name] = [
+            count + x.numel() // x.shape[1],
+            total + x.sum((0, 2, 3)),
+            squares + x.square().sum((0, 2, 3)),
+        ]
 
     def end_batch(self) -> None:
         self._conv_outputs.clear()
@@ -94,8 +101,9 @@ def layer_response_stds(model: nn.Module, batches) -> dict[str, float]:
     return stats.stds()
 
 
-def responses(run_id: str, split: str = "test", images: int | None = None, data_path: str | None = None,
-              batch_size: int = 500) -> dict:
+def responses(
+    run_id: str, split: str = "test", images: int | None = None, data_path: str | None = None, batch_size: int = 500
+) -> dict:
     """Load the run's newest intact checkpoint, measure its layer responses on `split`, log them."""
     import mlflow
     from mlflow.entities import Metric
@@ -131,9 +139,19 @@ def responses(run_id: str, split: str = "test", images: int | None = None, data_
     model.load_state_dict(state["model"])
     stds = layer_response_stds(model, loader)
 
-    result = {"run_id": run_id, "model": cfg.model.name, "checkpoint": found.name, "iteration": state["iteration"],
-              "iterations": cfg.schedule.iterations, "split": split, "images": n, "definition": DEFINITION, "layers": list(stds),
-              "std": list(stds.values()), "std_sorted": sorted(stds.values(), reverse=True)}
+    result = {
+        "run_id": run_id,
+        "model": cfg.model.name,
+        "checkpoint": found.name,
+        "iteration": state["iteration"],
+        "iterations": cfg.schedule.iterations,
+        "split": split,
+        "images": n,
+        "definition": DEFINITION,
+        "layers": list(stds),
+        "std": list(stds.values()),
+        "std_sorted": sorted(stds.values(), reverse=True),
+    }
     now = int(time.time() * 1000)
     metrics = [Metric("response_std", value, now, step) for step, value in enumerate(stds.values(), start=1)]
     log_metric_batches(client, run_id, metrics)
@@ -162,15 +180,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = responses(args.run, args.split, args.images, args.data, args.batch_size)
-    except (FileNotFoundError, ValueError, DataError, MlflowException, CheckpointError) as err:  # ValueError: invalid configs
+    except (
+        FileNotFoundError,
+        ValueError,
+        DataError,
+        MlflowException,
+        CheckpointError,
+    ) as err:  # ValueError: invalid configs
         print(f"error: {err}", file=sys.stderr)
         return 2
     shown = ", ".join(f"{v:.3f}" for v in result["std"])
     if result["iteration"] < result["iterations"]:
-        print(f"warning: the newest checkpoint is at iteration {result['iteration']} of {result['iterations']}: "
-              "the run has not finished", file=sys.stderr)
-    print(f"{result['model']} ({result['checkpoint']}, {result['images']} {args.split} images): "
-          f"{len(result['std'])} layers, std {shown}; logged to run {args.run} as response_std and layer_responses.json")
+        print(
+            f"warning: the newest checkpoint is at iteration {result['iteration']} of {result['iterations']}: "
+            "the run has not finished",
+            file=sys.stderr,
+        )
+    print(
+        f"{result['model']} ({result['checkpoint']}, {result['images']} {args.split} images): "
+        f"{len(result['std'])} layers, std {shown}; logged to run {args.run} as response_std and layer_responses.json"
+    )
     return 0
 
 

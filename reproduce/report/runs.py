@@ -4,6 +4,7 @@ that make the table (the rule is stated in reproduce/report/command.py).
 The export is one JSON file: {"format", "study", "experiment", "runs": [{run_id, status,
 start_time, end_time, params, tags, metrics (final values), history {key: [[step, value]]}}]}.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,24 @@ def load_mlflow_runs(experiment: str, study: str) -> list[dict]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    frame = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=f"tags.`reproduce.study` = '{study}'",
-                               order_by=["attributes.start_time ASC"])
+    frame = mlflow.search_runs(
+        experiment_ids=[exp.experiment_id],
+        filter_string=f"tags.`reproduce.study` = '{study}'",
+        order_by=["attributes.start_time ASC"],
+    )
     runs = []
     for row in frame.to_dict("records"):
-        run = {"run_id": row["run_id"], "experiment": experiment, "status": row["status"],
-               "start_time": _iso(row["start_time"]), "end_time": _iso(row["end_time"]),
-               "params": _prefixed(row, "params."), "tags": _prefixed(row, "tags."),
-               "metrics": _prefixed(row, "metrics."), "history": {}}
+        run = {
+            "run_id": row["run_id"],
+            "experiment": experiment,
+            "status": row["status"],
+            "start_time": _iso(row["start_time"]),
+            "end_time": _iso(row["end_time"]),
+            "params": _prefixed(row, "params."),
+            "tags": _prefixed(row, "tags."),
+            "metrics": _prefixed(row, "metrics."),
+            "history": {},
+        }
         if run["status"] == "FINISHED":  # only finished runs can reach the figures
             for key in HISTORY_KEYS:
                 if key in run["metrics"]:
@@ -51,8 +62,11 @@ def load_mlflow_runs(experiment: str, study: str) -> list[dict]:
 
 
 def _prefixed(row: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and v is not None and not
-            (isinstance(v, float) and math.isnan(v))}
+    return {
+        k[len(prefix) :]: v
+        for k, v in row.items()
+        if k.startswith(prefix) and v is not None and not (isinstance(v, float) and math.isnan(v))
+    }
 
 
 def _iso(stamp) -> str:
@@ -69,8 +83,13 @@ def _history(metrics) -> list[list]:
 
 
 def write_export(path: Path, runs: list[dict], study: str, experiment: str) -> None:
-    doc = {"format": EXPORT_FORMAT, "study": study, "experiment": experiment,
-           "exported_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "runs": runs}
+    doc = {
+        "format": EXPORT_FORMAT,
+        "study": study,
+        "experiment": experiment,
+        "exported_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "runs": runs,
+    }
     atomic_write_text(path, json.dumps(doc, indent=1))
 
 
@@ -79,13 +98,21 @@ def read_export(path: Path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); write it again with "
-                         "`reproduce report --study S --export FILE`") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or not isinstance(doc.get("runs"), list) \
-            or "study" not in doc:
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}); write it again with "
+            "`reproduce report --study S --export FILE`"
+        ) from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != EXPORT_FORMAT
+        or not isinstance(doc.get("runs"), list)
+        or "study" not in doc
+    ):
         found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{path} is not a `reproduce report --export` file (format {EXPORT_FORMAT} expected, found "
-                         f"{found!r}); write one with `reproduce report --study S --export FILE`")
+        raise ValueError(
+            f"{path} is not a `reproduce report --export` file (format {EXPORT_FORMAT} expected, found "
+            f"{found!r}); write one with `reproduce report --study S --export FILE`"
+        )
     doc.setdefault("experiment", doc["study"])
     doc.setdefault("exported_at", "?")
     return doc
@@ -129,8 +156,12 @@ class Selection:
 def model_key(run: dict) -> tuple[str, str, str, str]:
     p = run["params"]
     shortcut = p.get("model.shortcut", "")
-    return (p.get("model.name", run["tags"].get("reproduce.model", "?")), "" if shortcut in ("None", "none") else shortcut,
-            p.get("model.variant", ""), run["tags"].get("reproduce.eval_protocol", p.get("eval.protocol", "")))
+    return (
+        p.get("model.name", run["tags"].get("reproduce.model", "?")),
+        "" if shortcut in ("None", "none") else shortcut,
+        p.get("model.variant", ""),
+        run["tags"].get("reproduce.eval_protocol", p.get("eval.protocol", "")),
+    )
 
 
 def select_runs(runs: list[dict], study: str) -> Selection:
@@ -161,7 +192,9 @@ def select_runs(runs: list[dict], study: str) -> Selection:
                 left_out["repeated seed (older run)"] += 1
                 why[by_seed[seed]["run_id"]] = "repeated seed (older run)"
             by_seed[seed] = run
-        groups.append(Group(key, recipe, sorted(by_seed.values(), key=lambda r: int(r["tags"].get("reproduce.seed", 0)))))
+        groups.append(
+            Group(key, recipe, sorted(by_seed.values(), key=lambda r: int(r["tags"].get("reproduce.seed", 0))))
+        )
     main, other = {}, []
     rank = lambda g: (len(g.runs), g.iterations, max(r["start_time"] for r in g.runs))  # noqa: E731
     for group in sorted(groups, key=rank, reverse=True):
@@ -174,8 +207,13 @@ def select_runs(runs: list[dict], study: str) -> Selection:
         why.update({r["run_id"]: "table" for r in group.runs})
     for group in other:
         why.update({r["run_id"]: f"other recipe {group.recipe}" for r in group.runs})
-    return Selection(sorted(main.values(), key=_order), sorted(other, key=_order), left_out, why,
-                     sorted(evaluations, key=lambda r: (depth_of(model_key(r)[0]), model_key(r)[1:], r["start_time"])))
+    return Selection(
+        sorted(main.values(), key=_order),
+        sorted(other, key=_order),
+        left_out,
+        why,
+        sorted(evaluations, key=lambda r: (depth_of(model_key(r)[0]), model_key(r)[1:], r["start_time"])),
+    )
 
 
 def is_evaluation(run: dict) -> bool:

@@ -1,5 +1,6 @@
 """The report's table beside the paper's numbers (results/paper.csv), the provenance of every
 run read, and table.md, which puts them together."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,18 @@ from reproduce.provenance import RESULTS
 from reproduce.report.runs import FINAL_METRICS, Group, Selection, display_name, model_key
 
 PAPER_CSV = RESULTS / "paper.csv"
-PROVENANCE_TAGS = ["git_commit", "git_dirty", "host", "gpu", "world_size", "launcher", "slurm_job_id",
-                   "torch", "cuda", "data_fingerprint"]
+PROVENANCE_TAGS = [
+    "git_commit",
+    "git_dirty",
+    "host",
+    "gpu",
+    "world_size",
+    "launcher",
+    "slurm_job_id",
+    "torch",
+    "cuda",
+    "data_fingerprint",
+]
 
 
 # ---------------------------------------------------------------------------- the table
@@ -35,10 +46,12 @@ def paper_reference(paper: pd.DataFrame, key: tuple, metric: str) -> dict:
     if base not in values:
         return {"reference": math.nan, "reference_std": math.nan, "reference_best": math.nan, "reference_source": ""}
     mean = values.get(f"{base}_mean")
-    return {"reference": values[base] if mean is None else mean,
-            "reference_std": values.get(f"{base}_std", math.nan),
-            "reference_best": math.nan if mean is None else values[base],
-            "reference_source": ", ".join(dict.fromkeys(rows[rows.metric == base].table))}
+    return {
+        "reference": values[base] if mean is None else mean,
+        "reference_std": values.get(f"{base}_std", math.nan),
+        "reference_best": math.nan if mean is None else values[base],
+        "reference_source": ", ".join(dict.fromkeys(rows[rows.metric == base].table)),
+    }
 
 
 def summarize(group: Group, metric: str, paper: pd.DataFrame) -> dict:
@@ -56,13 +69,26 @@ def summarize(group: Group, metric: str, paper: pd.DataFrame) -> dict:
     else:
         within = "n/a (1 run)"
     tags = [r["tags"] for r in group.runs]
-    return {"model": group.key[0], "shortcut": group.key[1], "variant": group.key[2], "protocol": group.key[3],
-            "metric": metric, **ref, "n": n, "mean": mean, "std": std, "best": float(values.min()), "diff": diff,
-            "within": within, "iterations": group.iterations, "recipe": group.recipe,
-            "seeds": " ".join(t.get("reproduce.seed", "?") for t in tags),
-            "data": " | ".join(dict.fromkeys(t.get("reproduce.data", "") for t in tags)),
-            "data_fingerprint": " ".join(dict.fromkeys(t.get("reproduce.data_fingerprint", "") for t in tags)),
-            "run_ids": " ".join(r["run_id"] for r in group.runs)}
+    return {
+        "model": group.key[0],
+        "shortcut": group.key[1],
+        "variant": group.key[2],
+        "protocol": group.key[3],
+        "metric": metric,
+        **ref,
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "best": float(values.min()),
+        "diff": diff,
+        "within": within,
+        "iterations": group.iterations,
+        "recipe": group.recipe,
+        "seeds": " ".join(t.get("reproduce.seed", "?") for t in tags),
+        "data": " | ".join(dict.fromkeys(t.get("reproduce.data", "") for t in tags)),
+        "data_fingerprint": " ".join(dict.fromkeys(t.get("reproduce.data_fingerprint", "") for t in tags)),
+        "run_ids": " ".join(r["run_id"] for r in group.runs),
+    }
 
 
 def evaluation_table(runs: list[dict], study: str, paper: pd.DataFrame) -> pd.DataFrame:
@@ -75,11 +101,24 @@ def evaluation_table(runs: list[dict], study: str, paper: pd.DataFrame) -> pd.Da
             ref = paper_reference(paper, key, metric)
             ours = float(run["metrics"][metric])
             source = tags.get("reproduce.weights", "?")
-            rows.append({"weights": source if source.startswith(("runs:/", "models:/")) else Path(source).name, "format": tags.get("reproduce.weights_format", ""),
-                         "model": key[0], "shortcut": key[1], "variant": key[2], "protocol": key[3], "metric": metric,
-                         **ref, "ours": ours, "diff": ours - ref["reference"],
-                         "images": int(run["metrics"].get("images", 0)), "data": tags.get("reproduce.data", ""),
-                         "weights_sha256": tags.get("reproduce.weights_sha256", ""), "run_id": run["run_id"]})
+            rows.append(
+                {
+                    "weights": source if source.startswith(("runs:/", "models:/")) else Path(source).name,
+                    "format": tags.get("reproduce.weights_format", ""),
+                    "model": key[0],
+                    "shortcut": key[1],
+                    "variant": key[2],
+                    "protocol": key[3],
+                    "metric": metric,
+                    **ref,
+                    "ours": ours,
+                    "diff": ours - ref["reference"],
+                    "images": int(run["metrics"].get("images", 0)),
+                    "data": tags.get("reproduce.data", ""),
+                    "weights_sha256": tags.get("reproduce.weights_sha256", ""),
+                    "run_id": run["run_id"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -92,12 +131,23 @@ def provenance(runs: list[dict], selection: Selection) -> pd.DataFrame:
     rows = []
     for run in runs:
         tags, params = run["tags"], run["params"]
-        rows.append({"run_id": run["run_id"], "experiment": run.get("experiment", ""), "model": model_key(run)[0],
-                     "shortcut": model_key(run)[1], "seed": tags.get("reproduce.seed", ""), "status": run["status"],
-                     "used": selection.why.get(run["run_id"], ""), "recipe": tags.get("reproduce.recipe", ""),
-                     "iterations": params.get("schedule.iterations", ""), "start_time": run["start_time"],
-                     "end_time": run["end_time"], **{t: tags.get(f"reproduce.{t}", "") for t in PROVENANCE_TAGS},
-                     "data": tags.get("reproduce.data", "")})
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "experiment": run.get("experiment", ""),
+                "model": model_key(run)[0],
+                "shortcut": model_key(run)[1],
+                "seed": tags.get("reproduce.seed", ""),
+                "status": run["status"],
+                "used": selection.why.get(run["run_id"], ""),
+                "recipe": tags.get("reproduce.recipe", ""),
+                "iterations": params.get("schedule.iterations", ""),
+                "start_time": run["start_time"],
+                "end_time": run["end_time"],
+                **{t: tags.get(f"reproduce.{t}", "") for t in PROVENANCE_TAGS},
+                "data": tags.get("reproduce.data", ""),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -106,23 +156,46 @@ def _num(x: float, digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def markdown(study: str, table: pd.DataFrame, other: pd.DataFrame, selection: Selection, prov: pd.DataFrame,
-             figures: list[str], command: str, source: str, paper: pd.DataFrame) -> str:
+def markdown(
+    study: str,
+    table: pd.DataFrame,
+    other: pd.DataFrame,
+    selection: Selection,
+    prov: pd.DataFrame,
+    figures: list[str],
+    command: str,
+    source: str,
+    paper: pd.DataFrame,
+) -> str:
     title = {"cifar10": "CIFAR-10 (paper Table 6)", "imagenet": "ImageNet (paper Tables 2-4)"}[study]
     data_ids = {d: f"d{i + 1}" for i, d in enumerate(dict.fromkeys(table.get("data", [])))}
-    out = [f"# {title}: reproduced vs. He et al., CVPR 2016", "",
-           f"Built by `{command}` from {source}.", "", _md_rows(table, data_ids), ""]
+    out = [
+        f"# {title}: reproduced vs. He et al., CVPR 2016",
+        "",
+        f"Built by `{command}` from {source}.",
+        "",
+        _md_rows(table, data_ids),
+        "",
+    ]
     if selection.evaluations:
-        out += ["## Given weights evaluated (`reproduce evaluate`), beside the paper", "",
-                _md_evaluations(evaluation_table(selection.evaluations, study, paper)), ""]
+        out += [
+            "## Given weights evaluated (`reproduce evaluate`), beside the paper",
+            "",
+            _md_evaluations(evaluation_table(selection.evaluations, study, paper)),
+            "",
+        ]
     counts = ", ".join(f"{n} {reason}" for reason, n in sorted(selection.left_out.items())) or "none"
-    out += [f"Runs left out of the table: {counts}.", "",
-            "- ours: final test error (%) at step = schedule.iterations, under the row's protocol; mean ± sample "
-            "std over the seeds (repeats of one `reproduce.recipe`); best = lowest.",
-            "- Δ = our mean − the paper's number (its mean where it gives one). within: |Δ| ≤ 2 × the paper's std "
-            "where it reports a spread, else ≤ 2 × our std (n ≥ 2); n/a for a single run.",
-            "- Per model the recipe with the most finished runs is tabulated (ties: longer schedule, then newest); "
-            "RUNNING, KILLED and FAILED runs never are.", ""]
+    out += [
+        f"Runs left out of the table: {counts}.",
+        "",
+        "- ours: final test error (%) at step = schedule.iterations, under the row's protocol; mean ± sample "
+        "std over the seeds (repeats of one `reproduce.recipe`); best = lowest.",
+        "- Δ = our mean − the paper's number (its mean where it gives one). within: |Δ| ≤ 2 × the paper's std "
+        "where it reports a spread, else ≤ 2 × our std (n ≥ 2); n/a for a single run.",
+        "- Per model the recipe with the most finished runs is tabulated (ties: longer schedule, then newest); "
+        "RUNNING, KILLED and FAILED runs never are.",
+        "",
+    ]
     prints = dict(zip(table.get("data", []), table.get("data_fingerprint", [])))
     out += [f"- {ident}: {desc} (fingerprint {prints[desc]})" for desc, ident in data_ids.items()] + [""]
     if len(other):
@@ -130,13 +203,32 @@ def markdown(study: str, table: pd.DataFrame, other: pd.DataFrame, selection: Se
     if figures:
         out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     out += ["## Provenance", "", f"- command: `{command}`", f"- source: {source}"]
-    for col, label in [("git_commit", "git commits"), ("git_dirty", "uncommitted changes"), ("host", "hosts"),
-                       ("gpu", "GPUs"), ("torch", "torch"), ("cuda", "CUDA"), ("data_fingerprint", "data fingerprints")]:
+    for col, label in [
+        ("git_commit", "git commits"),
+        ("git_dirty", "uncommitted changes"),
+        ("host", "hosts"),
+        ("gpu", "GPUs"),
+        ("torch", "torch"),
+        ("cuda", "CUDA"),
+        ("data_fingerprint", "data fingerprints"),
+    ]:
         counted = prov[col].value_counts() if len(prov) else {}
         out.append(f"- {label}: " + ", ".join(f"{v or '?'} ({n} runs)" for v, n in counted.items()))
     if len(prov):
         out.append(f"- run dates: {prov.start_time.min()} to {prov.end_time.max()}")
-    cols = ["run_id", "model", "shortcut", "seed", "status", "used", "iterations", "git_commit", "host", "gpu", "start_time"]
+    cols = [
+        "run_id",
+        "model",
+        "shortcut",
+        "seed",
+        "status",
+        "used",
+        "iterations",
+        "git_commit",
+        "host",
+        "gpu",
+        "start_time",
+    ]
     out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for _, row in prov.iterrows()]
     return "\n".join(out) + "\n"
@@ -147,22 +239,58 @@ def _md_evaluations(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         variant = f" {r.variant}" if r.variant and r.variant != "v1" else ""
-        cells = [f"{r.weights} ({r.format})", display_name((r.model, r.shortcut)) + variant, r.protocol, r.metric,
-                 _num(r.reference), r.reference_source or "–", _num(r.ours), _num(r["diff"]), str(r.images), r.data, r.run_id]
+        cells = [
+            f"{r.weights} ({r.format})",
+            display_name((r.model, r.shortcut)) + variant,
+            r.protocol,
+            r.metric,
+            _num(r.reference),
+            r.reference_source or "–",
+            _num(r.ours),
+            _num(r["diff"]),
+            str(r.images),
+            r.data,
+            r.run_id,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _md_rows(table: pd.DataFrame, data_ids: dict | None) -> str:
-    head = ["model", "protocol", "metric", "paper", "source", "ours mean ± std", "n", "best", "Δ", "within",
-            "iterations", "data"]
+    head = [
+        "model",
+        "protocol",
+        "metric",
+        "paper",
+        "source",
+        "ours mean ± std",
+        "n",
+        "best",
+        "Δ",
+        "within",
+        "iterations",
+        "data",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
-        paper = _num(r.reference) + (f" ± {_num(r.reference_std)} (best {_num(r.reference_best)})"
-                                     if not math.isnan(r.reference_std) else "")
+        paper = _num(r.reference) + (
+            f" ± {_num(r.reference_std)} (best {_num(r.reference_best)})" if not math.isnan(r.reference_std) else ""
+        )
         data = data_ids.get(r.data, r.data) if data_ids else f"recipe {r.recipe}"
         ours = _num(r["mean"]) + (f" ± {_num(r['std'])}" if r.n > 1 else " (1 run)")
-        cells = [display_name((r.model, r.shortcut)), r.protocol, r.metric, paper, r.reference_source or "–", ours,
-                 str(r.n), _num(r.best), _num(r["diff"]), r.within or "–", str(r.iterations), data]
+        cells = [
+            display_name((r.model, r.shortcut)),
+            r.protocol,
+            r.metric,
+            paper,
+            r.reference_source or "–",
+            ours,
+            str(r.n),
+            _num(r.best),
+            _num(r["diff"]),
+            r.within or "–",
+            str(r.iterations),
+            data,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

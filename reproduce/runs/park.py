@@ -19,6 +19,7 @@ again reuses that imported run. Then the same training command resumes the run w
 Park reads the run directory and the store, never changes them; once the run has finished, delete
 the parked folder (its final record belongs in the report's export).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def newest_intact(run_dir: Path) -> Path:
     for path in reversed(checkpoint.list_checkpoints(run_dir)):
         if checkpoint.verify(path) is None:
             return path
-    raise ParkError(f"{run_dir} holds no intact checkpoint (ckpt-*.pt with a matching .sha256); "
-                    "give the run directory of a run that has written one")
+    raise ParkError(
+        f"{run_dir} holds no intact checkpoint (ckpt-*.pt with a matching .sha256); "
+        "give the run directory of a run that has written one"
+    )
 
 
 def export_run(run_id: str) -> dict:
@@ -58,18 +61,39 @@ def export_run(run_id: str) -> dict:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ParkError(f"the tracking store {mlflow.get_tracking_uri()} does not hold MLflow run {run_id}; set "
-                        "MLFLOW_TRACKING_URI to the store the run logs to") from None
-    history = {key: [[m.step, m.value, m.timestamp] for m in sorted(client.get_metric_history(run_id, key),
-                                                                     key=lambda m: (m.step, m.timestamp))]
-               for key in run.data.metrics}
-    inputs = [{"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
-               "source": d.dataset.source, "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"), "")}
-              for d in (run.inputs.dataset_inputs if run.inputs else [])]
-    return {"run_id": run_id, "run_name": run.info.run_name,
-            "experiment": client.get_experiment(run.info.experiment_id).name, "status": run.info.status,
-            "start_time": run.info.start_time, "end_time": run.info.end_time, "tags": dict(run.data.tags),
-            "params": dict(run.data.params), "history": history, "inputs": inputs}
+        raise ParkError(
+            f"the tracking store {mlflow.get_tracking_uri()} does not hold MLflow run {run_id}; set "
+            "MLFLOW_TRACKING_URI to the store the run logs to"
+        ) from None
+    history = {
+        key: [
+            [m.step, m.value, m.timestamp]
+            for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        ]
+        for key in run.data.metrics
+    }
+    inputs = [
+        {
+            "name": d.dataset.name,
+            "digest": d.dataset.digest,
+            "source_type": d.dataset.source_type,
+            "source": d.dataset.source,
+            "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""),
+        }
+        for d in (run.inputs.dataset_inputs if run.inputs else [])
+    ]
+    return {
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "experiment": client.get_experiment(run.info.experiment_id).name,
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "history": history,
+        "inputs": inputs,
+    }
 
 
 def park(run_dir: Path, to: Path) -> tuple[Path, dict | None]:
@@ -83,8 +107,15 @@ def park(run_dir: Path, to: Path) -> tuple[Path, dict | None]:
     run_id = state.get("mlflow_run_id")
     if not run_id:
         raise ParkError(f"checkpoint {latest} names no MLflow run; nothing to carry but the checkpoint itself")
-    record = {"format": FORMAT, "run_dir": str(run_dir), "iteration": state["iteration"], "checkpoint": latest.name,
-              "config": state.get("config"), "git_commit": state.get("git_commit"), "mlflow": export_run(run_id)}
+    record = {
+        "format": FORMAT,
+        "run_dir": str(run_dir),
+        "iteration": state["iteration"],
+        "checkpoint": latest.name,
+        "config": state.get("config"),
+        "git_commit": state.get("git_commit"),
+        "mlflow": export_run(run_id),
+    }
     dest = Path(to) / run_dir.name
     total = ((state.get("config") or {}).get("schedule") or {}).get("iterations")
     if record["mlflow"]["status"] == "FINISHED" and total is not None and state["iteration"] >= total:
@@ -117,15 +148,21 @@ def read_parked(folder: Path) -> tuple[dict, Path]:
     try:
         record = json.loads((folder / RECORD).read_text())
     except FileNotFoundError:
-        raise ParkError(f"{folder} is not a parked run (no {RECORD}); give a folder written by `reproduce park`") from None
+        raise ParkError(
+            f"{folder} is not a parked run (no {RECORD}); give a folder written by `reproduce park`"
+        ) from None
     except (OSError, ValueError) as err:
-        raise ParkError(f"{folder / RECORD} cannot be read ({str(err).splitlines()[0][:120]}); park the run again") from None
+        raise ParkError(
+            f"{folder / RECORD} cannot be read ({str(err).splitlines()[0][:120]}); park the run again"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ParkError(f"{folder / RECORD} is not a `reproduce park` record (format {FORMAT} expected)")
     ckpt = folder / record["checkpoint"]
     problem = checkpoint.verify(ckpt) if ckpt.exists() else "it is missing"
     if problem:
-        raise ParkError(f"parked checkpoint {ckpt} cannot be used: {problem}; park the run again from its run directory")
+        raise ParkError(
+            f"parked checkpoint {ckpt} cannot be used: {problem}; park the run again from its run directory"
+        )
     return record, ckpt
 
 
@@ -146,24 +183,36 @@ def import_run(run: dict) -> str:
     except MlflowException:
         pass
     experiment = mlflow.set_experiment(run["experiment"])
-    earlier = client.search_runs([experiment.experiment_id], f"tags.`reproduce.imported_from` = '{run['run_id']}'",
-                                 max_results=1)
+    earlier = client.search_runs(
+        [experiment.experiment_id], f"tags.`reproduce.imported_from` = '{run['run_id']}'", max_results=1
+    )
     if earlier:
         return earlier[0].info.run_id
     created = client.create_run(experiment.experiment_id, start_time=run["start_time"], run_name=run["run_name"])
     new_id = created.info.run_id
     tags = {k: v for k, v in run["tags"].items() if k != "mlflow.runName"} | {"reproduce.imported_from": run["run_id"]}
-    client.log_batch(new_id, params=[Param(k, v) for k, v in run["params"].items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
-    metrics = [Metric(key, value, timestamp, step) for key, points in run["history"].items()
-               for step, value, timestamp in points]
+    client.log_batch(
+        new_id, params=[Param(k, v) for k, v in run["params"].items()], tags=[RunTag(k, v) for k, v in tags.items()]
+    )
+    metrics = [
+        Metric(key, value, timestamp, step)
+        for key, points in run["history"].items()
+        for step, value, timestamp in points
+    ]
     log_metric_batches(client, new_id, metrics)
     if run["inputs"]:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        client.log_inputs(new_id, [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"]),
-                                                [InputTag("mlflow.data.context", d["context"])] if d["context"] else [])
-                                   for d in run["inputs"]])
+        client.log_inputs(
+            new_id,
+            [
+                DatasetInput(
+                    Dataset(d["name"], d["digest"], d["source_type"], d["source"]),
+                    [InputTag("mlflow.data.context", d["context"])] if d["context"] else [],
+                )
+                for d in run["inputs"]
+            ],
+        )
     last = max((p[2] for points in run["history"].values() for p in points), default=run["start_time"])
     client.set_terminated(new_id, "KILLED", end_time=run.get("end_time") or last)
     return new_id
@@ -199,22 +248,32 @@ def park_main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except OSError as err:
-            print(f"error: cannot park {run_dir} into {args.to} ({err.strerror or err}); give a writable --to",
-                  file=sys.stderr)
+            print(
+                f"error: cannot park {run_dir} into {args.to} ({err.strerror or err}); give a writable --to",
+                file=sys.stderr,
+            )
             return 2
         if record is None:
             print(f"{run_dir} has finished: nothing to park ({dest} removed if it was there)")
             continue
-        print(f"parked {run_dir} at iteration {record['iteration']} (MLflow run {record['mlflow']['run_id']}) in {dest}")
+        print(
+            f"parked {run_dir} at iteration {record['iteration']} (MLflow run {record['mlflow']['run_id']}) in {dest}"
+        )
     return 0
 
 
 def unpark_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reproduce unpark", description="put parked runs back: checkpoint into the "
-                                     "run directory, MLflow run into this tracking store")
+    parser = argparse.ArgumentParser(
+        prog="reproduce unpark",
+        description="put parked runs back: checkpoint into the run directory, MLflow run into this tracking store",
+    )
     parser.add_argument("folders", nargs="+", type=Path, metavar="FOLDER")
-    parser.add_argument("--run-dir", type=Path, help="where the checkpoint goes (default: the run.dir it was parked "
-                        "from, relative to this folder when it was relative); only with one FOLDER")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="where the checkpoint goes (default: the run.dir it was parked "
+        "from, relative to this folder when it was relative); only with one FOLDER",
+    )
     args = parser.parse_args(argv)
     if args.run_dir and len(args.folders) > 1:
         print("error: --run-dir takes one parked folder; unpark the others separately", file=sys.stderr)

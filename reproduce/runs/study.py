@@ -23,6 +23,7 @@ CUDA graphs).
 Both end with `reproduce report`'s table (ours beside the paper's numbers) and Fig. 6, written
 to --out. With no --data and no REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,15 +44,28 @@ LAST_FRACTION = 0.2  # training error: the mean of the logged windows over the l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.environ.get("REPRODUCE_CIFAR10"),
-                        help="CIFAR-10 source (batches folder, image tree or .tar.gz); default $REPRODUCE_CIFAR10, else download")
-    parser.add_argument("--budget", choices=["auto", "cpu", "full"], default="auto",
-                        help="cpu: the short study (minutes on 2 cores); full: Table 6 at the paper's schedule (a GPU "
-                             "job); auto (default): full when a CUDA GPU is visible, else cpu")
-    parser.add_argument("--models", nargs="+", help=f"default: {' '.join(CPU_MODELS)} (cpu), {' '.join(FULL_MODELS)} (full)")
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("REPRODUCE_CIFAR10"),
+        help="CIFAR-10 source (batches folder, image tree or .tar.gz); default $REPRODUCE_CIFAR10, else download",
+    )
+    parser.add_argument(
+        "--budget",
+        choices=["auto", "cpu", "full"],
+        default="auto",
+        help="cpu: the short study (minutes on 2 cores); full: Table 6 at the paper's schedule (a GPU "
+        "job); auto (default): full when a CUDA GPU is visible, else cpu",
+    )
+    parser.add_argument(
+        "--models", nargs="+", help=f"default: {' '.join(CPU_MODELS)} (cpu), {' '.join(FULL_MODELS)} (full)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 (cpu), 0 (full)")
-    parser.add_argument("--iterations", type=int, default=80,
-                        help="cpu budget: iterations per run at lr 0.01 (default 80; the paper's whole schedule is 64000)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=80,
+        help="cpu budget: iterations per run at lr 0.01 (default 80; the paper's whole schedule is 64000)",
+    )
     parser.add_argument("--parallel", type=int, default=4, help="full budget: runs sharing the GPU (default 4)")
     parser.add_argument("--experiment", help="MLflow experiment (default cifar10-quick for cpu, cifar10 for full)")
     parser.add_argument("--out", type=Path, help="where the table and Fig. 6 go (default results/<experiment>)")
@@ -80,16 +94,28 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     if args.budget == "cpu":
         n = args.iterations
         common += [
-            f"schedule.iterations={n}", "schedule.milestones=[]", "schedule.warmup_iterations=0",  # the paper's start:
+            f"schedule.iterations={n}",
+            "schedule.milestones=[]",
+            "schedule.warmup_iterations=0",  # the paper's start:
             "optim.lr=0.01",  # the warm-up rate of its ResNet-110 (0.1 is too large to start the 56-layer nets here)
-            f"eval.every={max(1, n // 4)}", "eval.max_images=2000", "eval.batch_size=500",  # 4 test points for Fig. 6
+            f"eval.every={max(1, n // 4)}",
+            "eval.max_images=2000",
+            "eval.batch_size=500",  # 4 test points for Fig. 6
             "data.val_split=0",  # the study reads training and test error: a validation split would only cost time
-            f"run.log_every={max(1, n // 40)}", f"run.checkpoint_every={max(1, n // 4)}",
-            "data.loader=gpu", "run.device=cpu",  # CIFAR-10 held in memory and augmented per batch: no workers
+            f"run.log_every={max(1, n // 40)}",
+            f"run.checkpoint_every={max(1, n // 4)}",
+            "data.loader=gpu",
+            "run.device=cpu",  # CIFAR-10 held in memory and augmented per batch: no workers
         ]
     else:
-        common += ["data.loader=gpu", "run.amp=true", "run.channels_last=true", "run.compile=true",
-                   "run.compile_mode=reduce-overhead", "run.progress=false"]
+        common += [
+            "data.loader=gpu",
+            "run.amp=true",
+            "run.channels_last=true",
+            "run.compile=true",
+            "run.compile_mode=reduce-overhead",
+            "run.progress=false",
+        ]
     return common + args.overrides
 
 
@@ -117,10 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"error: {name}: {err}", file=sys.stderr)
             return 2
-    what = (f"the first {args.iterations} iterations ({100 * args.iterations / 64000:.2f}% of the paper's schedule) at lr 0.01"
-            if args.budget == "cpu" else "the paper's full schedule (64k iterations)")
-    print(f"study ({args.budget} budget): {', '.join(args.models)} x seeds {' '.join(map(str, args.seeds))}, {what}; "
-          f"MLflow experiment {args.experiment}", flush=True)
+    what = (
+        f"the first {args.iterations} iterations ({100 * args.iterations / 64000:.2f}% of the paper's schedule) at lr 0.01"
+        if args.budget == "cpu"
+        else "the paper's full schedule (64k iterations)"
+    )
+    print(
+        f"study ({args.budget} budget): {', '.join(args.models)} x seeds {' '.join(map(str, args.seeds))}, {what}; "
+        f"MLflow experiment {args.experiment}",
+        flush=True,
+    )
     sweep_args = ["--configs", *(str(CONFIGS / f"{m}.yaml") for m in args.models), "--seeds", *map(str, args.seeds)]
     if args.budget == "full" and args.parallel > 1:
         sweep_args += ["--parallel", str(args.parallel)]
@@ -145,8 +177,11 @@ def unknown_model(names: list[str]) -> str | None:
     for name in names:
         if name not in cifar:
             close = difflib.get_close_matches(name, cifar, n=1)
-            return (f"--models {name}: not a CIFAR-10 network" + (f"; did you mean {close[0]!r}?" if close else "") +
-                    f" (one of {', '.join(sorted(cifar))})")
+            return (
+                f"--models {name}: not a CIFAR-10 network"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + f" (one of {', '.join(sorted(cifar))})"
+            )
     return None
 
 
@@ -173,9 +208,12 @@ def numerics_for(args: argparse.Namespace, common: list[str]) -> list[str]:
     largest = max(args.models, key=lambda m: MODELS[m].depth)
     cfg = load_config(CONFIGS / f"{largest}.yaml", ["run.amp=auto", "run.channels_last=auto", *common])
     numerics = resolve_numerics(cfg, torch.device("cpu"), 10, cfg.optim.batch_size)
-    print(f"numerics for every run: {'bf16 autocast' if numerics.amp else 'fp32'}, "
-          f"{'channels_last' if numerics.channels_last else 'contiguous'} ({numerics.how}; {largest}, batch "
-          f"{cfg.optim.batch_size}, this machine: {provenance.machine()})", flush=True)
+    print(
+        f"numerics for every run: {'bf16 autocast' if numerics.amp else 'fp32'}, "
+        f"{'channels_last' if numerics.channels_last else 'contiguous'} ({numerics.how}; {largest}, batch "
+        f"{cfg.optim.batch_size}, this machine: {provenance.machine()})",
+        flush=True,
+    )
     return [f"run.amp={str(numerics.amp).lower()}", f"run.channels_last={str(numerics.channels_last).lower()}"]
 
 
@@ -196,8 +234,11 @@ def compare(args: argparse.Namespace, configs: dict) -> Findings:
     client = mlflow.MlflowClient()
     rows = []
     for name, cfg in configs.items():
-        runs = mlflow.search_runs(experiment_names=[cfg.experiment], output_format="list",
-                                  filter_string=f"tags.`reproduce.recipe` = '{cfg.recipe_hash()}' and attributes.status = 'FINISHED'")
+        runs = mlflow.search_runs(
+            experiment_names=[cfg.experiment],
+            output_format="list",
+            filter_string=f"tags.`reproduce.recipe` = '{cfg.recipe_hash()}' and attributes.status = 'FINISHED'",
+        )
         newest = {}
         for run in sorted(runs, key=lambda r: r.info.start_time):  # one run per seed: the newest
             newest[run.data.tags["reproduce.seed"]] = run
@@ -207,8 +248,16 @@ def compare(args: argparse.Namespace, configs: dict) -> Findings:
         # The report's reference: the paper's mean of 5 runs where it gives one (ResNet-110), not its best.
         shortcut = cfg.model.shortcut.value if cfg.model.shortcut else ""
         ref = paper_reference(paper, (name, shortcut, None, "single"), "test_top1_err")["reference"]
-        rows.append({"model": name, "n": len(picked), "train": train, "test": test, "paper": ref,
-                     "run_ids": [r.info.run_id for r in picked]})
+        rows.append(
+            {
+                "model": name,
+                "n": len(picked),
+                "train": train,
+                "test": test,
+                "paper": ref,
+                "run_ids": [r.info.run_id for r in picked],
+            }
+        )
     return Findings(rows, render(args, rows))
 
 
@@ -236,11 +285,15 @@ def verdict(worse: dict, better: dict, claim: str) -> str:
     if math.isnan(margin):
         return f"- {claim}: not measured (a run did not finish)"
     if math.isnan(spread):
-        return (f"- {claim}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
-                f"{margin:.1f} points; one seed, so no spread to hold it against (use --seeds 0 1)")
+        return (
+            f"- {claim}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
+            f"{margin:.1f} points; one seed, so no spread to hold it against (use --seeds 0 1)"
+        )
     shown = "SHOWN" if margin > spread else "NOT shown"
-    return (f"- {claim}: {shown}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
-            f"{margin:.1f} points against a seed-to-seed spread of {spread:.1f}")
+    return (
+        f"- {claim}: {shown}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
+        f"{margin:.1f} points against a seed-to-seed spread of {spread:.1f}"
+    )
 
 
 def render(args: argparse.Namespace, rows: list[dict]) -> str:
@@ -249,30 +302,47 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         return "-" if math.isnan(mean) else f"{mean:.2f}" + ("" if math.isnan(spread) else f" ± {spread / 2:.2f}")
 
     header = ("model", "n", "train err %", "test err %", "paper test err %", "MLflow run ids")
-    table = [header] + [(r["model"], str(r["n"]), cell(r["train"]), cell(r["test"]),
-                         "-" if math.isnan(r["paper"]) else f"{r['paper']:.2f}", " ".join(r["run_ids"])) for r in rows]
+    table = [header] + [
+        (
+            r["model"],
+            str(r["n"]),
+            cell(r["train"]),
+            cell(r["test"]),
+            "-" if math.isnan(r["paper"]) else f"{r['paper']:.2f}",
+            " ".join(r["run_ids"]),
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if args.budget == "cpu":
         test_what = "test error on 2,000 test images (single view)"
-        lines.append(f"\nours: after {args.iterations} iterations of 64,000 at lr 0.01, mean ± half the range over seeds; train error "
-                     f"is the mean over the last {LAST_FRACTION:.0%} of the run on augmented batches; {test_what}. "
-                     "The paper's column is the end of its full schedule (Table 6; it gives no number for plain nets): "
-                     "it is there for scale, not as a target for a run this short.")
+        lines.append(
+            f"\nours: after {args.iterations} iterations of 64,000 at lr 0.01, mean ± half the range over seeds; train error "
+            f"is the mean over the last {LAST_FRACTION:.0%} of the run on augmented batches; {test_what}. "
+            "The paper's column is the end of its full schedule (Table 6; it gives no number for plain nets): "
+            "it is there for scale, not as a target for a run this short."
+        )
     else:
-        lines.append("\nours: the paper's full schedule; test error on the 10,000 test images (single view); paper: Table 6")
+        lines.append(
+            "\nours: the paper's full schedule; test error on the 10,000 test images (single view); paper: Table 6"
+        )
     by_name = {r["model"]: r for r in rows}
     lines.append("\nThe paper's findings in this run:")
-    for worse, better, claim in (("plain56", "plain20", "degradation (the deeper plain net trains worse, Fig. 6 left)"),
-                                 ("plain56", "resnet56", "residual learning (at 56 layers the ResNet trains better)"),
-                                 ("resnet20", "resnet56", "deeper ResNets are better (Fig. 6 middle, Table 6)"),
-                                 ("plain20", "resnet20", "residual learning at 20 layers")):
+    for worse, better, claim in (
+        ("plain56", "plain20", "degradation (the deeper plain net trains worse, Fig. 6 left)"),
+        ("plain56", "resnet56", "residual learning (at 56 layers the ResNet trains better)"),
+        ("resnet20", "resnet56", "deeper ResNets are better (Fig. 6 middle, Table 6)"),
+        ("plain20", "resnet20", "residual learning at 20 layers"),
+    ):
         if worse in by_name and better in by_name:
             lines.append(verdict(by_name[worse], by_name[better], claim))
     if args.budget == "cpu" and not {"resnet20", "resnet56"} <= set(by_name):
-        lines.append("- deeper ResNets are better (ResNet-56 ahead of ResNet-20, Table 6): not shown by this budget; the "
-                     "paper's curves cross after thousands of iterations: `reproduce study --budget full` on a GPU")
+        lines.append(
+            "- deeper ResNets are better (ResNet-56 ahead of ResNet-20, Table 6): not shown by this budget; the "
+            "paper's curves cross after thousands of iterations: `reproduce study --budget full` on a GPU"
+        )
     return "\n".join(lines)
 
 
@@ -293,10 +363,15 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings,
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
     store_report(args.experiment, "cifar10", args.out, written, command)
     git = provenance.code_state()
-    atomic_write_text(args.out / "study.md", f"# The depth study\n\nCommand: `{command}`\n\nCommit {git}; machine: "
-                      f"{provenance.machine()}\n\n```\n{findings.text}\n```\n")
+    atomic_write_text(
+        args.out / "study.md",
+        f"# The depth study\n\nCommand: `{command}`\n\nCommit {git}; machine: "
+        f"{provenance.machine()}\n\n```\n{findings.text}\n```\n",
+    )
     names = ["study.md", *written]
     print(f"\nwrote {', '.join(str(args.out / n) for n in names)}")
-    print(f"the table: {args.out / 'table.md'}; Fig. 6: {args.out / 'fig6.png'}; browse the runs with `mlflow ui` "
-          "(experiment page, then \"Model training\")")
+    print(
+        f"the table: {args.out / 'table.md'}; Fig. 6: {args.out / 'fig6.png'}; browse the runs with `mlflow ui` "
+        '(experiment page, then "Model training")'
+    )
     return 0

@@ -16,6 +16,7 @@ the sweep itself is killed outright, the kernel sends its children SIGTERM all t
 the same command again to resume, since every finished run is found complete and every
 interrupted one resumes from its checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reproduce sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", required=True, metavar="FILE", help="YAML files under configs/")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="default: 0")
-    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="runs at a time, as child processes (default 1: in this process)")
-    parser.add_argument("--log-dir", type=Path, default=Path("sweep-logs"), help="with --parallel > 1: one log file per run here")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time, as child processes (default 1: in this process)",
+    )
+    parser.add_argument(
+        "--log-dir", type=Path, default=Path("sweep-logs"), help="with --parallel > 1: one log file per run here"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run nothing")
     args = parser.parse_args([a for a in argv if a not in overrides])
     if args.parallel < 1:
@@ -97,7 +106,10 @@ def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
     try:
         for i, run in enumerate(runs, start=1):
             if requested:
-                print(f"sweep stopped on request before run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
+                print(
+                    f"sweep stopped on request before run {i}/{len(runs)}; start the same command to resume",
+                    file=sys.stderr,
+                )
                 return None
             command = "reproduce train " + shlex.join(run)
             print(f"\n== sweep {i}/{len(runs)}: {command}", flush=True)
@@ -107,7 +119,10 @@ def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
                 log.exception("run failed")
                 code = f"{type(err).__name__}: {err}"
             if code == STOPPED:
-                print(f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume", file=sys.stderr)
+                print(
+                    f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume",
+                    file=sys.stderr,
+                )
                 return None
             if code != 0:
                 failed.append((command, code))
@@ -132,8 +147,11 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
 
     def stop(signum, frame):
         if not stopping:
-            print(f"sweep: stopping on {signal.Signals(signum).name}: asking {len(active)} running runs to checkpoint and stop",
-                  file=sys.stderr, flush=True)
+            print(
+                f"sweep: stopping on {signal.Signals(signum).name}: asking {len(active)} running runs to checkpoint and stop",
+                file=sys.stderr,
+                flush=True,
+            )
         stopping.append(signum)
         for child in active:
             child.send_signal(signal.SIGTERM)
@@ -151,13 +169,24 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
                 if gpus > 1:
                     gpu = min(range(gpus), key=load.__getitem__)
                     load[gpu] += 1
-                    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[gpu]
+                    env["CUDA_VISIBLE_DEVICES"] = env.get(
+                        "CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))
+                    ).split(",")[gpu]
                 with log_path.open("a") as out:
-                    child = subprocess.Popen([sys.executable, "-m", "reproduce.train", *run], stdout=out, stderr=subprocess.STDOUT,
-                                             env=env, start_new_session=True, preexec_fn=_stop_when_parent_dies(os.getpid()))
+                    child = subprocess.Popen(
+                        [sys.executable, "-m", "reproduce.train", *run],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_stop_when_parent_dies(os.getpid()),
+                    )
                 active[child] = (i, command, log_path, gpu)
-                print(f"== sweep {i}/{len(runs)} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
-                      f"  [log: {log_path}]", flush=True)
+                print(
+                    f"== sweep {i}/{len(runs)} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
+                    f"  [log: {log_path}]",
+                    flush=True,
+                )
             time.sleep(0.2)
             for child in [c for c in active if c.poll() is not None]:
                 i, command, log_path, gpu = active.pop(child)
@@ -167,14 +196,19 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
                 word = "finished" if code == 0 else "stopped" if code == STOPPED else f"FAILED (exit {code})"
                 print(f"== sweep {i}/{len(runs)} {word}: {command}  [log: {log_path}]", flush=True)
                 if code == STOPPED and not stopping:  # stopped by someone else: not done, so not a success
-                    failed.append((command, f"stopped from outside the sweep; start the same command to resume; log {log_path}"))
+                    failed.append(
+                        (command, f"stopped from outside the sweep; start the same command to resume; log {log_path}")
+                    )
                 elif code not in (0, STOPPED):
                     failed.append((command, f"exit {code}; log {log_path}"))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if stopping:
-        print(f"sweep stopped on request with {len(pending)} runs not started; start the same command to resume", file=sys.stderr)
+        print(
+            f"sweep stopped on request with {len(pending)} runs not started; start the same command to resume",
+            file=sys.stderr,
+        )
         return None
     return failed
 
@@ -182,6 +216,7 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
 def _stop_when_parent_dies(parent: int):
     """For a child: SIGTERM (checkpoint and stop) when the sweep dies, even by SIGKILL, so no run
     trains on unwatched, holding its run directory's lock. Linux only; elsewhere a no-op."""
+
     def arm() -> None:
         import ctypes
 
@@ -193,6 +228,7 @@ def _stop_when_parent_dies(parent: int):
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the sweep died before the signal was armed
             os.kill(os.getpid(), signal.SIGTERM)
+
     return arm
 
 

@@ -2,6 +2,7 @@
 loaders.py; the calls into FFCV are pipeline.py's and decode.py's, imported on first use.
 
 Importing this package imports neither FFCV nor its loaders."""
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ The hash is splitmix64 of (seed, the indices of the batch in order, the image's 
 pure function of the rank's batch, so it repeats run to run and on resume, and differs from
 epoch to epoch because the batches do.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -79,7 +80,12 @@ def _crop_box(mode, height, width, crop, lo, hi, resize_short, key):
             w = int(round(np.sqrt(target * aspect)))
             h = int(round(np.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                return _below(_uniform(key, 4 * attempt + 2), height - h + 1), _below(_uniform(key, 4 * attempt + 3), width - w + 1), h, w
+                return (
+                    _below(_uniform(key, 4 * attempt + 2), height - h + 1),
+                    _below(_uniform(key, 4 * attempt + 3), width - w + 1),
+                    h,
+                    w,
+                )
         ratio = width / height  # fallback: the whole image, clamped to the aspect range, centred
         if ratio < 3.0 / 4.0:
             w, h = width, int(round(width / (3.0 / 4.0)))
@@ -97,7 +103,9 @@ class CropDecoder(ResizedCropRGBImageDecoder):
     with probability 0.5 in the random modes; for TENCROP, ten views: the corners and the
     centre, then their mirror images (torchvision's ten_crop order). In FFCV's numba threads."""
 
-    def __init__(self, mode: int, crop: int, scale: tuple[int, int] = (256, 480), resize_short: int = 256, seed: int = 0):
+    def __init__(
+        self, mode: int, crop: int, scale: tuple[int, int] = (256, 480), resize_short: int = 256, seed: int = 0
+    ):
         super().__init__((crop, crop))
         self.mode, self.crop, self.lo, self.hi = mode, crop, scale[0], scale[1]
         self.resize_short, self.seed = resize_short, seed
@@ -116,7 +124,14 @@ class CropDecoder(ResizedCropRGBImageDecoder):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         jpg = IMAGE_MODES["jpg"]
-        mode, crop, lo, hi, resize_short, seed = self.mode, self.crop, self.lo, self.hi, self.resize_short, np.uint64(self.seed)
+        mode, crop, lo, hi, resize_short, seed = (
+            self.mode,
+            self.crop,
+            self.lo,
+            self.hi,
+            self.resize_short,
+            np.uint64(self.seed),
+        )
 
         def pixels(source_ix, temp_storage, dst_ix, metadata, storage_state):
             entry = metadata[source_ix]
@@ -125,7 +140,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
             if entry["mode"] == jpg:
                 buffer = temp_storage[dst_ix]
                 imdecode_c(data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                return buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                return buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
             return data.reshape(height, width, 3)
 
         pixels_c = Compiler.compile(pixels)
@@ -142,7 +157,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                 resize_crop_c(image, top, top + h, left, left + w, destination[dst_ix])
                 if mode != CENTER and _uniform(key, 40) < 0.5:  # draws 0..39 are the crop's
                     _mirror(destination[dst_ix], destination[dst_ix])
-            return destination[:len(batch_indices)]
+            return destination[: len(batch_indices)]
 
         def decode_ten(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -156,7 +171,7 @@ class CropDecoder(ResizedCropRGBImageDecoder):
                     resize_crop_c(image, tops[v], tops[v] + side, lefts[v], lefts[v] + side, destination[dst_ix, v])
                 for v in range(5):  # torchvision crops the mirrored image: its top-left is our top-right mirrored, ...
                     _mirror(destination[dst_ix, (1, 0, 3, 2, 4)[v]], destination[dst_ix, 5 + v])
-            return destination[:len(batch_indices)]
+            return destination[: len(batch_indices)]
 
         chosen = decode_ten if mode == TENCROP else decode
         chosen.is_parallel = True

@@ -29,6 +29,7 @@ Importing this module does not import FFCV: the calls into FFCV are pipeline.py'
 on first use by `ffcv_library` (which keeps torch's thread count, and says how to install
 FFCV when it is missing).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,10 @@ def ffcv_library(needed_by: str = "data.loader=ffcv"):
     try:
         from reproduce.data.ffcv import pipeline
     except ImportError as err:
-        raise DataError(f"{needed_by} needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
-                        "pkg-config, then pip install -e '.[ffcv]'") from None
+        raise DataError(
+            f"{needed_by} needs FFCV ({err}): apt-get install -y libturbojpeg0-dev libopencv-dev "
+            "pkg-config, then pip install -e '.[ffcv]'"
+        ) from None
     finally:
         torch.set_num_threads(threads)
     return pipeline
@@ -97,44 +100,63 @@ def build_data(cfg: Config) -> Data:
     """The splits of data.path (a `reproduce prepare` folder), checked against the config."""
     root, d = Path(cfg.data.path), cfg.data
     if not root.is_dir():
-        raise DataError(f"data.loader=ffcv needs data.path to be a folder written by `reproduce prepare`; {root} is not a folder")
+        raise DataError(
+            f"data.loader=ffcv needs data.path to be a folder written by `reproduce prepare`; {root} is not a folder"
+        )
     if d.dataset == "cifar10":
         train = _open(root / "train.beton", "train", cfg)
         m = train.manifest
         if m["val_split"] != d.val_split:
-            raise DataError(f"{root} was prepared with a validation split of {m['val_split']} images but the config asks for "
-                            f"data.val_split={d.val_split}; prepare again with --val-split {d.val_split} "
-                            f"(or set data.val_split={m['val_split']})")
+            raise DataError(
+                f"{root} was prepared with a validation split of {m['val_split']} images but the config asks for "
+                f"data.val_split={d.val_split}; prepare again with --val-split {d.val_split} "
+                f"(or set data.val_split={m['val_split']})"
+            )
         val = _open(root / "val.beton", "eval", cfg) if d.val_split else None
         test = _open(root / "test.beton", "eval", cfg)
         _same_preparation(train, val, test, keys=("source_digest", "val_split"))
-        return Data(train, val, test, num_classes=10, fingerprint=m["source_digest"],
-                    description=describe(len(train), d.val_split, len(test),
-                                         f"FFCV files in {root} (prepared from {m['source']})", m["lossy"]))
+        return Data(
+            train,
+            val,
+            test,
+            num_classes=10,
+            fingerprint=m["source_digest"],
+            description=describe(
+                len(train), d.val_split, len(test), f"FFCV files in {root} (prepared from {m['source']})", m["lossy"]
+            ),
+        )
     train = _open(root / "train.beton", "train", cfg)
     val = _open(root / "val.beton", "eval", cfg)
     _same_preparation(train, val, keys=("classes", "source", "writer"))
     test = BetonSplit(val.path, val.manifest, "tencrop" if cfg.eval.protocol.value == "tencrop" else "eval")
     w = train.manifest["writer"]
     listing = (train.manifest["listing_sha256"] + val.manifest["listing_sha256"]).encode()
-    return Data(train, val, test, num_classes=len(train.manifest["classes"]),
-                fingerprint=hashlib.sha256(listing).hexdigest()[:16],
-                description=f"ImageNet-style FFCV files in {root} (from {train.manifest['source']}; max side {w['max_side']}, "
-                f"{w['compress_probability']:.0%} JPEG at quality {w['jpeg_quality']}): {len(train)} train / {len(val)} val "
-                f"images, {len(train.manifest['classes'])} classes; test = val with protocol {cfg.eval.protocol.value}")
+    return Data(
+        train,
+        val,
+        test,
+        num_classes=len(train.manifest["classes"]),
+        fingerprint=hashlib.sha256(listing).hexdigest()[:16],
+        description=f"ImageNet-style FFCV files in {root} (from {train.manifest['source']}; max side {w['max_side']}, "
+        f"{w['compress_probability']:.0%} JPEG at quality {w['jpeg_quality']}): {len(train)} train / {len(val)} val "
+        f"images, {len(train.manifest['classes'])} classes; test = val with protocol {cfg.eval.protocol.value}",
+    )
 
 
 def _same_preparation(first: BetonSplit, *others: BetonSplit | None, keys: tuple[str, ...]) -> None:
     for other in filter(None, others):
         for key in keys:
             if key == "writer":
-                differ = {k: v for k, v in other.manifest[key].items() if k != "stored_jpeg"} != \
-                    {k: v for k, v in first.manifest[key].items() if k != "stored_jpeg"}
+                differ = {k: v for k, v in other.manifest[key].items() if k != "stored_jpeg"} != {
+                    k: v for k, v in first.manifest[key].items() if k != "stored_jpeg"
+                }
             else:
                 differ = other.manifest[key] != first.manifest[key]
             if differ:
-                raise DataError(f"{first.path.parent}: {first.path.name} and {other.path.name} come from different "
-                                f"preparations ({key} differs); prepare the folder again")
+                raise DataError(
+                    f"{first.path.parent}: {first.path.name} and {other.path.name} come from different "
+                    f"preparations ({key} differs); prepare the folder again"
+                )
 
 
 def _open(beton: Path, role: str, cfg: Config) -> BetonSplit:
@@ -208,7 +230,9 @@ def _finish_train(images, labels, where: slice, draws, split: BetonSplit, cfg: C
     labels = _on_device(labels.view(-1), device).clone()
     images = _on_device(images, device)  # (B, H, W, 3) uint8: a quarter of the float batch's bytes
     if split.dataset == "cifar10":
-        batch = normalize(images.permute(0, 3, 1, 2).contiguous(), *_cifar_stats(split, cfg, device))  # NCHW as the others
+        batch = normalize(
+            images.permute(0, 3, 1, 2).contiguous(), *_cifar_stats(split, cfg, device)
+        )  # NCHW as the others
         if cfg.data.augment:
             batch = pad_crop_flip(batch, draws["offsets"][where].to(device), draws["flips"][where].to(device))
         return batch, labels
@@ -246,13 +270,22 @@ def _normalized(images: torch.Tensor, shift: torch.Tensor, device: torch.device)
     nchw = (0, *range(1, len(views) + 1), images.dim() - 1, images.dim() - 3, images.dim() - 2)
     if device.type == "cpu":
         flat = bias.repeat_interleave(views.numel(), dim=0)
-        return ffcv_library().affine_cpu(images.reshape(-1, *images.shape[-3:]), scale, flat).view(images.shape).permute(*nchw)
+        return (
+            ffcv_library()
+            .affine_cpu(images.reshape(-1, *images.shape[-3:]), scale, flat)
+            .view(images.shape)
+            .permute(*nchw)
+        )
     bias = bias.to(device).view(-1, *[1] * len(views), 1, 1, 3)
     return torch.addcmul(bias, images, scale.to(device)).permute(*nchw)
 
 
 def _finish_eval(images, labels, split: BetonSplit, cfg: Config, device: torch.device):
-    labels, images, shift = _on_device(labels.view(-1), device).clone(), _on_device(images, device), torch.zeros(len(labels), 3)
+    labels, images, shift = (
+        _on_device(labels.view(-1), device).clone(),
+        _on_device(images, device),
+        torch.zeros(len(labels), 3),
+    )
     if split.dataset == "cifar10":
         return normalize(images.permute(0, 3, 1, 2).contiguous(), *_cifar_stats(split, cfg, device)), labels
     return _normalized(images, shift, device), labels  # 10-crop: (B, 10, H, W, 3)

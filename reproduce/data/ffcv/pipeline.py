@@ -9,6 +9,7 @@ FFCV 1.0.2 internals used (the version is pinned): `EpochIterator`, subclassed s
 exception in its thread reaches the consumer instead of leaving it waiting forever, and
 `ResizedCropRGBImageDecoder` (decode.py).
 """
+
 from __future__ import annotations
 
 import queue
@@ -44,8 +45,10 @@ def check_beton(beton: Path, manifest: dict) -> None:
     crash or a hang inside FFCV: size, header, fields, allocation table, per-image metadata."""
     size = beton.stat().st_size
     if size != manifest["bytes"]:
-        raise DataError(f"{beton} has {size} bytes but was written with {manifest['bytes']} (truncated or overwritten?); "
-                        f"prepare it again")
+        raise DataError(
+            f"{beton} has {size} bytes but was written with {manifest['bytes']} (truncated or overwritten?); "
+            f"prepare it again"
+        )
     try:
         reader = Reader(str(beton))
     except Exception as err:  # numpy and FFCV raise several types for a damaged header
@@ -76,12 +79,20 @@ def loader_for(split: BetonSplit, cfg: Config, batch_size: int) -> Loader:
     if key not in split._loaders:
         threads = torch.get_num_threads()  # FFCV sets torch's thread count to its own
         try:
-            split._loaders[key] = Loader(str(split.path), batch_size=batch_size, num_workers=workers,
-                                         order=OrderOption.SEQUENTIAL, seed=0, drop_last=False, batches_ahead=2,
-                                         pipelines={"image": [_decoder(split, cfg), ToTensor()],
-                                                    "label": [IntDecoder(), ToTensor()]})
+            split._loaders[key] = Loader(
+                str(split.path),
+                batch_size=batch_size,
+                num_workers=workers,
+                order=OrderOption.SEQUENTIAL,
+                seed=0,
+                drop_last=False,
+                batches_ahead=2,
+                pipelines={"image": [_decoder(split, cfg), ToTensor()], "label": [IntDecoder(), ToTensor()]},
+            )
         except Exception as err:  # FFCV raises TypeError, ValueError, ... for a file it cannot decode this way
-            raise DataError(f"FFCV cannot read {split.path}: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
+            raise DataError(
+                f"FFCV cannot read {split.path}: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
+            ) from None
         finally:
             torch.set_num_threads(threads)
     return split._loaders[key]

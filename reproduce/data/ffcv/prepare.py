@@ -24,6 +24,7 @@ The same source prepared twice gives byte-identical files: FFCV's writer runs as
 images are decoded and scaled in --workers processes ahead of it, and whether an image is
 stored as JPEG is drawn from its index.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,20 +52,39 @@ MAX_SIDE_LIMIT = 1024  # a raw image must fit in one page
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce prepare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="reproduce prepare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="cifar10|imagenet")
     cifar = sub.add_parser("cifar10", help="CIFAR-10 -> train/val/test .beton (raw pixels)")
-    cifar.add_argument("--source", type=Path, default=None,
-                       help="cifar-10-batches-py folder, image tree or .tar.gz (default: torchvision download into ./data)")
-    cifar.add_argument("--val-split", type=int, default=5000, help="training images held out as val.beton (the paper: 5000)")
+    cifar.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="cifar-10-batches-py folder, image tree or .tar.gz (default: torchvision download into ./data)",
+    )
+    cifar.add_argument(
+        "--val-split", type=int, default=5000, help="training images held out as val.beton (the paper: 5000)"
+    )
     imagenet = sub.add_parser("imagenet", help="ImageNet-style folders -> train/val .beton (JPEG/raw mix)")
     imagenet.add_argument("--source", type=Path, required=True, help="a folder with train/<class>/* and val/<class>/*")
-    imagenet.add_argument("--max-side", type=int, default=500, help="longer side in pixels at most (FFCV's ResNet-50: 500)")
-    imagenet.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the compressed images (FFCV's: 90)")
-    imagenet.add_argument("--compress-probability", type=float, default=0.5,
-                          help="share of images stored as JPEG, the rest raw (FFCV's: 0.5)")
-    imagenet.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes decoding the source images")
+    imagenet.add_argument(
+        "--max-side", type=int, default=500, help="longer side in pixels at most (FFCV's ResNet-50: 500)"
+    )
+    imagenet.add_argument(
+        "--jpeg-quality", type=int, default=90, help="JPEG quality of the compressed images (FFCV's: 90)"
+    )
+    imagenet.add_argument(
+        "--compress-probability",
+        type=float,
+        default=0.5,
+        help="share of images stored as JPEG, the rest raw (FFCV's: 0.5)",
+    )
+    imagenet.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes decoding the source images"
+    )
     for p in (cifar, imagenet):
         p.add_argument("--out", type=Path, required=True, help="folder for the .beton files and manifests")
     return parser.parse_args(argv)
@@ -74,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.out.exists() and not args.out.is_dir():  # before the source is read
-            raise DataError(f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)")
+            raise DataError(
+                f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
+            )
         if args.dataset == "cifar10":
             written = prepare_cifar10(args.source, args.out, args.val_split)
         else:
-            written = prepare_imagenet(args.source, args.out, args.max_side, args.jpeg_quality,
-                                       args.compress_probability, args.workers)
+            written = prepare_imagenet(
+                args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
+            )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -99,45 +122,80 @@ def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> li
     for kind in ("pixel_mean", "channel"):  # both, so that data.normalize can be either
         mean, std = cifar_stats(train_images, kind)
         normalization[kind] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
-    common = {"dataset": "cifar10", "classes": list(CLASSES), "source": str(source) if source else "torchvision download",
-              "source_digest": arrays.digest(),
-              "lossy": arrays.lossy, "val_split": val_split, "normalization": normalization}
-    writer = {"write_mode": "raw", "max_side": None, "jpeg_quality": None, "compress_probability": 0.0,
-              "page_size": CIFAR_PAGE}
-    splits = [("train", arrays.train_x[train_idx], arrays.train_y[train_idx]),
-              ("val", arrays.train_x[val_idx], arrays.train_y[val_idx]) if val_idx is not None else None,
-              ("test", arrays.test_x, arrays.test_y)]
+    common = {
+        "dataset": "cifar10",
+        "classes": list(CLASSES),
+        "source": str(source) if source else "torchvision download",
+        "source_digest": arrays.digest(),
+        "lossy": arrays.lossy,
+        "val_split": val_split,
+        "normalization": normalization,
+    }
+    writer = {
+        "write_mode": "raw",
+        "max_side": None,
+        "jpeg_quality": None,
+        "compress_probability": 0.0,
+        "page_size": CIFAR_PAGE,
+    }
+    splits = [
+        ("train", arrays.train_x[train_idx], arrays.train_y[train_idx]),
+        ("val", arrays.train_x[val_idx], arrays.train_y[val_idx]) if val_idx is not None else None,
+        ("test", arrays.test_x, arrays.test_y),
+    ]
     out.mkdir(parents=True, exist_ok=True)
     if val_idx is None:
         for stale in (out / "val.beton", manifest_path(out / "val.beton")):
             stale.unlink(missing_ok=True)  # a val.beton of an earlier preparation would not match
     written = []
     for name, images, labels in filter(None, splits):
-        written.append(_write(out / f"{name}.beton", _Arrays(images, labels), labels, writer, {**common, "split": name}))
+        written.append(
+            _write(out / f"{name}.beton", _Arrays(images, labels), labels, writer, {**common, "split": name})
+        )
     return written
 
 
-def prepare_imagenet(source: Path, out: Path, max_side: int = 500, jpeg_quality: int = 90,
-                     compress_probability: float = 0.5, workers: int = 1) -> list[Path]:
+def prepare_imagenet(
+    source: Path,
+    out: Path,
+    max_side: int = 500,
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    workers: int = 1,
+) -> list[Path]:
     if not 32 <= max_side <= MAX_SIDE_LIMIT:
-        raise DataError(f"--max-side {max_side} must be between 32 and {MAX_SIDE_LIMIT} (a raw image must fit one FFCV page)")
+        raise DataError(
+            f"--max-side {max_side} must be between 32 and {MAX_SIDE_LIMIT} (a raw image must fit one FFCV page)"
+        )
     if not 1 <= jpeg_quality <= 100 or not 0 <= compress_probability <= 1:
         raise DataError("--jpeg-quality must be in 1..100 and --compress-probability in [0, 1]")
     if source.is_file():
-        raise DataError(f"{source} is a file; extract it first (tar -xzf {source} -C DIR) and pass DIR with train/ and val/")
+        raise DataError(
+            f"{source} is a file; extract it first (tar -xzf {source} -C DIR) and pass DIR with train/ and val/"
+        )
     folders = {split: image_folder(source, split, None) for split in ("train", "val")}
     if folders["train"].classes != folders["val"].classes:
         raise DataError(f"{source}: train/ and val/ have different class folders")
-    writer = {"write_mode": "proportion", "max_side": max_side, "jpeg_quality": jpeg_quality,
-              "compress_probability": compress_probability, "page_size": IMAGENET_PAGE}
+    writer = {
+        "write_mode": "proportion",
+        "max_side": max_side,
+        "jpeg_quality": jpeg_quality,
+        "compress_probability": compress_probability,
+        "page_size": IMAGENET_PAGE,
+    }
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for split, folder in folders.items():
         paths = [p for p, _ in folder.samples]
         labels = np.array([label for _, label in folder.samples], np.int64)
         listing = "".join(f"{Path(p).relative_to(source)}\t{Path(p).stat().st_size}\n" for p in paths)
-        meta = {"dataset": "imagenet", "split": split, "classes": folder.classes, "source": str(source),
-                "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        meta = {
+            "dataset": "imagenet",
+            "split": split,
+            "classes": folder.classes,
+            "source": str(source),
+            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        }
         images = _Decoded(paths, labels, max_side, workers)
         written.append(_write(out / f"{split}.beton", images, labels, writer, meta))
     return written
@@ -152,8 +210,12 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
 
     print(f"writing {beton} ({len(dataset):,} images)", file=sys.stderr)
     tmp = beton.with_name(f".{beton.name}.{os.getpid()}.tmp")
-    image_field = RGBImageField(write_mode=writer["write_mode"], max_resolution=writer["max_side"],
-                                jpeg_quality=writer["jpeg_quality"] or 90, compress_probability=writer["compress_probability"])
+    image_field = RGBImageField(
+        write_mode=writer["write_mode"],
+        max_resolution=writer["max_side"],
+        jpeg_quality=writer["jpeg_quality"] or 90,
+        compress_probability=writer["compress_probability"],
+    )
     fields = {"image": image_field, "label": IntField()}
     try:
         # One writer process: FFCV's pages then follow the image order, so the bytes are repeatable.
@@ -165,14 +227,23 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
             raise DataError(f"{failed.value} images of {meta['split']} could not be decoded, e.g. {example}")
         modes = Reader(str(tmp)).metadata["f0"]["mode"]
         counts = np.bincount(labels, minlength=len(meta["classes"]))
-        manifest = {"format": MANIFEST_FORMAT, **meta, "file": beton.name, "images": len(dataset),
-                    "counts": dict(zip(meta["classes"], counts.tolist())),
-                    "writer": {**writer, "stored_jpeg": int((modes == 0).sum())}, "ffcv": ffcv_version(),
-                    "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            **meta,
+            "file": beton.name,
+            "images": len(dataset),
+            "counts": dict(zip(meta["classes"], counts.tolist())),
+            "writer": {**writer, "stored_jpeg": int((modes == 0).sum())},
+            "ffcv": ffcv_version(),
+            "bytes": tmp.stat().st_size,
+            "sha256": _sha256(tmp),
+        }
         manifest_path(beton).unlink(missing_ok=True)  # never a new file beside an old manifest
         atomic_replace(tmp, beton)
-        atomic_write_text(manifest_path(beton),
-                          "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n")
+        atomic_write_text(
+            manifest_path(beton),
+            "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n",
+        )
     finally:
         tmp.unlink(missing_ok=True)
     return beton
@@ -318,8 +389,9 @@ def _async_raise(thread_id: int, exception: type[BaseException] | None) -> None:
     """Raise `exception` in the thread `thread_id` at its next bytecode; None cancels a pending one."""
     import ctypes
 
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exception) if exception else None)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception else None
+    )
 
 
 def _a_child_failed(before: set[int]) -> bool:
