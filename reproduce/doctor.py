@@ -341,7 +341,7 @@ def compile_probe(device: str, mode: str) -> dict:
 def check_fast_bf16(device) -> Check:
     import torch
 
-    from reproduce.engine import cpu_has_fast_bf16
+    from reproduce.numerics import cpu_has_fast_bf16
 
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -385,7 +385,7 @@ def check_ffcv() -> Check:
     from PIL import Image
 
     from reproduce.data import ffcv_module
-    from reproduce.data.ffcv.loaders import ffcv_version
+    from reproduce.data.ffcv.manifest import ffcv_version
 
     ffcv_module("reproduce doctor")  # DataError with the install line when FFCV is missing
     from ffcv.libffcv import imdecode

@@ -35,9 +35,10 @@ from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
-from reproduce.engine import Numerics, build_optimizer, evaluate, lr_at, resolve_numerics, train_step
+from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
 from reproduce.io import atomic_write_text
 from reproduce.models import build_model
+from reproduce.numerics import Numerics, resolve_numerics
 from reproduce.provenance import GitState, code_state
 from reproduce.tracking import ResumeRefused, Tracker, TrackingUnreachable, check_reachable, check_resumable
 from reproduce.weights import WeightsError, initialise

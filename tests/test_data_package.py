@@ -28,6 +28,7 @@ QUIET = [
     "reproduce.data.gpu",
     "reproduce.data.ffcv",
     "reproduce.data.ffcv.loaders",
+    "reproduce.data.ffcv.manifest",
     "reproduce.data.ffcv.prepare",
 ]
 FFCV = ["reproduce.data.ffcv.pipeline", "reproduce.data.ffcv.decode"]  # importing them imports FFCV

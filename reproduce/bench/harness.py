@@ -43,8 +43,9 @@ def items_per_sec(
 def bare_loop(cfg, batches, info, iterations: int, warmup: int, num_classes: int) -> float:
     """Images/s of forward, backward and step only over `batches`: no tracking, no progress,
     no checkpoints. The first `warmup` steps (compilation, autotuning) are not timed."""
-    from reproduce.engine import build_optimizer, resolve_numerics, train_step
+    from reproduce.engine import build_optimizer, train_step
     from reproduce.models import build_model
+    from reproduce.numerics import resolve_numerics
 
     numerics = resolve_numerics(cfg, info.device, num_classes, cfg.optim.batch_size // info.world_size)
     torch.manual_seed(cfg.seed)

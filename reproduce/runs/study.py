@@ -202,8 +202,8 @@ def numerics_for(args: argparse.Namespace, common: list[str]) -> list[str]:
     import torch
 
     from reproduce.config import load_config
-    from reproduce.engine import resolve_numerics
     from reproduce.models import MODELS
+    from reproduce.numerics import resolve_numerics
 
     largest = max(args.models, key=lambda m: MODELS[m].depth)
     cfg = load_config(CONFIGS / f"{largest}.yaml", ["run.amp=auto", "run.channels_last=auto", *common])

@@ -1,5 +1,6 @@
 """data.loader=ffcv: .beton files written by `reproduce prepare` (prepare.py) and read by
-loaders.py; the calls into FFCV are pipeline.py's and decode.py's, imported on first use.
+loaders.py, each with a manifest whose format manifest.py writes and checks; the calls into
+FFCV are pipeline.py's and decode.py's, imported on first use.
 
 Importing this package imports neither FFCV nor its loaders."""
 

@@ -33,8 +33,6 @@ FFCV when it is missing).
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +42,10 @@ from reproduce.config import Config
 from reproduce.data.augment import epoch_augmentation, normalize, pad_crop_flip
 from reproduce.data.base import Data, DataError
 from reproduce.data.cifar import describe
+from reproduce.data.ffcv.manifest import BetonSplit, read_manifest, same_preparation
 from reproduce.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD
 from reproduce.data.order import batches_per_epoch, epoch_generator, eval_indices, rank_slice
 from reproduce.distributed import DistInfo
-
-MANIFEST_FORMAT = "reproduce-beton-1"
 
 
 def ffcv_library(needed_by: str = "data.loader=ffcv"):
@@ -66,34 +63,6 @@ def ffcv_library(needed_by: str = "data.loader=ffcv"):
     finally:
         torch.set_num_threads(threads)
     return pipeline
-
-
-def ffcv_version() -> str:
-    from importlib.metadata import version
-
-    return version("ffcv")
-
-
-def manifest_path(beton: Path) -> Path:
-    return beton.with_name(beton.name.removesuffix(".beton") + ".manifest.json")
-
-
-@dataclass(eq=False)
-class BetonSplit:
-    """One prepared split: its .beton file, its manifest and how to decode it."""
-
-    path: Path
-    manifest: dict
-    role: str  # "train", "eval" or "tencrop"
-    _loaders: dict = field(default_factory=dict, repr=False)
-    _stats: dict = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return int(self.manifest["images"])
-
-    @property
-    def dataset(self) -> str:
-        return self.manifest["dataset"]
 
 
 def build_data(cfg: Config) -> Data:
@@ -114,7 +83,7 @@ def build_data(cfg: Config) -> Data:
             )
         val = _open(root / "val.beton", "eval", cfg) if d.val_split else None
         test = _open(root / "test.beton", "eval", cfg)
-        _same_preparation(train, val, test, keys=("source_digest", "val_split"))
+        same_preparation(train, val, test, keys=("source_digest", "val_split"))
         return Data(
             train,
             val,
@@ -127,7 +96,7 @@ def build_data(cfg: Config) -> Data:
         )
     train = _open(root / "train.beton", "train", cfg)
     val = _open(root / "val.beton", "eval", cfg)
-    _same_preparation(train, val, keys=("classes", "source", "writer"))
+    same_preparation(train, val, keys=("classes", "source", "writer"))
     test = BetonSplit(val.path, val.manifest, "tencrop" if cfg.eval.protocol.value == "tencrop" else "eval")
     w = train.manifest["writer"]
     listing = (train.manifest["listing_sha256"] + val.manifest["listing_sha256"]).encode()
@@ -143,37 +112,9 @@ def build_data(cfg: Config) -> Data:
     )
 
 
-def _same_preparation(first: BetonSplit, *others: BetonSplit | None, keys: tuple[str, ...]) -> None:
-    for other in filter(None, others):
-        for key in keys:
-            if key == "writer":
-                differ = {k: v for k, v in other.manifest[key].items() if k != "stored_jpeg"} != {
-                    k: v for k, v in first.manifest[key].items() if k != "stored_jpeg"
-                }
-            else:
-                differ = other.manifest[key] != first.manifest[key]
-            if differ:
-                raise DataError(
-                    f"{first.path.parent}: {first.path.name} and {other.path.name} come from different "
-                    f"preparations ({key} differs); prepare the folder again"
-                )
-
-
 def _open(beton: Path, role: str, cfg: Config) -> BetonSplit:
     """A split whose file and manifest agree with each other and with the config, or DataError."""
-    how = f"write it with: reproduce prepare {cfg.data.dataset} --source SOURCE --out {beton.parent}"
-    if not beton.is_file():
-        raise DataError(f"{beton} not found; {how}")
-    try:
-        manifest = json.loads(manifest_path(beton).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{manifest_path(beton)} not found (every .beton needs its manifest); {how}") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"{manifest_path(beton)} is unreadable ({err}); {how}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{manifest_path(beton)} is not a manifest of format {MANIFEST_FORMAT}; {how}")
-    if manifest["dataset"] != cfg.data.dataset:
-        raise DataError(f"{beton} holds {manifest['dataset']} but data.dataset is {cfg.data.dataset}")
+    manifest = read_manifest(beton, cfg)
     ffcv_library().check_beton(beton, manifest)
     return BetonSplit(beton, manifest, role)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -31,10 +30,8 @@ from ffcv.transforms import ToTensor
 from reproduce.config import Config
 from reproduce.data.base import DataError
 from reproduce.data.ffcv.decode import CENTER, RANDOM_RESIZED, SCALE, TENCROP, CropDecoder
+from reproduce.data.ffcv.manifest import BetonSplit, check_size
 from reproduce.data.imagenet import TEST_SHORT_SIDE
-
-if TYPE_CHECKING:
-    from reproduce.data.ffcv.loaders import BetonSplit
 
 FIELDS = ("image", "label")
 POLL_S = 1.0  # seconds between checks that FFCV's reader thread is still alive
@@ -43,12 +40,7 @@ POLL_S = 1.0  # seconds between checks that FFCV's reader thread is still alive
 def check_beton(beton: Path, manifest: dict) -> None:
     """Cheap structural checks, so that a damaged file fails here in one line and not as a
     crash or a hang inside FFCV: size, header, fields, allocation table, per-image metadata."""
-    size = beton.stat().st_size
-    if size != manifest["bytes"]:
-        raise DataError(
-            f"{beton} has {size} bytes but was written with {manifest['bytes']} (truncated or overwritten?); "
-            f"prepare it again"
-        )
+    size = check_size(beton, manifest)
     try:
         reader = Reader(str(beton))
     except Exception as err:  # numpy and FFCV raise several types for a damaged header

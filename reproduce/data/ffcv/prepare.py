@@ -42,9 +42,9 @@ import torch
 
 from reproduce.data.base import DataError
 from reproduce.data.cifar import CLASSES, cifar_split, cifar_stats, load_cifar10
-from reproduce.data.ffcv.loaders import MANIFEST_FORMAT, ffcv_library, ffcv_version, manifest_path
+from reproduce.data.ffcv.loaders import ffcv_library
+from reproduce.data.ffcv.manifest import install_beton, manifest_path
 from reproduce.data.imagenet import image_folder
-from reproduce.io import atomic_replace, atomic_write_text
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -227,23 +227,14 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
             raise DataError(f"{failed.value} images of {meta['split']} could not be decoded, e.g. {example}")
         modes = Reader(str(tmp)).metadata["f0"]["mode"]
         counts = np.bincount(labels, minlength=len(meta["classes"]))
-        manifest = {
-            "format": MANIFEST_FORMAT,
+        contents = {
             **meta,
             "file": beton.name,
             "images": len(dataset),
             "counts": dict(zip(meta["classes"], counts.tolist())),
             "writer": {**writer, "stored_jpeg": int((modes == 0).sum())},
-            "ffcv": ffcv_version(),
-            "bytes": tmp.stat().st_size,
-            "sha256": _sha256(tmp),
         }
-        manifest_path(beton).unlink(missing_ok=True)  # never a new file beside an old manifest
-        atomic_replace(tmp, beton)
-        atomic_write_text(
-            manifest_path(beton),
-            "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n",
-        )
+        install_beton(tmp, beton, contents)
     finally:
         tmp.unlink(missing_ok=True)
     return beton
@@ -251,14 +242,6 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
 
 def _ffcv():
     return ffcv_library("reproduce prepare")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(partial(f.read, 1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Arrays:
