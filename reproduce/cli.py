@@ -45,7 +45,7 @@ COMMANDS = {
     "bench-matrix": "reproduce.bench.matrix:main",
     "park": "reproduce.runs.park:park_main",
     "unpark": "reproduce.runs.park:unpark_main",
-    "sync": "reproduce.tracking:sync_main",
+    "sync": "reproduce.tracking.sync:sync_main",
     "doctor": "reproduce.doctor:main",
 }
 

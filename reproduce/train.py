@@ -40,7 +40,14 @@ from reproduce.io import atomic_write_text
 from reproduce.models import build_model
 from reproduce.numerics import Numerics, resolve_numerics
 from reproduce.provenance import GitState, code_state
-from reproduce.tracking import ResumeRefused, Tracker, TrackingUnreachable, check_reachable, check_resumable
+from reproduce.tracking import (
+    ResumeRefused,
+    Tracker,
+    TrackingUnreachable,
+    check_reachable,
+    check_resumable,
+    tracker_for,
+)
 from reproduce.weights import WeightsError, initialise
 
 log = logging.getLogger("reproduce.train")
@@ -281,7 +288,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
         model = torch.compile(model, mode=cfg.run.compile_mode)
 
     git = code_state()  # read once per process: the checkpoints and MLflow record the same state
-    tracker = Tracker(info, run_dir, cfg.run.tracking_flush_s)
+    tracker = tracker_for(info, run_dir, cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
     run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics)
     tracker.log_numerics(numerics)

@@ -3,9 +3,11 @@ trained network as an MLflow model, the report stored in the tracking store, `re
 
 from __future__ import annotations
 
+import inspect
 import io
 import subprocess
 import sys
+import types
 
 import mlflow
 import pandas as pd
@@ -16,10 +18,11 @@ from reproduce import checkpoint, evaluate, train
 from reproduce.config import load_config
 from reproduce.distributed import DistInfo
 from reproduce.models import build_model
+from reproduce.provenance import GitState
 from reproduce.report import command as report
 from reproduce.report.listing import training_runs
 from reproduce.report.runs import load_mlflow_runs
-from reproduce.tracking import Tracker, run_params
+from reproduce.tracking import NullTracker, Tracker, run_params, tracker_for
 from tests.conftest import REPO, tiny_overrides
 
 CIFAR = REPO / "configs" / "cifar10" / "resnet20.yaml"
@@ -71,6 +74,45 @@ def test_system_metrics_default_to_gpu_jobs(monkeypatch):
     assert not Tracker(cuda, "r")._system_metrics(load_config(CIFAR, ["run.system_metrics=false"]))
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # the user's environment rules `auto`
     assert not Tracker(cuda, "r")._system_metrics(cfg)
+
+
+def test_ranks_other_than_0_get_a_tracker_that_does_nothing(tmp_path):
+    def info(rank):
+        return DistInfo(
+            rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), launcher="torchrun", slurm_job_id=None
+        )
+
+    assert type(tracker_for(info(0), tmp_path / "run")) is Tracker
+    other = tracker_for(info(1), tmp_path / "run", 1.0)
+    assert type(other) is NullTracker
+    numerics = types.SimpleNamespace(amp=False, channels_last=False, how="given")
+    assert other.start(load_config(CIFAR), "fingerprint", "data", None, GitState("abc", False)) is None
+    other.log_numerics(numerics)
+    other.log_metrics({"train_loss": 1.0}, step=1)
+    other.log_final({"test_top1_err": 50.0})
+    other.log_model(build_model("resnet20"), load_config(CIFAR, ["run.log_model=true"]), 10)
+    other.end("FINISHED")
+    assert other.run_id is None and not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
+    assert mlflow.active_run() is None
+
+
+def test_the_null_tracker_has_every_method_of_the_tracker():
+    """A method added to Tracker and forgotten in NullTracker would fail on the other ranks."""
+    public = {name for name in vars(Tracker) if not name.startswith("_")}
+    assert public == {name for name in vars(NullTracker) if not name.startswith("_")} - {"run_id"}
+    for name in public:
+        assert inspect.signature(getattr(NullTracker, name)) == inspect.signature(getattr(Tracker, name)), name
+
+
+def test_a_tracker_logs_nothing_before_start_or_after_end(tmp_path):
+    rank0 = DistInfo(
+        rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), launcher="python", slurm_job_id=None
+    )
+    tracker = Tracker(rank0, tmp_path / "run")
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    tracker.log_final({"test_top1_err": 50.0})
+    tracker.end("FAILED")
+    assert tracker.run_id is None and not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.fixture

@@ -1,0 +1,115 @@
+"""The tracking store: whether it answers, whether it holds the run a resume continues, a local
+sqlite store made once under a lock, metrics sent in batches it accepts, and errors in one line."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BATCH_LIMIT = 1000  # metrics per MLflow log_batch call (the server's limit)
+
+
+def http_settings() -> None:
+    """Our sender retries on its own schedule; MLflow's own HTTP retries (minutes by default)
+    would only make a dead server look like a hung job. Set when tracking starts, not at import;
+    a user's own values win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def short_error(err: Exception) -> str:
+    """An error in one line of at most 200 characters (its type when it says nothing)."""
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
+def log_metric_batches(client, run_id: str, metrics: list) -> None:
+    """Send `metrics` (mlflow.entities.Metric) to `run_id` in batches MLflow accepts."""
+    for first in range(0, len(metrics), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=metrics[first : first + BATCH_LIMIT])
+
+
+class TrackingUnreachable(RuntimeError):
+    """The configured tracking server does not answer; the message is one line."""
+
+
+def check_reachable(timeout_s: float = 10.0) -> None:
+    """Raise TrackingUnreachable when MLFLOW_TRACKING_URI names a server that does not answer."""
+    import mlflow
+
+    http_settings()
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
+            if reply.status == 200:
+                return
+            reason = f"HTTP {reply.status}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = str(getattr(err, "reason", err))
+    raise TrackingUnreachable(
+        f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
+        "MLFLOW_TRACKING_URI, or unset it to log to ./mlflow.db"
+    )
+
+
+class ResumeRefused(ValueError):
+    """A run directory's checkpoints continue an MLflow run this store lacks, or one trained on
+    other data; the message is one line and says what to do."""
+
+
+def check_resumable(run_id: str, checkpoint_path: Path, data_fingerprint: str) -> str:
+    """The status of MLflow run `run_id` (which the checkpoint `checkpoint_path` continues);
+    ResumeRefused unless the tracking store holds it, not deleted, and it was trained on the
+    data whose fingerprint is `data_fingerprint` (a resume must not mix, say, the lossy JPEG
+    copy of CIFAR-10 with the original: one run, one data set)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    where = f"the checkpoints in {Path(checkpoint_path).parent} continue MLflow run {run_id}"
+    missing = ResumeRefused(
+        f"{where}, which the tracking store {uri} does not hold; set MLFLOW_TRACKING_URI to the "
+        "store the run began in, or set run.dir to a new folder to start a new run"
+    )
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise missing  # and no empty store is made where the user did not mean to log
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise missing from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ResumeRefused(
+            f"{where}, which is deleted in {uri}; restore it (MLflow UI, or "
+            f"mlflow.MlflowClient().restore_run('{run_id}')) or set run.dir to a new folder"
+        )
+    trained_on = run.data.tags.get("reproduce.data_fingerprint")
+    if trained_on and trained_on != data_fingerprint:
+        raise ResumeRefused(
+            f"{where}, trained on other data (fingerprint {trained_on}: "
+            f"{run.data.tags.get('reproduce.data', '?')}) than this data.path gives ({data_fingerprint}); "
+            "give the run's data again, or set run.dir to a new folder to start a new run"
+        )
+    return run.info.status
+
+
+def prepare_store() -> None:
+    """Create a local sqlite store's tables under a lock shared by every process: jobs that start
+    at the same moment on a fresh store (a parallel sweep, a SLURM array) would otherwise race
+    to create them, and all but one fail. Costs nothing for a server, one query for an existing store."""
+    import fcntl
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow.MlflowClient().search_experiments(max_results=1)  # the store (and its tables) is made once per process
