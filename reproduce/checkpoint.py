@@ -70,13 +70,14 @@ def save(run_dir: Path, iteration: int, state: dict[str, Any], keep: int) -> Pat
     return final
 
 
-def verify(path: Path) -> str | None:
-    """None if `path` matches its digest, else what is wrong with it."""
+def verify(path: Path, actual: str | None = None) -> str | None:
+    """None if `path` matches its digest, else what is wrong with it. `actual`: the file's sha256
+    where the caller has already computed it (the file is then not read again)."""
     digest_file = path.with_name(path.name + ".sha256")
     if not digest_file.exists():
         return "its .sha256 digest file is missing"
     expected = digest_file.read_text().strip()
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    actual = actual or hashlib.sha256(path.read_bytes()).hexdigest()
     return None if actual == expected else f"sha256 {actual[:12]}... does not match the recorded {expected[:12]}..."
 
 
@@ -101,15 +102,54 @@ def load(path: Path, verified: bool = False) -> dict[str, Any]:
         problem = verify(path) if path.exists() else "it does not exist"
         if problem:
             raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
-            "move it out of the run directory to start over from the previous one"
-        ) from None
+    state = _torch_load(path, path)
     log.info("resuming from %s (iteration %d)", path, state["iteration"])
     return state
+
+
+def read(path: Path) -> tuple[dict[str, Any], str]:
+    """(state, sha256) of a checkpoint from one read of the file, for those that only read a run
+    directory (`reproduce evaluate`, model.init): its digest checked, then loaded as `load` loads
+    it. CheckpointError in one line otherwise; nothing is renamed or changed."""
+    path = Path(path)
+    blob, digest, problem = _read_checked(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return _torch_load(io.BytesIO(blob), path), digest
+
+
+def read_latest(run_dir: Path) -> tuple[Path, dict[str, Any], str] | None:
+    """(path, state, sha256) of the newest intact checkpoint in `run_dir`, each file read once, or
+    None. A damaged one is named in a warning and left as it is (unlike find_latest, which sets
+    it aside for the run that resumes): a reader never changes the folder it reads."""
+    for path in reversed(list_checkpoints(run_dir)):
+        blob, digest, problem = _read_checked(path)
+        if problem is None:
+            return path, _torch_load(io.BytesIO(blob), path), digest
+        log.warning("checkpoint %s is damaged (%s); left as it is, using the previous one", path, problem)
+    return None
+
+
+def _read_checked(path: Path) -> tuple[bytes, str, str | None]:
+    """The bytes of `path`, their sha256, and what is wrong with them (None: they match the digest)."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return b"", "", "it does not exist"
+    digest = hashlib.sha256(blob).hexdigest()
+    return blob, digest, verify(path, digest)
+
+
+def _torch_load(source, path: Path) -> dict[str, Any]:
+    """torch.load of `source` (the file `path`, or its bytes), tensors and plain containers only."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]  # EOFError of a 0-byte file: ''
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({first}); "
+            "move it out of the run directory to start over from the previous one"
+        ) from None
 
 
 def contents(
@@ -139,15 +179,11 @@ def contents(
 
 
 def architecture(model_cfg) -> dict[str, Any]:
-    """What a config's network is: {name, shortcut as resolved (None for plain nets), variant}."""
-    from reproduce.models import MODELS
+    """What a config's network is: {name, shortcut as resolved (None for plain nets), variant}, the
+    stored form of weights.Arch (its as_dict; Arch.from_dict reads it back)."""
+    from reproduce.weights import Arch  # weights imports this module
 
-    shortcut = model_cfg.shortcut or MODELS[model_cfg.name].default_shortcut
-    return {
-        "name": model_cfg.name,
-        "shortcut": shortcut.value if shortcut else None,
-        "variant": getattr(model_cfg.variant, "value", model_cfg.variant),
-    }
+    return Arch.of(model_cfg.name, model_cfg.shortcut, model_cfg.variant).as_dict()
 
 
 def architecture_of(state: dict[str, Any]) -> dict[str, Any]:

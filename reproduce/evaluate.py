@@ -28,19 +28,20 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from reproduce import checkpoint, distributed
+from reproduce import distributed
 from reproduce.config import Config, ConfigError, ModelConfig, Normalize, Protocol, load_config
 from reproduce.data import Data, DataError, Split, build_data, eval_loader
 from reproduce.engine import evaluate
 from reproduce.io import atomic_write_json
 from reproduce.models import MODELS
 from reproduce.provenance import code_state, device_name, host
-from reproduce.weights import Weights, WeightsError, load_weights, stored_model_name
+from reproduce.weights import RawWeights, Weights, WeightsError, read_weights
 
 log = logging.getLogger("reproduce.evaluate")
 
@@ -163,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     ):  # before any work: a result that cannot be recorded would be lost
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    read = None  # the weights, where they must be read to name the network; run() reads them otherwise
     try:
         check_reachable()
         if not (args.config or args.model):  # the network the weights store, else the one their tensors tell
-            args.model = stored_model_name(args.weights) or load_weights(args.weights).arch.name
+            read = read_weights(args.weights)
+            args.model = read.model_name()
     except (TrackingUnreachable, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return run(args, cfg, info)
+        return run(args, cfg, info, read)
     except (WeightsError, DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -189,25 +192,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _out_problem(out: Path) -> str | None:
-    """Why the JSON result could not be written to `out`, or None."""
+    """Why the JSON result could not be written to `out`, or None. Tried where it can be: the
+    nearest existing folder must take a file named as io.atomic_write_json names its temporary
+    one (a read-only file system, a name too long), made and removed at once; the folders still
+    to be made must be makeable. Nothing is left behind."""
     if out.is_dir():
         return f"--out {out} is a folder; give the JSON file to write, e.g. {out / 'result.json'}"
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    target = out.absolute()
+    parent = next((p for p in target.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return f"--out {out} cannot be written ({parent} is not a writable folder); give a writable path"
+    longest = os.pathconf(parent, "PC_NAME_MAX")
+    for folder in (p for p in target.parents if len(p.parts) > len(parent.parts)):  # to be made
+        if folder.is_symlink():
+            return f"--out {out} cannot be written ({folder} is a link to nothing); give a writable path"
+        if len(os.fsencode(folder.name)) > longest:
+            return f"--out {out} cannot be written (the folder name {folder.name[:40]}... is too long); give a writable path"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        return f"--out {out} cannot be written ({err.strerror or err}); give a writable path"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 
-def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> int:
-    source = args.weights
-    if Path(source).is_dir():  # rank 0 picks (and sets damaged ones aside); every rank reads its pick
-        latest = distributed.agree(lambda: checkpoint.find_latest(Path(source)), info)
-        latest = distributed.broadcast_object(latest, info)
-        source = str(latest) if latest is not None else source
-    # Rank 0 checks first (all ranks refuse together); then the others read the same.
-    weights = distributed.agree(lambda: load_weights(source, *stated_model(cfg)), info) or load_weights(
-        source, *stated_model(cfg)
-    )
+def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo, read: RawWeights | None = None) -> int:
+    """The evaluation; `read`: the weights where main has read them already (each is read once)."""
+    read = read_once(args.weights, info, read)
+    stated = stated_model(cfg)
+    # Rank 0 checks first (all ranks refuse together); then the others resolve the same.
+    weights = distributed.agree(lambda: read.resolve(*stated), info) or read.resolve(*stated)
     cfg = with_weights(cfg, weights, args.overrides)
     split, classes, fingerprint, description = distributed.agree(lambda: test_split(cfg), info) or test_split(cfg)
     if classes != weights.num_classes:
@@ -225,6 +240,17 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo) -> in
     seconds = time.perf_counter() - start
     result = {**{f"test_{k}": v for k, v in result.items()}, "images": images, "images_per_sec": images / seconds}
     return record(args, cfg, info, weights, result, fingerprint, description) if info.is_main else 0
+
+
+def read_once(source: str, info: distributed.DistInfo, read: RawWeights | None = None) -> RawWeights:
+    """The weights of `source`, read once on this rank (`read`: already read). Rank 0 reads first,
+    so that all ranks refuse together, and of a run directory it picks the checkpoint; a rank that
+    read another one (a checkpoint written meanwhile) reads rank 0's pick instead."""
+    first = distributed.agree(lambda: read or read_weights(source), info)
+    given = distributed.broadcast_object(first.given if info.is_main else None, info)
+    if info.is_main:
+        return first
+    return read if read is not None and read.given == given else read_weights(given)
 
 
 def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint: str, description: str) -> int:
@@ -278,8 +304,14 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
         "git_dirty": git.dirty,
         "mlflow_run_id": run_id,
     }
-    atomic_write_json(out, doc, indent=1)
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
+    try:
+        atomic_write_json(out, doc, indent=1)
+    except OSError as err:  # checked before the evaluation, but a disk can fill up since
+        logged = f"is in MLflow run {run_id}" if run_id is not None else f"is not in MLflow either ({failure})"
+        print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}")
+        print(f"error: the result could not be written to {out} ({err.strerror or err}); it {logged}", file=sys.stderr)
+        return 1
     if failure is not None:
         print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; wrote {out}")
         print(f"error: the result is in {out} but not in MLflow ({failure})", file=sys.stderr)

@@ -30,6 +30,7 @@ A stated option that contradicts the weights is refused in one line naming both.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,13 @@ class Arch:
         }
 
     @classmethod
+    def from_dict(cls, stored: dict) -> "Arch":
+        """The architecture as the suite stores it (as_dict's form): a checkpoint's `architecture`
+        (checkpoint.architecture), an MLflow model's `reproduce.architecture` metadata."""
+        shortcut = stored["shortcut"]
+        return cls(stored["name"], Shortcut(shortcut) if shortcut else None, Variant(stored["variant"]))
+
+    @classmethod
     def of(cls, name: str, shortcut=None, variant=Variant.V1) -> "Arch":
         """The architecture `build_model(name, shortcut, variant)` makes (shortcut None = the default)."""
         spec = check_model_options(name, shortcut, variant)
@@ -95,6 +103,49 @@ class Weights:
         return model.to(device)
 
 
+@dataclass(frozen=True)
+class RawWeights:
+    """A source of weights read once (each file read and hashed once): its tensors and what the
+    source itself says. `resolve` adds the architecture that the tensors, the source and the
+    user's options agree on, giving the Weights that are used."""
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    source: str  # the file read (of a run directory: the checkpoint picked in it)
+    given: str  # the source as named in messages; read_weights(given) reads the same weights again
+    sha256: str
+    extra: dict = field(default_factory=dict)
+    normalize: str | None = None
+    stored: Arch | None = None  # the architecture the source records (the suite's checkpoints and MLflow models)
+    residual_hint: bool = False  # the format says option-A nets are ResNets (public CIFAR-10 files, torchvision)
+    variant_hint: Variant | None = None  # the bottleneck variant the format implies (torchvision: v1.5)
+
+    def resolve(
+        self, name: str | None = None, shortcut: Shortcut | str | None = None, variant: Variant | str | None = None
+    ) -> Weights:
+        """These weights with their architecture; `name`, `shortcut`, `variant` as in load_weights."""
+        return self._resolved(_stated(name, shortcut, variant))
+
+    def model_name(self) -> str:
+        """The registry name the source stores, else the one the tensors tell (WeightsError where
+        they cannot: then the model must be named)."""
+        return self.stored.name if self.stored is not None else self.resolve().arch.name
+
+    def _resolved(self, stated: tuple) -> Weights:
+        if self.stored is not None:
+            check_same(self.stored, stated, self.given)
+            arch, classes = self.stored, _classes(self.state_dict)
+        else:
+            arch, classes = _resolve(self.state_dict, stated, self.given, self.residual_hint, self.variant_hint)
+        if self.format == "torchvision-named":
+            model_name = self.extra["weights"].partition(".")[0]
+            if arch.name != model_name:
+                raise WeightsError(f"{self.given} holds weights of {model_name}, but {arch} was asked for")
+        return Weights(
+            self.state_dict, arch, classes, self.format, self.source, self.sha256, self.extra, self.normalize
+        )
+
+
 def load_weights(
     source: str | Path,
     name: str | None = None,
@@ -103,32 +154,49 @@ def load_weights(
 ) -> Weights:
     """The weights of `source` and their architecture. `name`, `shortcut`, `variant` are what
     the user stated (None = not stated); they must agree with the weights. WeightsError otherwise."""
-    stated = (
+    stated = _stated(name, shortcut, variant)
+    return read_weights(source)._resolved(stated)
+
+
+def _stated(name, shortcut, variant) -> tuple:
+    return (
         name,
         Shortcut(shortcut) if shortcut is not None else None,
         Variant(variant) if variant is not None else None,
     )
+
+
+def read_weights(source: str | Path) -> RawWeights:
+    """`source` read once, its architecture not yet resolved (RawWeights.resolve). Of a run
+    directory, its newest intact checkpoint; a damaged newer one is named in a warning and left as
+    it is (reading weights never changes the folder they are in). WeightsError in one line otherwise."""
     text = str(source)
     if text.startswith(TORCHVISION_PREFIX):
-        return _torchvision_named(text, stated)
+        return _torchvision_named(text)
     if text.startswith(MLFLOW_PREFIXES):
-        return _mlflow_model(text, stated)
+        return _mlflow_model(text)
     path = Path(text)
     if path.is_dir():
-        latest = checkpoint.find_latest(path)
+        try:
+            latest = checkpoint.read_latest(path)
+        except checkpoint.CheckpointError as err:
+            raise WeightsError(str(err)) from None
         if latest is None:
             raise WeightsError(
                 f"{path} is a folder without an intact ckpt-*.pt checkpoint; give a run directory or a weights file"
             )
-        return _suite(latest, stated, verified=True)
+        return _suite(*latest)
     if not path.is_file():
         raise WeightsError(
             f"weights {text} not found; give a run directory, a checkpoint or state_dict file, "
             "or torchvision:resnet50.IMAGENET1K_V1"
         )
     if checkpoint.NAME.match(path.name) and path.with_name(path.name + ".sha256").exists():
-        return _suite(path, stated, verified=False)
-    obj = _torch_load(path)
+        try:
+            return _suite(path, *checkpoint.read(path))
+        except checkpoint.CheckpointError as err:
+            raise WeightsError(str(err)) from None
+    obj, digest = _torch_load(path)
     if isinstance(obj, dict) and {"model", "iteration", "config"} <= set(obj):
         raise WeightsError(
             f"{path} is one of the suite's checkpoints but its .sha256 file is missing or it was renamed; "
@@ -140,39 +208,16 @@ def load_weights(
         raise WeightsError(f"{path} holds no state_dict of tensors (a dict name -> tensor, or one under 'state_dict')")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     extra = {"best_prec1": float(obj["best_prec1"])} if public else {}
-    arch, classes = _resolve(state, stated, str(path), residual_hint=public, variant_hint=None)
-    return Weights(
+    return RawWeights(
         state,
-        arch,
-        classes,
         "public-cifar" if public else "state_dict",
         str(path),
-        _sha256(path),
+        str(path),
+        digest,
         extra,
-        normalize="imagenet" if public else None,
-    )  # the public CIFAR-10 files: ImageNet's mean and std
-
-
-def stored_model_name(source: str | Path) -> str | None:
-    """The registry name the weights say they are, for sources that store it (the suite's run
-    directories and checkpoints, its MLflow models); None for files that only hold tensors."""
-    text = str(source)
-    if text.startswith(MLFLOW_PREFIXES):
-        import mlflow
-
-        try:
-            stored = (mlflow.models.get_model_info(_model_uri(text)).metadata or {}).get("reproduce.architecture")
-        except Exception:
-            return None  # load_weights says why, in one line
-        return stored["name"] if stored else None
-    path = Path(text)
-    latest = checkpoint.find_latest(path) if path.is_dir() else path if checkpoint.NAME.match(path.name) else None
-    if latest is None or not latest.is_file():
-        return None
-    try:
-        return checkpoint.architecture_of(checkpoint.load(latest))["name"]
-    except (checkpoint.CheckpointError, KeyError):
-        return None
+        normalize="imagenet" if public else None,  # the public CIFAR-10 files: ImageNet's mean and std
+        residual_hint=public,  # they are option-A ResNets
+    )
 
 
 def check_fits(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
@@ -207,30 +252,21 @@ def check_same(found: Arch, stated: tuple, source: str) -> None:
 
 
 # ---------------------------------------------------------------------------- sources
-def _suite(path: Path, stated: tuple, verified: bool) -> Weights:
-    try:
-        state = checkpoint.load(path, verified=verified)
-    except checkpoint.CheckpointError as err:
-        raise WeightsError(str(err)) from None
-    stored = checkpoint.architecture_of(state)
-    arch = Arch(
-        stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"])
-    )
-    check_same(arch, stated, str(path))
-    classes = _classes(state["model"])
-    return Weights(
+def _suite(path: Path, state: dict, digest: str) -> RawWeights:
+    """One of the suite's checkpoints, already read and checked against its digest."""
+    return RawWeights(
         state["model"],
-        arch,
-        classes,
         "checkpoint",
         str(path),
-        _sha256(path),
+        str(path),
+        digest,
         {"iteration": state["iteration"], "mlflow_run_id": state.get("mlflow_run_id")},
         normalize=state.get("config", {}).get("data", {}).get("normalize"),
+        stored=Arch.from_dict(checkpoint.architecture_of(state)),
     )
 
 
-def _torchvision_named(text: str, stated: tuple) -> Weights:
+def _torchvision_named(text: str) -> RawWeights:
     from torchvision.models import get_model_weights
 
     spec = text.removeprefix(TORCHVISION_PREFIX)
@@ -252,14 +288,18 @@ def _torchvision_named(text: str, stated: tuple) -> Weights:
         raise WeightsError(
             f"{text}: {path} not found (nothing is downloaded here); fetch {entry.url} into {path.parent}"
         )
-    state = _torch_load(path)
+    state, digest = _torch_load(path)
     bottleneck = int(depth.group(1)) >= 50
-    arch, classes = _resolve(
-        state, stated, text, residual_hint=True, variant_hint=Variant.V1_5 if bottleneck else Variant.V1
-    )  # torchvision's layout: v1.5
-    if arch.name != model_name:
-        raise WeightsError(f"{text} holds weights of {model_name}, but {arch} was asked for")
-    return Weights(state, arch, classes, "torchvision-named", str(path), _sha256(path), {"weights": spec})
+    return RawWeights(
+        state,
+        "torchvision-named",
+        str(path),
+        text,
+        digest,
+        {"weights": spec},
+        residual_hint=True,
+        variant_hint=Variant.V1_5 if bottleneck else Variant.V1,  # torchvision's layout: v1.5
+    )
 
 
 def _model_uri(text: str) -> str:
@@ -267,7 +307,7 @@ def _model_uri(text: str) -> str:
     return text.rstrip("/") + "/model" if text.startswith("runs:/") and text.rstrip("/").count("/") == 1 else text
 
 
-def _mlflow_model(uri: str, stated: tuple) -> Weights:
+def _mlflow_model(uri: str) -> RawWeights:
     """A network logged by the suite (`run.log_model`), or any MLflow PyTorch model of a ResNet
     this suite knows (its architecture then recognised from the tensors)."""
     import os
@@ -282,38 +322,40 @@ def _mlflow_model(uri: str, stated: tuple) -> Weights:
         net = mlflow.pytorch.load_model(str(local), map_location="cpu")
     except Exception as err:  # no such run or model, no model in it, store unreachable, not a PyTorch model
         raise WeightsError(
-            f"{uri}: cannot load an MLflow PyTorch model ({str(err).splitlines()[0][:160]}); give "
+            f"{uri}: cannot load an MLflow PyTorch model ({_first_line(err)}); give "
             "runs:/<run id of a finished training run> or models:/<name>/<version>"
         ) from None
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     stored = (info.metadata or {}).get("reproduce.architecture")
-    if stored:
-        arch = Arch(
-            stored["name"], Shortcut(stored["shortcut"]) if stored["shortcut"] else None, Variant(stored["variant"])
-        )
-        check_same(arch, stated, uri)
-        classes = _classes(state)
-    else:
-        arch, classes = _resolve(state, stated, uri, residual_hint=False, variant_hint=None)
     files = sorted(p for p in (local / "data").rglob("*") if p.is_file()) if (local / "data").is_dir() else []
     digest = hashlib.sha256(b"".join(_sha256(p).encode() for p in files)).hexdigest()
-    return Weights(
+    return RawWeights(
         state,
-        arch,
-        classes,
         "mlflow-model",
+        uri,
         uri,
         digest,
         {"model_uuid": info.model_uuid or ""},
         normalize=(info.metadata or {}).get("reproduce.normalize"),
+        stored=Arch.from_dict(stored) if stored else None,
     )
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path) -> tuple[object, str]:
+    """What `path` holds (tensors and plain containers only) and its sha256, from one read of the file."""
+    blob = path.read_bytes()
+    if not blob:
+        raise WeightsError(f"{path} is empty (0 bytes); give a weights file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a damaged zip
-        raise WeightsError(f"{path} cannot be read as tensors ({str(err).splitlines()[0][:160]})") from None
+        raise WeightsError(f"{path} cannot be read as tensors ({_first_line(err)})") from None
+    return obj, hashlib.sha256(blob).hexdigest()
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of `err`'s message, or its type where the message is empty (EOFError: '')."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def _sha256(path: Path) -> str:

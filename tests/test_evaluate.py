@@ -334,3 +334,118 @@ def test_two_processes_count_the_same_as_one(tmp_path):
     for key in ("images", "test_top1_err", "test_top5_err"):
         assert two[key] == one[key], key
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- reading the weights (issues 29, 30)
+def suite_run(run_dir: Path, data: Path, iterations=(5,)) -> list[Path]:
+    """A run directory of the suite's checkpoints of resnet18 (2 classes), as training writes them."""
+    from reproduce import checkpoint
+    from reproduce.config import load_config
+
+    cfg = load_config(REPO / "configs" / "imagenet" / "resnet18.yaml", [f"data.path={data}"])
+    paths = []
+    for iteration in iterations:
+        torch.manual_seed(iteration)
+        state = {
+            "model": build_model("resnet18", num_classes=2).state_dict(),
+            "iteration": iteration,
+            "config": cfg.model_dump(mode="json"),
+            "architecture": checkpoint.architecture(cfg.model),
+            "mlflow_run_id": None,
+        }
+        paths.append(checkpoint.save(run_dir, iteration, state, keep=len(iterations)))
+    return paths
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_checkpoint_is_read_hashed_and_loaded_once(tmp_path, monkeypatch):
+    """`reproduce evaluate` of a run directory or a checkpoint, with or without --model, reads the
+    checkpoint file once, hashes it once and loads it once (it was 5 hashes and 2 loads)."""
+    import hashlib
+    import io
+
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    (path,) = suite_run(tmp_path / "run", root)
+    blob = path.read_bytes()
+    counts = {"read": 0, "sha256": 0, "torch.load": 0}
+    read_bytes, sha256, load = Path.read_bytes, hashlib.sha256, torch.load
+
+    def counting_read_bytes(self):
+        counts["read"] += Path(self).absolute() == path.absolute()
+        return read_bytes(self)
+
+    def counting_sha256(data=b"", **kwargs):
+        counts["sha256"] += len(data) == len(blob) and bytes(data) == blob
+        return sha256(data, **kwargs)
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            counts["torch.load"] += Path(f).absolute() == path.absolute()
+        elif isinstance(f, io.BytesIO):
+            counts["torch.load"] += f.getvalue() == blob
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", counting_read_bytes)
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(torch, "load", counting_load)
+    base = ["--data", str(root), "data.crop=32", "data.workers=0", "run.device=cpu"]
+    for weights, model in ((tmp_path / "run", []), (tmp_path / "run", ["--model", "resnet18"]), (path, [])):
+        for key in counts:
+            counts[key] = 0
+        out = tmp_path / "result.json"
+        assert evaluate.main(["--weights", str(weights), *model, *base, "--out", str(out)]) == 0
+        assert counts == {"read": 1, "sha256": 1, "torch.load": 1}, (weights, model)
+        doc = json.loads(read_bytes(out))
+        assert doc["weights_sha256"] == sha256(blob).hexdigest() and doc["weights"] == str(path)
+
+
+def test_evaluating_a_run_directory_never_changes_it(tmp_path, caplog):
+    """A damaged newest checkpoint is named in a warning and the previous intact one is evaluated;
+    nothing in the folder is renamed (it was set aside as *.corrupt). With none intact: refused."""
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    older, newest = suite_run(tmp_path / "run", root, iterations=(5, 6))
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    before = folder_state(tmp_path / "run")
+    base = ["--weights", str(tmp_path / "run"), "--data", str(root), "data.crop=32", "data.workers=0", "run.device=cpu"]
+    out = tmp_path / "result.json"
+    assert evaluate.main([*base, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["weights"] == str(older)
+    assert f"checkpoint {newest} is damaged" in caplog.text
+    assert folder_state(tmp_path / "run") == before
+    older.write_bytes(older.read_bytes()[:1000])  # truncated: nothing intact is left
+    before = folder_state(tmp_path / "run")
+    assert evaluate.main([*base, "--model", "resnet18", "--out", str(out)]) == 2
+    assert evaluate.main([*base, "--out", str(out)]) == 2
+    assert folder_state(tmp_path / "run") == before
+
+
+def test_an_empty_weights_file_is_refused_in_one_line(tmp_path, capsys):
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    base = ["--weights", str(tmp_path / "empty.pt"), "--data", str(root), "data.crop=32", "run.device=cpu"]
+    for model in ([], ["--model", "resnet18"]):  # read to name the network, or read to evaluate it
+        assert evaluate.main([*base, *model]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err == f"error: {tmp_path / 'empty.pt'} is empty (0 bytes); give a weights file"
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_logged(tmp_path, capsys):
+    """--out names that pass for writable but are not (a file name too long for the temporary file
+    the atomic write makes, a folder that is a link to nothing) are refused in one line, exit
+    status 2, before the evaluation and before any MLflow run (the run was logged, then a crash)."""
+    root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
+    path = weights_file(tmp_path / "w.pt")
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing-folder")
+    base = ["--weights", str(path), "--data", str(root), "data.crop=32", "data.workers=0", "run.device=cpu"]
+    for out in (tmp_path / ("x" * 250 + ".json"), tmp_path / "nowhere" / "result.json"):
+        assert evaluate.main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"error: --out {out} cannot be written (")
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no probe left behind
+    assert not (tmp_path / "missing-folder").exists()

@@ -167,8 +167,34 @@ def test_damaged_suite_checkpoint_is_refused(tmp_path):
         load_weights(path)
     assert "does not match" in _one_line(err)
     with pytest.raises(WeightsError) as err:
-        load_weights(tmp_path / "run")  # find_latest sets it aside: nothing intact is left
+        load_weights(tmp_path / "run")  # nothing intact is left
     assert "without an intact" in _one_line(err)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        path.name,
+        path.name + ".sha256",
+    ]  # nothing set aside
+
+
+def test_the_stored_architecture_is_arch_as_a_dict():
+    """checkpoint.architecture (what a checkpoint stores; an MLflow model's metadata has the same
+    form) is Arch.of's as_dict, and Arch.from_dict reads it back, for every network and option."""
+    from reproduce.config import ModelConfig
+    from reproduce.models import MODELS
+
+    for name, spec in MODELS.items():
+        shortcuts = [None] + (
+            [s for s in Shortcut if not (spec.bottleneck and s == Shortcut.A)] if spec.residual else []
+        )
+        for shortcut in shortcuts:
+            for variant in [Variant.V1] + ([Variant.V1_5] if spec.bottleneck else []):
+                stored = checkpoint.architecture(ModelConfig(name=name, shortcut=shortcut, variant=variant))
+                resolved = shortcut or spec.default_shortcut
+                assert stored == {
+                    "name": name,
+                    "shortcut": resolved.value if resolved else None,
+                    "variant": variant.value,
+                }
+                assert Arch.from_dict(stored) == Arch.of(name, shortcut, variant)
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(cifar_tar, tmp_path, capsys):
