@@ -22,22 +22,26 @@ import logging
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from reproduce import distributed
+from reproduce.errors import Refused
 from reproduce.io import atomic_write_bytes
+from reproduce.models import Arch
 
 log = logging.getLogger("reproduce.checkpoint")
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(Refused, RuntimeError):
     """Another live job holds the run directory."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Refused, RuntimeError):
     """A checkpoint that cannot be used; the message is one line."""
 
 
@@ -178,11 +182,51 @@ def contents(
     }
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a run directory's newest intact checkpoint leaves a run: what a resumed run restores."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def iteration(self) -> int:
+        return self.state["iteration"]
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run the checkpoints continue."""
+        return self.state.get("mlflow_run_id")
+
+    @property
+    def numerics(self) -> dict[str, Any] | None:
+        """run.amp / run.channels_last as decided when the run began (older checkpoints: None)."""
+        return self.state.get("numerics")
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Weights, optimizer state and every RNG as they were; the iteration to go on from."""
+        model.load_state_dict(self.state["model"])
+        optimizer.load_state_dict(self.state["optimizer"])
+        set_rng_state(self.state["rng"])
+        return self.iteration
+
+
+def resume_point(cfg, info) -> Resume | None:
+    """The checkpoint `cfg`'s run directory resumes from (rank 0 finds it and checks its digest; every
+    rank loads it), or None for a new run. CheckpointError when it was made for another network or
+    recipe: never load weights into another network, nor continue a run with another recipe."""
+    latest = distributed.broadcast_object(find_latest(cfg.run_dir()) if info.is_main else None, info)
+    if latest is None:
+        return None
+    state = load(latest, verified=True)
+    check_architecture(state, cfg.model, latest)
+    check_recipe(state, cfg, latest)
+    return Resume(latest, state)
+
+
 def architecture(model_cfg) -> dict[str, Any]:
     """What a config's network is: {name, shortcut as resolved (None for plain nets), variant}, the
-    stored form of weights.Arch (its as_dict; Arch.from_dict reads it back)."""
-    from reproduce.weights import Arch  # weights imports this module
-
+    stored form of models.Arch (its as_dict; Arch.from_dict reads it back)."""
     return Arch.of(model_cfg.name, model_cfg.shortcut, model_cfg.variant).as_dict()
 
 

@@ -66,22 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         parser.parse_args(argv[:1])  # prints the usage line with the choices and exits 2
     module, function = COMMANDS[command].split(":")
-    return getattr(importlib.import_module(module), function)(rest)
+    from reproduce.errors import Failed, Refused, report
 
-
-def exit_with(status: int) -> None:
-    """Exit with the status the command decided. A stop signal arriving now, while the
-    interpreter shuts down (MLflow's exit hooks, thread joins), would otherwise kill the process
-    with 143 after a run that FINISHED and report it as stopped."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    sys.exit(status)
+    try:
+        return getattr(importlib.import_module(module), function)(rest)
+    except (Refused, Failed) as err:  # the one mapping from error to exit status (reproduce/errors.py)
+        return report(err)
 
 
 def entry() -> None:
     """The `reproduce` console script."""
+    from reproduce.stop import exit_with
+
     exit_with(main())
 
 

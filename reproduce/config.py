@@ -19,10 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from reproduce.errors import Refused
 from reproduce.models import MODELS, Shortcut, Variant, check_model_options, model_names
 
 
-class ConfigError(ValueError):
+class ConfigError(Refused, ValueError):
     """A config that cannot run; its message is one line meant for the user."""
 
 
@@ -317,7 +318,7 @@ class RunConfig(Section):
 
 class Config(Section):
     experiment: str = Field(min_length=1, description="MLflow experiment name")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="0 .. 2**63-1: torch's generators take 64-bit seeds")
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -374,6 +375,15 @@ class Config(Section):
         if self.data.dataset == "imagenet" and self.data.path is None and not self.data.synthetic:
             raise ValueError("data.path is required for imagenet (a folder with train/ and val/)")
         return self
+
+    def with_seed(self, seed: int, world_size: int = 1) -> "Config":
+        """The same config with another seed, validated (a sweep's grid: each file is read once)."""
+        try:
+            return Config.model_validate(
+                {**self.model_dump(mode="json"), "seed": seed}, context={"world_size": world_size}
+            )
+        except ValidationError as err:
+            raise ConfigError(_one_line(err)) from None
 
     def recipe_hash(self) -> str:
         """Hash of everything that defines the experiment except the seed: runs that share it

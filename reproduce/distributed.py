@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reproduce.errors import Failed
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,7 +43,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-class JoinFailed(RuntimeError):
+class JoinFailed(Failed, RuntimeError):
     """The process group could not be formed (rendezvous store, NCCL or gloo): the job's
     environment failed, not its config."""
 
@@ -155,7 +157,7 @@ def _quiet_other_ranks(info: DistInfo) -> None:
     logging.getLogger("reproduce").setLevel(logging.INFO if info.is_main else logging.WARNING)
 
 
-class Stalled(RuntimeError):
+class Stalled(Failed, RuntimeError):
     """A collective failed or timed out because another rank stopped answering."""
 
 

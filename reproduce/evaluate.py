@@ -339,6 +339,6 @@ def _log_evaluation(cfg: Config, tags: dict, result: dict) -> str:
 
 
 if __name__ == "__main__":
-    from reproduce.cli import exit_with
+    from reproduce.stop import exit_with
 
     exit_with(main())

@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -36,31 +35,21 @@ from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
 from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
+from reproduce.errors import Failed, command, one_line
 from reproduce.io import atomic_write_text
 from reproduce.models import build_model
 from reproduce.numerics import Numerics, resolve_numerics
 from reproduce.provenance import GitState, code_state
-from reproduce.tracking import (
-    ResumeRefused,
-    Tracker,
-    TrackingUnreachable,
-    check_reachable,
-    check_resumable,
-    tracker_for,
-)
+from reproduce.stop import STOPPED, StopFlag, Stopped
+from reproduce.tracking import Tracker, check_reachable, check_resumable, tracker_for
 from reproduce.weights import WeightsError, initialise
 
 log = logging.getLogger("reproduce.train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOP_CHECK_EVERY = 10  # iterations between agreed stop checks when there are several processes
 
 
-class Stopped(Exception):
-    """The job was asked to stop (SIGTERM, SIGINT, SIGUSR1); a checkpoint has been written."""
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(Failed, RuntimeError):
+    """The loss or the weights stopped being finite: the run is FAILED, its checkpoints kept."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,26 +59,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stop = _StopFlag()  # from the start: a stop request during setup must not be lost (SLURM preemption)
+    stop = StopFlag()  # from the start: a stop request during setup must not be lost (SLURM preemption)
     try:
-        return _main(args, stop)
+        _, _, _, world_size = distributed.launch_env()
+        return run(load_config(args.config, args.overrides, world_size=world_size), stop)
     finally:
         stop.restore()
 
 
-def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
-    _, _, _, world_size = distributed.launch_env()
+def run(cfg: Config, stop: StopFlag) -> int:
+    """Train `cfg` in the processes this one belongs to (python, torchrun or srun): 0 when the run
+    finished, 143 when it stopped on request. Bad input raises a Refused error (exit 2) before any
+    training; a run that fails raises Failed (exit 1). `reproduce train` and sweeps call this."""
     try:
-        cfg = load_config(args.config, args.overrides, world_size=world_size)
         info = distributed.setup(cfg.run.device, timeout_s=cfg.run.collective_timeout_s)
-    except distributed.JoinFailed as err:  # the environment failed (rendezvous, network): not a bad config
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ConfigError, RuntimeError) as err:  # a config this machine cannot run (run.device=cuda, no GPU)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except distributed.JoinFailed:  # the environment failed (rendezvous, network): not a bad config
+        raise
+    except RuntimeError as err:  # a config this machine cannot run (run.device=cuda, no GPU)
+        raise ConfigError(one_line(err)) from None
     lock = None
     try:
         # Everything that can be refused is checked before any training: data, the run
@@ -99,21 +89,8 @@ def _main(args: argparse.Namespace, stop: "_StopFlag") -> int:
         distributed.agree(check_reachable, info)
         if distributed.any_rank(stop.requested, info):
             log.warning("stop requested before training started; nothing to save, exiting")
-            return 128 + signal.SIGTERM
+            return STOPPED
         return train(cfg, info, data, stop)
-    except (
-        DataError,
-        checkpoint.RunDirBusy,
-        TrackingUnreachable,
-        ResumeRefused,
-        checkpoint.CheckpointError,
-        WeightsError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)  # refused before training: bad input
-        return 2
-    except (NonFiniteLoss, distributed.Stalled) as err:  # the run is FAILED, its checkpoints kept
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     finally:
         distributed.teardown(info)
         if lock is not None:
@@ -179,7 +156,7 @@ class Run:
     model: torch.nn.Module  # what the steps call: unwrapped, wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     tracker: Tracker
-    stop: "_StopFlag"
+    stop: StopFlag
     git: GitState
     run_id: str | None
     start: int  # the first iteration this process trains (0, or where the checkpoint left off)
@@ -205,39 +182,62 @@ class Run:
         distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
 
 
-def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag") -> int:
-    if cfg.run.deterministic:
+def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: StopFlag) -> int:
+    """Train (or resume) the run of `cfg` to the end of its schedule, evaluate it and log it."""
+    _torch_settings(cfg.run.deterministic)
+    resume = checkpoint.resume_point(cfg, info)
+    logged = _logged_status(resume, data, info)
+    numerics = _numerics(cfg, info, data, resume)
+    unwrapped, optimizer = _build(cfg, info, data, numerics)
+    start, run_id = (resume.restore(unwrapped, optimizer), resume.run_id) if resume else (0, None)
+    if start >= cfg.schedule.iterations:
+        # Trained to the end. A run killed after its last checkpoint but before MLflow marked it
+        # FINISHED (SIGKILL while it logged the model or flushed its metrics) is finished now:
+        # the final evaluation and logging again, the loop skipped.
+        if logged == "FINISHED":
+            log.info("run in %s is already complete (%d iterations, MLflow run %s)", cfg.run_dir(), start, run_id)
+            return 0
+        log.info(
+            "run in %s trained all %d iterations but MLflow run %s is not FINISHED; evaluating and finishing it",
+            cfg.run_dir(),
+            start,
+            run_id,
+        )
+    run = _start(cfg, info, data, stop, unwrapped, optimizer, numerics, start, run_id)
+    return _train_to_the_end(run)
+
+
+def _torch_settings(deterministic: bool) -> None:
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     else:
         torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    run_dir = cfg.run_dir()
-    latest = distributed.broadcast_object(checkpoint.find_latest(run_dir) if info.is_main else None, info)
-    state = checkpoint.load(latest, verified=True) if latest is not None else None  # rank 0 checked the digest
-    if state is not None:
-        checkpoint.check_architecture(state, cfg.model, latest)  # never load weights into another network
-        checkpoint.check_recipe(state, cfg, latest)  # nor continue a run with another recipe (explicit run.dir)
-    # The MLflow run the checkpoints continue: in this store, trained on this data; its status.
-    logged = (
-        distributed.agree(lambda: check_resumable(state["mlflow_run_id"], latest, data.fingerprint), info)
-        if state is not None and state.get("mlflow_run_id")
-        else None
-    )
-    finished = distributed.broadcast_object(logged == "FINISHED", info)
-    # `auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints.
-    numerics = (
-        Numerics(**state["numerics"])
-        if state is not None and "numerics" in state
-        else distributed.broadcast_object(
-            resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size // info.world_size)
-            if info.is_main
-            else None,
-            info,
-        )
-    )
 
+def _logged_status(resume: checkpoint.Resume | None, data: Data, info: distributed.DistInfo) -> str | None:
+    """The status of the MLflow run the checkpoints continue (None without one), on every rank;
+    ResumeRefused unless this store holds it and it was trained on this data."""
+    if resume is None or not resume.run_id:
+        return None
+    status = distributed.agree(lambda: check_resumable(resume.run_id, resume.path, data.fingerprint), info)
+    return distributed.broadcast_object(status, info)
+
+
+def _numerics(cfg: Config, info: distributed.DistInfo, data: Data, resume: checkpoint.Resume | None) -> Numerics:
+    """`auto` numerics are decided once per run (rank 0 measures) and kept by its checkpoints."""
+    if resume is not None and resume.numerics is not None:
+        return Numerics(**resume.numerics)
+    batch = cfg.optim.batch_size // info.world_size
+    measured = resolve_numerics(cfg, info.device, data.num_classes, batch) if info.is_main else None
+    return distributed.broadcast_object(measured, info)
+
+
+def _build(
+    cfg: Config, info: distributed.DistInfo, data: Data, numerics: Numerics
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The network (model.init's weights in it) and its optimizer, seeded; then the RNG is seeded per rank."""
     # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then (seed, rank).
     torch.manual_seed(cfg.seed)
     unwrapped = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=data.num_classes)
@@ -257,28 +257,11 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     unwrapped.to(info.device, memory_format=numerics.memory_format)
     optimizer = build_optimizer(_param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
+    return unwrapped, optimizer
 
-    start, run_id = 0, None
-    if state is not None:
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"])
-        start, run_id = state["iteration"], state["mlflow_run_id"]
-    iterations = cfg.schedule.iterations
-    if start >= iterations:
-        # Trained to the end. A run killed after its last checkpoint but before MLflow marked it
-        # FINISHED (SIGKILL while it logged the model or flushed its metrics) is finished now:
-        # the final evaluation and logging again, the loop skipped.
-        if finished:
-            log.info("run in %s is already complete (%d iterations, MLflow run %s)", run_dir, start, run_id)
-            return 0
-        log.info(
-            "run in %s trained all %d iterations but MLflow run %s is not FINISHED; evaluating and finishing it",
-            run_dir,
-            start,
-            run_id,
-        )
 
+def _start(cfg, info, data, stop, unwrapped, optimizer, numerics, start: int, run_id: str | None) -> Run:
+    """Wrap the network (DDP, compile), open the MLflow run (new, or the one resumed) and say what runs."""
     model = (
         DistributedDataParallel(unwrapped, device_ids=[info.device] if info.device.type == "cuda" else None)
         if info.distributed
@@ -286,47 +269,57 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     )
     if cfg.run.compile:
         model = torch.compile(model, mode=cfg.run.compile_mode)
-
     git = code_state()  # read once per process: the checkpoints and MLflow record the same state
-    tracker = tracker_for(info, run_dir, cfg.run.tracking_flush_s)
+    tracker = tracker_for(info, cfg.run_dir(), cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
     run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics)
     tracker.log_numerics(numerics)
     if info.is_main:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        log.info(
-            "%s on %s; %s, %s (%s)",
-            cfg.model.name,
-            data.description,
-            "bf16 autocast" if numerics.amp else "fp32",
-            "channels_last" if numerics.channels_last else "contiguous",
-            numerics.how,
-        )
-        log.info(
-            "global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
-            cfg.optim.batch_size,
-            info.world_size,
-            cfg.optim.batch_size // info.world_size,
-            iterations,
-            iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size),
-            run_dir,
-            run_id,
-            f"; resuming at iteration {start}" if start else "",
-        )
+        atomic_write_text(cfg.run_dir() / "config.yaml", cfg.to_yaml())
+        _say_what_runs(run)
+    return run
 
+
+def _say_what_runs(run: Run) -> None:
+    cfg, info, data, numerics = run.cfg, run.info, run.data, run.numerics
+    log.info(
+        "%s on %s; %s, %s (%s)",
+        cfg.model.name,
+        data.description,
+        "bf16 autocast" if numerics.amp else "fp32",
+        "channels_last" if numerics.channels_last else "contiguous",
+        numerics.how,
+    )
+    log.info(
+        "global batch %d = %d processes x %d; %d iterations = %.1f epochs; run dir %s; MLflow run %s%s",
+        cfg.optim.batch_size,
+        info.world_size,
+        cfg.optim.batch_size // info.world_size,
+        cfg.schedule.iterations,
+        cfg.schedule.iterations / batches_per_epoch(len(data.train), cfg.optim.batch_size),
+        cfg.run_dir(),
+        run.run_id,
+        f"; resuming at iteration {run.start}" if run.start else "",
+    )
+
+
+def _train_to_the_end(run: Run) -> int:
+    """The loop from run.start, the final evaluation, the last checkpoint and the MLflow run's end:
+    0 (FINISHED), 143 (stopped: KILLED), or the exception that FAILED it."""
+    cfg, info, tracker = run.cfg, run.info, run.tracker
     status = "FAILED"
     try:
         try:
-            if start < iterations:
+            if run.start < cfg.schedule.iterations:
                 _loop(run)
         except RuntimeError as err:
             if info.distributed and distributed.looks_like_lost_peer(err):
-                raise distributed.Stalled(distributed.describe_stall(info, stop.iteration, err)) from err
+                raise distributed.Stalled(distributed.describe_stall(info, run.stop.iteration, err)) from err
             raise
         final = _final_eval(run)
-        run.save(iterations)
+        run.save(cfg.schedule.iterations)
         tracker.log_final(final)
-        tracker.log_model(run.unwrapped, cfg, data.num_classes)
+        tracker.log_model(run.unwrapped, cfg, run.data.num_classes)
         status = "FINISHED"
         if info.is_main:
             log.info("final: %s", ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
@@ -334,7 +327,7 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: "_StopFlag"
     except (Stopped, KeyboardInterrupt):
         status = "KILLED"
         log.warning("stopped on request; resume by starting the same command again")
-        return 128 + signal.SIGTERM
+        return STOPPED
     finally:
         tracker.end(status)
 
@@ -463,26 +456,7 @@ def _final_eval(run: Run) -> dict[str, float]:
     return final
 
 
-class _StopFlag:
-    """Records SIGTERM / SIGINT / SIGUSR1; the loop checks it at safe points."""
-
-    def __init__(self):
-        self.requested = False
-        self.iteration = 0  # the last completed iteration, for error messages
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        previous = getattr(self, "_previous", {}).get(signum)  # not yet set while __init__ installs the handlers
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(signum, frame)  # a caller's own handler (a sweep's, between its runs) hears it too
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 if __name__ == "__main__":
-    from reproduce.cli import exit_with
+    from reproduce.stop import exit_with
 
     exit_with(main())

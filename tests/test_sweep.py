@@ -33,16 +33,16 @@ def test_sweep_goes_on_past_a_failed_run(monkeypatch, capsys):
 
     calls = []
 
-    def fake_main(argv):
-        calls.append(argv)
-        if argv[1].endswith("plain20.yaml") and argv[2] == "seed=0":
+    def fake_run(cfg, stop):  # the sweep hands train its parsed config, once per run
+        calls.append((cfg.model.name, cfg.seed))
+        if (cfg.model.name, cfg.seed) == ("plain20", 0):
             raise RuntimeError("boom")
-        return 3 if argv[2] == "seed=1" and argv[1].endswith("resnet20.yaml") else 0
+        return 3 if (cfg.model.name, cfg.seed) == ("resnet20", 1) else 0
 
-    monkeypatch.setattr(train, "main", fake_main)
+    monkeypatch.setattr(train, "run", fake_run)
     configs = [str(CIFAR / f"{m}.yaml") for m in ("plain20", "resnet20")]
     assert sweep.main(["--configs", *configs, "--seeds", "0", "1"]) == 1
-    assert len(calls) == 4
+    assert calls == [("plain20", 0), ("resnet20", 0), ("plain20", 1), ("resnet20", 1)]
     err = capsys.readouterr().err
     assert "FAILED (RuntimeError: boom)" in err and "FAILED (3)" in err and err.count("FAILED") == 2
     assert sweep.main(["--configs", "nope.yaml", "--seeds", "0"]) == 2

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from reproduce.errors import Refused
 
-class DataError(RuntimeError):
+
+class DataError(Refused, RuntimeError):
     """A dataset that cannot be used; the message is one line for the user."""
 
 

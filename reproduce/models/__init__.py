@@ -19,6 +19,7 @@ from reproduce.models.options import Shortcut, Variant
 
 __all__ = [
     "MODELS",
+    "Arch",
     "CifarResNet",
     "ModelSpec",
     "Shortcut",
@@ -181,3 +182,39 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     print(format_model_table())
     return 0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The one record of what a network is (what a state_dict was made for, what a checkpoint and an
+    MLflow model store as `architecture`): a registry name, the shortcut option as resolved (None
+    for plain nets), the bottleneck variant."""
+
+    name: str
+    shortcut: Shortcut | None
+    variant: Variant = Variant.V1
+
+    def __str__(self) -> str:
+        shortcut = f"shortcut {self.shortcut.value}" if self.shortcut else "no shortcuts"
+        return f"{self.name} ({shortcut}, {self.variant.value})"
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "shortcut": self.shortcut.value if self.shortcut else None,
+            "variant": self.variant.value,
+        }
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "Arch":
+        """The architecture as the suite stores it (as_dict's form): a checkpoint's `architecture`
+        (checkpoint.architecture), an MLflow model's `reproduce.architecture` metadata."""
+        shortcut = stored["shortcut"]
+        return cls(stored["name"], Shortcut(shortcut) if shortcut else None, Variant(stored["variant"]))
+
+    @classmethod
+    def of(cls, name: str, shortcut=None, variant=Variant.V1) -> "Arch":
+        """The architecture `build_model(name, shortcut, variant)` makes (shortcut None = the default)."""
+        spec = check_model_options(name, shortcut, variant)
+        chosen = Shortcut(shortcut) if shortcut is not None else spec.default_shortcut
+        return cls(name, chosen, Variant(variant))

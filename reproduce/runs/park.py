@@ -30,13 +30,14 @@ import tempfile
 from pathlib import Path
 
 from reproduce import checkpoint
+from reproduce.errors import Refused
 from reproduce.io import atomic_write_json, fsync_dir
 
 FORMAT = "reproduce-parked-run/1"
 RECORD = "run.json"
 
 
-class ParkError(ValueError):
+class ParkError(Refused, ValueError):
     """A run directory, parked folder or MLflow run that cannot be parked or unparked; one line."""
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce import provenance
+from reproduce.errors import command
 
 CONFIGS = provenance.CONFIGS / "cifar10"
 CPU_MODELS = ["plain20", "plain56", "resnet56"]
@@ -119,6 +120,7 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return common + args.overrides
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from reproduce.config import ConfigError, load_config
     from reproduce.runs import sweep
@@ -153,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         f"MLflow experiment {args.experiment}",
         flush=True,
     )
-    sweep_args = ["--configs", *(str(CONFIGS / f"{m}.yaml") for m in args.models), "--seeds", *map(str, args.seeds)]
-    if args.budget == "full" and args.parallel > 1:
-        sweep_args += ["--parallel", str(args.parallel)]
-    code = sweep.main(sweep_args + common)
+    runs = [
+        sweep.Planned(["--config", str(CONFIGS / f"{m}.yaml"), f"seed={s}", *common], configs[m].with_seed(s))
+        for s in args.seeds
+        for m in args.models
+    ]  # seed-major, as a sweep: a study cut short still holds a complete depth comparison
+    code = sweep.run(runs, args.parallel if args.budget == "full" else 1)
     if code not in (0, 1):  # refused before training (2) or stopped on request (143): nothing to compare
         return code
     # A failed run (1) leaves the others: the table shows them, and a finding that needs it says

@@ -27,10 +27,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from reproduce.config import Config, ConfigError, load_config
+from reproduce.errors import Failed, Refused, command, report
+from reproduce.stop import STOP_SIGNALS, STOPPED, StopFlag
+from reproduce.tracking import check_reachable
+
 log = logging.getLogger("reproduce.sweep")
-STOPPED = 128 + signal.SIGTERM  # what train.main returns when asked to stop
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,67 +62,84 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def grid(configs: list[str], seeds: list[int], overrides: list[str]) -> list[list[str]]:
-    """The `reproduce train` argument lists, seed-major."""
-    return [["--config", path, f"seed={seed}", *overrides] for seed in seeds for path in configs]
+@dataclass(frozen=True)
+class Planned:
+    """One run of a grid: its `reproduce train` arguments (what a child process or a log shows) and
+    its config, read and validated once."""
+
+    argv: list[str]
+    cfg: Config
+
+    @property
+    def command(self) -> str:
+        return "reproduce train " + shlex.join(self.argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from reproduce.config import ConfigError, load_config
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    runs = grid(args.configs, args.seeds, args.overrides)
-    if args.dry_run:
-        for run in runs:
-            print("reproduce train " + shlex.join(run))
-        return 0
-    # Every config is checked before the first run, so a typo does not surface hours in.
-    for path in args.configs:
+def plan(configs: list[str], seeds: list[int], overrides: list[str]) -> list[Planned]:
+    """The grid, seed-major (every config for seed 0, then seed 1, ...): each config file is read
+    once, every run validated before the first starts (ConfigError naming the file otherwise)."""
+    loaded = {}
+    for path in configs:
         try:
-            load_config(path, args.overrides)
+            loaded[path] = load_config(path, overrides)
         except ConfigError as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
-            return 2
-    from reproduce.tracking import TrackingUnreachable, check_reachable
+            raise ConfigError(f"{path}: {err}") from None
+    return [
+        Planned(["--config", path, f"seed={seed}", *overrides], _seeded(loaded[path], path, seed))
+        for seed in seeds
+        for path in configs
+    ]
 
-    try:  # an unreachable server is refused once, not once per run
-        check_reachable()
-    except TrackingUnreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
-    failed = run_in_process(runs) if args.parallel == 1 else run_in_children(runs, args.parallel, args.log_dir)
+def _seeded(cfg: Config, path: str, seed: int) -> Config:
+    try:
+        return cfg.with_seed(seed)
+    except ConfigError as err:
+        raise ConfigError(f"--seeds {seed} ({path}): {err}") from None
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.dry_run:  # the commands only: nothing is read or checked
+        for seed in args.seeds:
+            for path in args.configs:
+                print("reproduce train " + shlex.join(["--config", path, f"seed={seed}", *args.overrides]))
+        return 0
+    return run(plan(args.configs, args.seeds, args.overrides), args.parallel, args.log_dir)
+
+
+def run(runs: list[Planned], parallel: int = 1, log_dir: Path = Path("sweep-logs")) -> int:
+    """Train the planned runs, `parallel` at a time (1: in this process): 0 when all finished, 1
+    when any failed (the others still run), 143 when stopped on request (start again to resume)."""
+    check_reachable()  # an unreachable server is refused once, not once per run
+    failed = run_in_process(runs) if parallel == 1 else run_in_children(runs, parallel, log_dir)
     if failed is None:
         return STOPPED
     print(f"\nsweep: {len(runs) - len(failed)} of {len(runs)} runs succeeded")
-    for command, code in failed:
-        print(f"  FAILED ({code}): {command}", file=sys.stderr)
+    for command_line, code in failed:
+        print(f"  FAILED ({code}): {command_line}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
+def run_in_process(runs: list[Planned]) -> list[tuple[str, object]] | None:
     """Each run in turn, in this process: the failures, or None when a run was stopped on request."""
     from reproduce import train
 
     failed, requested = [], []
     # A stop request between runs, or one a run took too late to stop for (during its final
     # evaluation: train's handler passes it on to this one), ends the sweep before the next run.
-    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in train.STOP_SIGNALS}
+    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in STOP_SIGNALS}
     try:
-        for i, run in enumerate(runs, start=1):
+        for i, planned in enumerate(runs, start=1):
             if requested:
                 print(
                     f"sweep stopped on request before run {i}/{len(runs)}; start the same command to resume",
                     file=sys.stderr,
                 )
                 return None
-            command = "reproduce train " + shlex.join(run)
-            print(f"\n== sweep {i}/{len(runs)}: {command}", flush=True)
-            try:
-                code = train.main(run)
-            except Exception as err:  # noqa: BLE001 (one broken run must not end the sweep)
-                log.exception("run failed")
-                code = f"{type(err).__name__}: {err}"
+            print(f"\n== sweep {i}/{len(runs)}: {planned.command}", flush=True)
+            code = _train_one(train, planned.cfg)
             if code == STOPPED:
                 print(
                     f"sweep stopped on request at run {i}/{len(runs)}; start the same command to resume",
@@ -125,14 +147,28 @@ def run_in_process(runs: list[list[str]]) -> list[tuple[str, object]] | None:
                 )
                 return None
             if code != 0:
-                failed.append((command, code))
+                failed.append((planned.command, code))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return failed
 
 
-def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list[tuple[str, object]] | None:
+def _train_one(train, cfg: Config) -> object:
+    """train.run's exit status; a refusal or failure is printed in one line and becomes its status."""
+    stop = StopFlag()
+    try:
+        return train.run(cfg, stop)
+    except (Refused, Failed) as err:
+        return report(err)
+    except Exception as err:  # noqa: BLE001 (one broken run must not end the sweep)
+        log.exception("run failed")
+        return f"{type(err).__name__}: {err}"
+    finally:
+        stop.restore()
+
+
+def run_in_children(runs: list[Planned], parallel: int, log_dir: Path) -> list[tuple[str, object]] | None:
     """Up to `parallel` runs at a time, each `python -m reproduce.train ...` in its own process
     session (so a Ctrl-C reaches only this process, which then stops the children in order).
     The failures, or None when the sweep was stopped on request."""
@@ -160,8 +196,8 @@ def run_in_children(runs: list[list[str]], parallel: int, log_dir: Path) -> list
     try:
         while active or (pending and not stopping):  # once stopping, the runs not started stay pending
             while pending and len(active) < parallel and not stopping:
-                i, run = pending.pop(0)
-                command = "reproduce train " + shlex.join(run)
+                i, planned = pending.pop(0)
+                command, run = planned.command, planned.argv
                 log_path = log_dir / f"{i:03d}-{Path(run[1]).stem}-{run[2].replace('=', '')}.log"
                 env = dict(os.environ)
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))  # share the cores

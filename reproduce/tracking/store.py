@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from reproduce.errors import Refused
+
 BATCH_LIMIT = 1000  # metrics per MLflow log_batch call (the server's limit)
 
 
@@ -30,7 +32,7 @@ def log_metric_batches(client, run_id: str, metrics: list) -> None:
         client.log_batch(run_id, metrics=metrics[first : first + BATCH_LIMIT])
 
 
-class TrackingUnreachable(RuntimeError):
+class TrackingUnreachable(Refused, RuntimeError):
     """The configured tracking server does not answer; the message is one line."""
 
 
@@ -55,7 +57,7 @@ def check_reachable(timeout_s: float = 10.0) -> None:
     )
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(Refused, ValueError):
     """A run directory's checkpoints continue an MLflow run this store lacks, or one trained on
     other data; the message is one line and says what to do."""
 
