@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import gzip
 import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 import typing
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import psutil
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from pydantic import BaseModel
 
 from reproduce import checkpoint, cli
 from reproduce.config import Config
+from reproduce.models import build_model
 from tests.conftest import REPO, make_cifar_tree, tiny_overrides
-from tests.faults import CIFAR
+from tests.faults import CIFAR, _env, _wait_for
 
 # --- 6. bad input -------------------------------------------------------------------------
 # Bad values are drawn for every field of the schema (read from the pydantic models, so a new
@@ -261,3 +273,244 @@ def test_prepare_refuses_an_out_that_is_a_file_and_a_negative_split(cifar_tree, 
     err = capsys.readouterr().err.strip()
     assert "validation split of -100 images" in err and "\n" not in err, err
     assert not list((tmp_path / "out").glob("*.beton"))
+
+
+# --- a worker's error during the job (issue 30) -------------------------------------------
+# One damaged image in a folder only shows when a DataLoader worker decodes it, mid-job. The job
+# must end at once: one line, exit status 2, the MLflow run FAILED, no worker left behind (a
+# worker ignores stop signals, so one left alive hung the exit until SIGKILL), and a stop signal
+# must still end it.
+
+FOLDER_CONFIG = REPO / "configs" / "transfer" / "imagenette32-resnet56.yaml"
+AFTER_ERROR_S = 30  # the most a job may take to exit once it has printed its error (measured: 1-7 s on 2 busy cores)
+
+
+def _broken_folder(root: Path, where: str) -> Path:
+    """Issue 30's folder: 13 images, 3 classes of 3 train and 1 val images, and one truncated
+    JPEG more in `where` (train/ or val/). Returns the truncated file."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 1)):
+        for c in range(3):
+            (root / split / f"k{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(np.array([80 * c, 200 - 60 * c, 120]) + rng.normal(0, 30, (40, 48, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / f"k{c}" / f"{i}.jpg")
+    bad = root / where / "k0" / "9.jpg"
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return bad
+
+
+def _train_args(tree: Path, workers: int, run_dir: Path) -> list[str]:
+    """A 4-iteration fine-tuning run whose global batch is the whole training split (10 images):
+    the first batch holds the damaged image, so the error comes before any iteration ends."""
+    values = {
+        "model.name": "resnet20",
+        "data.path": tree,
+        "data.workers": workers,
+        "optim.batch_size": 10,
+        "schedule.iterations": 4,
+        "schedule.milestones": "[2]",
+        "eval.every": 2,
+        "eval.batch_size": 2,
+        "run.checkpoint_every": 2,
+        "run.log_every": 1,
+        "run.progress": "false",
+        "run.device": "cpu",
+        "run.dir": run_dir,
+        "run.log_model": "false",
+    }
+    return ["train", "--config", str(FOLDER_CONFIG), *(f"{k}={v}" for k, v in values.items())]
+
+
+def _evaluate_args(tree: Path, workers: int, weights: Path) -> list[str]:
+    torch.save(build_model("resnet20", num_classes=3).state_dict(), weights)
+    return [
+        "evaluate",
+        "--weights",
+        str(weights),
+        "--model",
+        "resnet20",
+        "--data",
+        str(tree),
+        "data.dataset=folder",
+        "data.crop=32",
+        f"data.workers={workers}",
+        "eval.batch_size=2",
+        "run.device=cpu",
+    ]
+
+
+def _run_job(args: list[str], on_line=None, timeout: float = 240) -> tuple[int | None, list[str], float | None]:
+    """`python -m reproduce.cli ARGS` as the leader of its own process group (as a batch job step
+    is), its stderr read as it comes; `on_line(proc, line, seconds since the error line or None)`
+    is called for each line and every 0.2 s (line None) while it runs. Returns the
+    exit status (None: still running AFTER_ERROR_S after its error line, or at `timeout`; then
+    the group is SIGKILLed), the stderr lines, and the seconds from the error line to the exit.
+    Asserts that no process of the group (a loader worker) outlives the job."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reproduce.cli", *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
+    seen, error_at, end = [], None, time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < min(end, (error_at or end) + AFTER_ERROR_S):
+            try:
+                line = lines.get(timeout=0.2)
+                seen.append(line)
+            except queue.Empty:
+                line = None
+            if line is not None and line.startswith("error:") and error_at is None:
+                error_at = time.monotonic()
+            if on_line is not None:
+                on_line(proc, line, None if error_at is None else time.monotonic() - error_at)
+        status = proc.poll()
+        exited = time.monotonic()
+        if status is not None:  # its workers ignore SIGTERM: one left behind would run on by itself
+            _wait_for(lambda: not _group_alive(proc.pid), 10, "the job's worker processes to end")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(0.5)  # the reader thread's last lines
+    while not lines.empty():
+        seen.append(lines.get())
+    return status, seen, (exited - error_at if error_at is not None and status is not None else None)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_one_line_exit_2(status, lines: list[str], after: float | None, bad: Path) -> None:
+    text = "\n".join(lines)
+    assert status is not None, f"still running {AFTER_ERROR_S} s after its error (or never failed):\n{text[-3000:]}"
+    errors = [line for line in lines if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1, (status, text[-3000:])
+    assert errors[0].startswith(f"error: cannot decode image {bad}: ") and "truncated" in errors[0], errors[0]
+    assert "Traceback" not in text and "DataLoader worker" not in text, text[-3000:]
+    assert after is not None and after < AFTER_ERROR_S, after
+
+
+def _runs(experiment: str | None = None) -> list:
+    if experiment is None:
+        return mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_damaged_image_during_training_ends_the_job(workers, tmp_path):
+    """Fault: an image that only a DataLoader worker finds damaged, mid-job (issue 30).
+    Injected: one truncated JPEG among 13 in a data.dataset=folder tree; `reproduce train` with data.workers 0 and 2, its first batch holding that image.
+    Suite: the job ends at once: exit status 2, one line naming the file (no worker traceback), the MLflow run FAILED, no worker left (before: with workers it printed the error and hung, SIGTERM ignored, until SIGKILL).
+    Lost: nothing: the run never trained."""
+    bad = _broken_folder(tmp_path / "tree", "train")
+    status, lines, after = _run_job(_train_args(tmp_path / "tree", workers, tmp_path / "run"))
+    _assert_one_line_exit_2(status, lines, after, bad)
+    (run,) = _runs("transfer")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_damaged_image_during_evaluation_ends_the_job(workers, tmp_path):
+    """Fault: an image of the test split that only a DataLoader worker finds damaged (issue 30).
+    Injected: one truncated JPEG in val/ of a 13-image data.dataset=folder tree; `reproduce evaluate` with data.workers 0 and 2.
+    Suite: the job ends at once: exit status 2, one line naming the file (no worker traceback), no MLflow run recorded as anything but FAILED (an evaluation logs its run only once it has a result).
+    Lost: nothing."""
+    bad = _broken_folder(tmp_path / "tree", "val")
+    status, lines, after = _run_job(_evaluate_args(tmp_path / "tree", workers, tmp_path / "w.th"))
+    _assert_one_line_exit_2(status, lines, after, bad)
+    assert all(run.info.status == "FAILED" for run in _runs()), [run.info.status for run in _runs()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_while_a_worker_fails_ends_the_job(tmp_path):
+    """Fault: a stop signal while a DataLoader worker fails on a damaged image (issue 30).
+    Injected: `reproduce train`, data.workers=2, the first batch holding a truncated JPEG; SIGTERM to the whole process group (as scancel sends it) as training starts, while the workers start and fail, and again if the job still runs 10 s after printing its error.
+    Suite: the job ends within 30 s of its error: exit status 2 (the error came before any iteration ended, so there was no checkpoint to stop at), one line, the MLflow run FAILED, no worker left (before: the job hung after its error and was still running 10 minutes after a SIGTERM).
+    Lost: nothing: the run never trained."""
+    bad = _broken_folder(tmp_path / "tree", "train")
+    sent = []
+
+    def stop(proc, line, since_error):
+        if line is not None and "global batch" in line:  # logged just before the loop starts the workers
+            os.killpg(proc.pid, signal.SIGTERM)
+            sent.append("as training starts")
+        elif since_error is not None and since_error > 10 and len(sent) == 1:  # exiting takes 1-7 s on 2 busy cores
+            os.killpg(proc.pid, signal.SIGTERM)
+            sent.append("after the error")
+
+    status, lines, after = _run_job(_train_args(tmp_path / "tree", 2, tmp_path / "run"), on_line=stop)
+    assert sent[:1] == ["as training starts"], (sent, lines[-20:])
+    _assert_one_line_exit_2(status, lines, after, bad)
+    (run,) = _runs("transfer")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_damaged_image_under_torchrun_ends_the_job(tmp_path):
+    """Fault: an image that only a DataLoader worker of one rank finds damaged, under torchrun (issue 30).
+    Injected: `python -m reproduce.torchrun --nproc_per_node 2 reproduce/train.py`, data.workers=2, a truncated JPEG in the first global batch (in one rank's share).
+    Suite: the job ends at once: that rank exits 2 with one line naming the file, the other fails on the lost peer (exit 1), torchrun reports the failure, the MLflow run is FAILED, no rank or worker is left (before: both ranks hung after the error, and outlived torchrun).
+    Lost: nothing: the run never trained."""
+    bad = _broken_folder(tmp_path / "tree", "train")
+    args = _train_args(tmp_path / "tree", 2, tmp_path / "run")[1:]  # without "train"
+    train_py = str(REPO / "reproduce" / "train.py")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reproduce.torchrun", "--standalone", "--nproc_per_node", "2", train_py, *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[str] = []
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+    seen: dict[int, psutil.Process] = {}  # the ranks and their workers: torchrun starts each rank in its own session
+    try:
+        end = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < end:
+            try:
+                seen.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.2)
+        status = proc.poll()
+        if status is not None:
+            _wait_for(lambda: not any(map(_alive, seen.values())), 10, "the ranks and their workers to end")
+    finally:
+        for p in [proc, *seen.values()]:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait(timeout=30)
+    time.sleep(0.5)  # the reader thread's last lines
+    text = "".join(err)
+    assert status is not None, f"torchrun still running after 180 s:\n{text[-3000:]}"
+    errors = [line for line in text.splitlines() if line.startswith("error: cannot decode image")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot decode image {bad}: "), text[-3000:]
+    assert "DataLoader worker" not in text and "exitcode  : 2" in text, text[-3000:]
+    assert status != 0  # torchrun's own status for a failed rank (1); reproduce.torchrun maps only stops
+    (run,) = _runs("transfer")
+    assert run.info.status == "FAILED"

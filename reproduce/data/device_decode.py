@@ -17,9 +17,10 @@ It frees the CPU cores of a GPU node from decoding, which bounds data.loader=tor
 from __future__ import annotations
 
 import math
+from contextlib import closing
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
@@ -28,7 +29,7 @@ from reproduce.data.base import Data, DataError, Split
 from reproduce.data.imagenet import MEAN, PCA_EIGVAL, PCA_EIGVEC, STD, TEST_SHORT_SIDE
 from reproduce.data.imagenet import build_data as build_imagenet
 from reproduce.data.order import TrainBatches, eval_indices
-from reproduce.data.torchvision_loader import _leave_stop_signals_to_the_trainer
+from reproduce.data.workers import Batches
 from reproduce.distributed import DistInfo
 
 
@@ -45,8 +46,11 @@ class _Bytes(Dataset):
     def __getitem__(self, key):
         index, seed = key if self.seeded else (key, 0)
         path, label = self.folder.samples[index]
-        with open(path, "rb") as f:
-            blob = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        try:
+            with open(path, "rb") as f:
+                blob = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except OSError as err:  # vanished, unreadable: one line naming the file
+            raise DataError(f"cannot read image {path}: {err.strerror or err}") from None
         return blob, label, seed, index
 
 
@@ -155,29 +159,22 @@ def train_batches(split: Split, cfg: Config, info: DistInfo, start: int):
     batches = TrainBatches(
         len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.schedule.iterations
     )
-    loader = DataLoader(
-        _Bytes(split),
-        batch_sampler=batches,
-        num_workers=cfg.data.workers,
-        collate_fn=_collate,
-        worker_init_fn=_leave_stop_signals_to_the_trainer,
-    )
-    for blobs, labels, seeds, indices in loader:
-        yield augment(decode(blobs, indices, split, info.device), seeds, cfg), labels.to(info.device, non_blocking=True)
+    loader = Batches(_Bytes(split), batch_sampler=batches, num_workers=cfg.data.workers, collate_fn=_collate)
+    with closing(iter(loader)) as batches:  # the workers end here, also when decode or augment fails
+        for blobs, labels, seeds, indices in batches:
+            yield (
+                augment(decode(blobs, indices, split, info.device), seeds, cfg),
+                labels.to(info.device, non_blocking=True),
+            )
 
 
 def eval_batches(split: Split, cfg: Config, info: DistInfo):
     share = torch.utils.data.Subset(_Bytes(split), eval_indices(len(split), cfg, info).tolist())
-    loader = DataLoader(
-        share,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.workers,
-        collate_fn=_collate,
-        worker_init_fn=_leave_stop_signals_to_the_trainer,
-    )
+    loader = Batches(share, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers, collate_fn=_collate)
     views = ten if cfg.eval.protocol.value == "tencrop" else center
-    for blobs, labels, _, indices in loader:
-        yield (
-            views(decode(blobs, indices, split, info.device), cfg.data.crop),
-            labels.to(info.device, non_blocking=True),
-        )
+    with closing(iter(loader)) as batches:
+        for blobs, labels, _, indices in batches:
+            yield (
+                views(decode(blobs, indices, split, info.device), cfg.data.crop),
+                labels.to(info.device, non_blocking=True),
+            )

@@ -1,16 +1,14 @@
 """data.loader=torchvision: DataLoader worker processes, PIL decode, torchvision transforms.
 
 A training sample is an (index, seed) pair of TrainBatches and its augmentation runs under
-that seed, so a batch does not depend on which worker draws which sample.
+that seed, so a batch does not depend on which worker draws which sample. The DataLoaders are
+workers.Batches: a worker's error is one line, the workers end with the iteration.
 """
 
 from __future__ import annotations
 
-import signal
-
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from reproduce.config import Config
 from reproduce.data.augment import cifar_transforms
@@ -19,6 +17,7 @@ from reproduce.data.cifar import cifar10
 from reproduce.data.imagenet import MultiScale
 from reproduce.data.imagenet import build_data as build_imagenet
 from reproduce.data.order import TrainBatches, eval_indices
+from reproduce.data.workers import Batches
 from reproduce.distributed import DistInfo
 
 
@@ -42,43 +41,32 @@ def build_data(cfg: Config) -> Data:
     )
 
 
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """In a worker: ignore the stop signals. `scancel`, `timeout`, systemd and SLURM preemption
-    signal every process of the job; a worker that died of it would take the trainer down with
-    it (torch raises "DataLoader worker ... killed by signal") before it could checkpoint. The
-    trainer decides; its workers end when it closes the loader (or, if it dies, on their own)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> DataLoader:
+def train_batches(split: Split, cfg: Config, info: DistInfo, start: int) -> Batches:
     """This rank's (images, labels) for iterations start .. schedule.iterations."""
     batches = TrainBatches(
         len(split), cfg.optim.batch_size, info.rank, info.world_size, cfg.seed, start, cfg.schedule.iterations
     )
-    return DataLoader(
+    return Batches(
         split,
         batch_sampler=batches,
         num_workers=cfg.data.workers,
-        worker_init_fn=_leave_stop_signals_to_the_trainer,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
     )
 
 
-def eval_batches(split: Split, cfg: Config, info: DistInfo) -> DataLoader:
+def eval_batches(split: Split, cfg: Config, info: DistInfo) -> Batches:
     """This rank's share of `split` (eval_indices), in eval.batch_size batches; multiscale in batches
     of as many pixels as eval.batch_size crops (at least one image), collated per scale."""
     share = torch.utils.data.Subset(split, eval_indices(len(split), cfg, info).tolist())
     batch, collate = cfg.eval.batch_size, None
     if isinstance(split.transform, MultiScale):
         batch, collate = max(1, int(batch // split.transform.pixels(cfg.data.crop))), collate_scales
-    return DataLoader(
+    return Batches(
         share,
         batch_size=batch,
         num_workers=cfg.data.workers,
         collate_fn=collate,
-        worker_init_fn=_leave_stop_signals_to_the_trainer,
         pin_memory=info.device.type == "cuda",
     )
 
