@@ -34,7 +34,7 @@ COMMANDS = {
     "train": "reproduce.train:main",
     "evaluate": "reproduce.evaluate:main",
     "study": "reproduce.runs.study:main",
-    "check": "reproduce.train:check_main",
+    "check": "reproduce.check:check_main",
     "prepare": "reproduce.data.ffcv.prepare:main",
     "sweep": "reproduce.runs.sweep:main",
     "report": "reproduce.report:main",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +118,48 @@ def _view_probs(model, views, device: torch.device, amp: bool, channels_last: bo
     with autocast(device, amp):
         logits = model(x).float()
     return logits.softmax(dim=1).view(b, v, -1).mean(dim=1)
+
+
+def param_groups(model: torch.nn.Module, pretrained: set[str], scale: float) -> list[dict]:
+    """One group at optim.lr, plus one at lr x scale for the layers model.init provided (frozen
+    when scale is 0: requires_grad off, and their batch norms keep the running statistics the
+    weights came with: momentum 0, so training batches still normalise by their own statistics
+    but do not move the stored ones)."""
+    new = [p for n, p in model.named_parameters() if n not in pretrained]
+    old = [p for n, p in model.named_parameters() if n in pretrained]
+    if scale == 0:
+        for p in old:
+            p.requires_grad_(False)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in pretrained:
+                module.momentum = 0.0
+    return [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": scale}] if old else [])
+
+
+class TrainingWindow:
+    """The training statistics since the last log line (this rank's loss sum, errors and images) and
+    the time they took; `metrics` sums them over ranks: the logged train_loss / train_top1_err / speed."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images (this rank)
+        self.restart()
+
+    def restart(self) -> None:
+        """Count time from now (after a log line; evaluation and checkpoint time is not training speed)."""
+        self.start = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        wrong = logits.argmax(dim=1).ne(labels).sum()
+        self.sums += torch.stack(
+            [loss.detach().double() * len(labels), wrong.double(), self.sums.new_tensor(len(labels))]
+        )
+
+    def metrics(self, info: DistInfo, iterations: int, global_batch: int) -> tuple[float, float, float]:
+        """(mean loss, % wrong, images/s) over all ranks for the last `iterations` steps; then empty."""
+        all_reduce_sum(self.sums, info)
+        loss_sum, wrong_sum, seen = self.sums.tolist()  # sync point: once per log_every iterations
+        speed = iterations * global_batch / (time.perf_counter() - self.start)
+        self.sums.zero_()
+        self.restart()
+        return loss_sum / seen, 100.0 * wrong_sum / seen, speed

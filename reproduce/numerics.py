@@ -3,6 +3,7 @@ where it is fast), then by timing engine.train_step on each candidate."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,13 @@ def resolve_numerics(cfg, device: torch.device, num_classes: int, batch: int, st
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def torch_settings(deterministic: bool) -> None:
+    """Determinism (run.deterministic) or cuDNN autotuning; TF32 matmuls on GPUs that have them."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -22,8 +22,6 @@ if __name__ == "__main__" and not __package__:  # `python reproduce/train.py`: i
 import argparse
 import logging
 import math
-import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +30,16 @@ from tqdm import tqdm
 
 from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
-from reproduce.data import Data, DataError, build_data, eval_loader, train_loader
+from reproduce.data import Data, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
-from reproduce.engine import build_optimizer, evaluate, lr_at, train_step
+from reproduce.engine import TrainingWindow, build_optimizer, evaluate, lr_at, param_groups, train_step
 from reproduce.errors import Failed, command, one_line
 from reproduce.io import atomic_write_text
 from reproduce.models import build_model
-from reproduce.numerics import Numerics, resolve_numerics
+from reproduce.numerics import Numerics, resolve_numerics, torch_settings
 from reproduce.provenance import GitState, code_state
 from reproduce.stop import STOPPED, StopFlag, Stopped
-from reproduce.tracking import Tracker, check_reachable, check_resumable, tracker_for
+from reproduce.tracking import NullTracker, Tracker, check_reachable, check_resumable, tracker_for
 from reproduce.weights import WeightsError, initialise
 
 log = logging.getLogger("reproduce.train")
@@ -105,45 +103,6 @@ def check_inputs(cfg: Config) -> Data:
     return data
 
 
-def check_main(argv: list[str] | None = None) -> int:
-    """`reproduce check [--no-data] FILE... [key=value ...]`: validate configs, and their data when
-    data.path is set (unless --no-data), without running anything. Exit status 2 when any is refused."""
-    argv = list(argv or [])
-    with_data = "--no-data" not in argv
-    argv = [a for a in argv if a != "--no-data"]
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if not files or any(a.startswith("-") for a in files):
-        print("usage: reproduce check [--no-data] FILE... [key=value ...]", file=sys.stderr)
-        return 2
-    for item in files:
-        if not Path(item).exists() and not item.endswith((".yaml", ".yml")) and "/" not in item:
-            print(
-                f"error: {item!r} is neither a config file nor a key=value override (e.g. {item}=VALUE)",
-                file=sys.stderr,
-            )
-            return 2
-    status = 0
-    for path in files:
-        try:
-            cfg = load_config(path, overrides)
-            if not with_data:
-                print(f"ok    {path} (config only: data not checked)")
-                continue
-            # data.path null: the run reads $REPRODUCE_CIFAR10 where it is set (checked here as well), else downloads
-            if cfg.data.path is None and not cfg.data.synthetic and not os.environ.get("REPRODUCE_CIFAR10"):
-                print(
-                    f"ok    {path} (data not checked: data.path is null, CIFAR-10 is downloaded when training starts)"
-                )
-                continue
-            check_inputs(cfg)
-            print(f"ok    {path}")
-        except (ConfigError, DataError) as err:
-            print(f"error {path}: {err}", file=sys.stderr)
-            status = 2
-    return status
-
-
 @dataclass
 class Run:
     """What the loop works on: the config, the processes, the data, the networks, the
@@ -155,7 +114,7 @@ class Run:
     unwrapped: torch.nn.Module  # saved and loaded; never the DDP or compiled wrapper
     model: torch.nn.Module  # what the steps call: unwrapped, wrapped in DDP and/or compiled
     optimizer: torch.optim.Optimizer
-    tracker: Tracker
+    tracker: Tracker | NullTracker  # NullTracker on ranks other than 0 (tracker_for)
     stop: StopFlag
     git: GitState
     run_id: str | None
@@ -184,7 +143,7 @@ class Run:
 
 def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: StopFlag) -> int:
     """Train (or resume) the run of `cfg` to the end of its schedule, evaluate it and log it."""
-    _torch_settings(cfg.run.deterministic)
+    torch_settings(cfg.run.deterministic)
     resume = checkpoint.resume_point(cfg, info)
     logged = _logged_status(resume, data, info)
     numerics = _numerics(cfg, info, data, resume)
@@ -205,15 +164,6 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: StopFlag) -
         )
     run = _start(cfg, info, data, stop, unwrapped, optimizer, numerics, start, run_id)
     return _train_to_the_end(run)
-
-
-def _torch_settings(deterministic: bool) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def _logged_status(resume: checkpoint.Resume | None, data: Data, info: distributed.DistInfo) -> str | None:
@@ -255,7 +205,7 @@ def _build(
             "train a new one, or a pretrained_lr_scale above 0"
         )
     unwrapped.to(info.device, memory_format=numerics.memory_format)
-    optimizer = build_optimizer(_param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
+    optimizer = build_optimizer(param_groups(unwrapped, pretrained, cfg.optim.pretrained_lr_scale), cfg.optim)
     torch.manual_seed(cfg.seed * 1000 + info.rank)
     return unwrapped, optimizer
 
@@ -332,26 +282,9 @@ def _train_to_the_end(run: Run) -> int:
         tracker.end(status)
 
 
-def _param_groups(model: torch.nn.Module, pretrained: set[str], scale: float) -> list[dict]:
-    """One group at optim.lr, plus one at lr x scale for the layers model.init provided (frozen
-    when scale is 0: requires_grad off, and their batch norms keep the running statistics the
-    weights came with: momentum 0, so training batches still normalise by their own statistics
-    but do not move the stored ones)."""
-    new = [p for n, p in model.named_parameters() if n not in pretrained]
-    old = [p for n, p in model.named_parameters() if n in pretrained]
-    if scale == 0:
-        for p in old:
-            p.requires_grad_(False)
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and f"{name}.weight" in pretrained:
-                module.momentum = 0.0
-    return [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": scale}] if old else [])
-
-
 def _loop(run: Run) -> None:
-    cfg, info, stop = run.cfg, run.info, run.stop
-    iterations, global_batch = cfg.schedule.iterations, cfg.optim.batch_size
-    per_epoch = batches_per_epoch(len(run.data.train), global_batch)
+    cfg, info = run.cfg, run.info
+    iterations = cfg.schedule.iterations
     bar = tqdm(
         total=iterations,
         initial=run.start,
@@ -360,8 +293,7 @@ def _loop(run: Run) -> None:
         mininterval=1.0,
         unit="it",
     )
-    window = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, wrong, images (this rank)
-    window_start, window_iters = time.perf_counter(), 0
+    window, since_log = TrainingWindow(info.device), 0
     run.model.train()
     for it, (images, labels) in zip(range(run.start, iterations), train_loader(run.data, cfg, info, run.start)):
         lr = lr_at(it, cfg.optim.lr, cfg.schedule)
@@ -371,58 +303,57 @@ def _loop(run: Run) -> None:
         loss, logits = train_step(
             run.model, run.optimizer, images, labels, info.device, run.numerics.amp, run.memory_format
         )
-        with torch.no_grad():
-            wrong = logits.argmax(dim=1).ne(labels).sum()
-            window += torch.stack(
-                [loss.detach().double() * len(labels), wrong.double(), window.new_tensor(len(labels))]
-            )
-        done, window_iters = it + 1, window_iters + 1
+        window.add(loss, logits, labels)
+        done, since_log = it + 1, since_log + 1
         bar.update(1)
-
         if done % cfg.run.log_every == 0 or done == iterations:
-            distributed.all_reduce_sum(window, info)
-            loss_sum, wrong_sum, seen = window.tolist()  # sync point: once per log_every iterations
-            mean_loss = loss_sum / seen
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"training loss is {mean_loss} at iteration {done} (lr {lr:g}); stopping")
-            speed = window_iters * global_batch / (time.perf_counter() - window_start)
-            metrics = {
-                "train_loss": mean_loss,
-                "train_top1_err": 100.0 * wrong_sum / seen,
-                "lr": lr,
-                "images_per_sec": speed,
-                "epoch": done / per_epoch,
-            }
-            run.tracker.log_metrics(metrics, step=done)
-            bar.set_postfix(
-                loss=f"{mean_loss:.3f}",
-                err=f"{metrics['train_top1_err']:.1f}%",
-                img_s=f"{speed:.0f}",
-                epoch=f"{done / per_epoch:.1f}",
-                refresh=False,
-            )
-            window.zero_()
-            window_start, window_iters = time.perf_counter(), 0
-
+            _log_training(run, window, since_log, done, lr, bar)
+            since_log = 0
         if done % cfg.eval.every == 0 and done < iterations:
             run.tracker.log_metrics(_periodic_eval(run, run.model), step=done)
-            window_start = time.perf_counter()  # evaluation time is not training speed
+            window.restart()  # evaluation time is not training speed
         if done % cfg.run.checkpoint_every == 0 and done < iterations:
             run.save(done)
-            window_start = time.perf_counter()
-        stop.iteration = done
-        if info.distributed and done % STOP_CHECK_EVERY == 0:
-            distributed.heartbeat(info, done)
-        # A stop after the last iteration is not one: the final evaluation follows and the run finishes.
-        if (
-            done < iterations
-            and (info.world_size == 1 or done % STOP_CHECK_EVERY == 0)
-            and distributed.any_rank(stop.requested, info)
-        ):
+            window.restart()
+        if _stop_agreed(run, done):
             run.save(done)
             bar.close()
             raise Stopped()
     bar.close()
+
+
+def _log_training(run: Run, window: TrainingWindow, since_log: int, done: int, lr: float, bar: tqdm) -> None:
+    """The training metrics of the window at iteration `done` (a non-finite loss ends the run)."""
+    per_epoch = batches_per_epoch(len(run.data.train), run.cfg.optim.batch_size)
+    mean_loss, err, speed = window.metrics(run.info, since_log, run.cfg.optim.batch_size)
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"training loss is {mean_loss} at iteration {done} (lr {lr:g}); stopping")
+    metrics = {
+        "train_loss": mean_loss,
+        "train_top1_err": err,
+        "lr": lr,
+        "images_per_sec": speed,
+        "epoch": done / per_epoch,
+    }
+    run.tracker.log_metrics(metrics, step=done)
+    bar.set_postfix(
+        loss=f"{mean_loss:.3f}", err=f"{err:.1f}%", img_s=f"{speed:.0f}", epoch=f"{done / per_epoch:.1f}", refresh=False
+    )
+
+
+def _stop_agreed(run: Run, done: int) -> bool:
+    """Whether the ranks agree to stop after iteration `done` (checked every iteration in one process,
+    every STOP_CHECK_EVERY with several, where it is a collective; the heartbeat rides along)."""
+    info, iterations = run.info, run.cfg.schedule.iterations
+    run.stop.iteration = done
+    if info.distributed and done % STOP_CHECK_EVERY == 0:
+        distributed.heartbeat(info, done)
+    # A stop after the last iteration is not one: the final evaluation follows and the run finishes.
+    return (
+        done < iterations
+        and (info.world_size == 1 or done % STOP_CHECK_EVERY == 0)
+        and distributed.any_rank(run.stop.requested, info)
+    )
 
 
 def _periodic_eval(run: Run, model: torch.nn.Module) -> dict[str, float]:
