@@ -9,7 +9,8 @@ capability proven by doing it: real training steps of ResNet-20 (engine.train_st
 bf16 autocast, channels_last and torch.compile (reduce-overhead on a GPU, in a child process with
 a deadline: a cold compile is slow); fast bf16; a matmul rate (bench.harness.measure_peak); NCCL
 all-reduce bandwidth across several local GPUs; FFCV decoding a JPEG made here; the MLflow store
-(tracking.check_reachable; a local sqlite store is created or opened); the read speed of --data.
+(tracking.check_reachable; a local sqlite store is opened, or, when there is none, proven creatable
+by making one beside it and removing it: doctor never creates the store); the read speed of --data.
 
 Exit status 0 when everything a training job needs works (the fp32 step on the device, the
 tracking store, the data when given), 1 otherwise, with one line naming the first thing that
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from reproduce import provenance
 from reproduce.bench.allreduce import allreduce_bandwidth, child, kill_group, reply_of
+from reproduce.errors import ArgumentParser
 
 READ_LIMIT_S, READ_LIMIT_BYTES = 3.0, 2 << 30  # --data: read for at most 3 s or 2 GiB
 ALLREDUCE_BYTES = 256 << 20
@@ -54,7 +56,7 @@ class Check:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce doctor", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--data", type=Path, help="a data set (file or folder) whose read speed to measure")
     parser.add_argument(
@@ -412,15 +414,37 @@ def check_tracking() -> Check:
     import mlflow
 
     from reproduce.tracking import check_reachable, prepare_store
+    from reproduce.tracking.store import local_store_path
 
     uri = mlflow.get_tracking_uri()
     check_reachable()  # TrackingUnreachable (one line) for a server that does not answer
+    local = local_store_path(uri)
+    if local is not None and not local.exists():  # never create a store here: a training job does
+        return Check(
+            "", "ok", f"{uri} does not exist yet; {_probe_new_store(local, uri)}: a training job will create it"
+        )
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     existed = db is not None and db.exists()
     prepare_store()  # a local sqlite store: created (tables and all) under the suite's lock
     mlflow.MlflowClient().search_experiments(max_results=1)
     how = "server answers" if uri.startswith("http") else "opened" if existed or db is None else "created"
     return Check("", "ok", f"{uri} {how}")
+
+
+def _probe_new_store(path: Path, uri: str) -> str:
+    """Whether a store could be made at `path`, proven by making one (sqlite: its tables, as a job
+    would) in a temporary folder beside it and removing it; OSError or MLflow's error when not."""
+    import mlflow
+
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    probe = Path(tempfile.mkdtemp(prefix=".reproduce-doctor-", dir=parent))  # OSError where it cannot be written
+    try:
+        if uri.startswith("sqlite:///"):
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{probe / 'probe.db'}").search_experiments(max_results=1)
+            return f"a store made and removed in {parent} works"
+        return f"{parent} is writable"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def check_data(path: Path | None) -> Check:
@@ -430,6 +454,8 @@ def check_data(path: Path | None) -> Check:
         return Check("", "skip", "no --data given")
     if not path.exists():
         return Check("", "FAIL", f"{path} does not exist", FIXES["data"])
+    if not (path.is_file() or path.is_dir()):  # a named pipe, a socket, a device: opening it may wait forever
+        return Check("", "FAIL", f"{path} is not a regular file or folder", FIXES["data"])
     files = [path] if path.is_file() else _files_in_order(path)
     buf = bytearray(8 << 20)
     count, total, start = 0, 0, time.perf_counter()
@@ -454,11 +480,13 @@ def check_data(path: Path | None) -> Check:
 
 # ---------------------------------------------------------------------------- helpers
 def _files_in_order(folder: Path):
-    """The files under `folder`, folder by folder in name order, found as they are read."""
+    """The regular files under `folder` (a named pipe, socket or device is never opened: reading one
+    may wait forever), folder by folder in name order, found as they are read."""
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         for name in sorted(names):
-            yield Path(root) / name
+            if (Path(root) / name).is_file():  # follows a link, as open() would
+                yield Path(root) / name
 
 
 if __name__ == "__main__":

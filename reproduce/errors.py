@@ -15,6 +15,7 @@ exit status, so commands raise instead of printing and returning codes by hand.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -56,3 +57,12 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
             return report(err)
 
     return wrapped
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a missing argument, an invalid choice) are one line on stderr,
+    `error: PROG: MESSAGE (see PROG --help)`, with exit status 2 as argparse's own; its subcommands'
+    parsers are of the same class. --help is argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")

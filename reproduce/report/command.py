@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from reproduce.errors import ArgumentParser, command
 from reproduce.io import atomic_write_bytes, atomic_write_text
 from reproduce.report.figures import depth_curves, png, response_figure
 from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, merge_runs, read_export, select_runs, write_export
@@ -43,7 +44,7 @@ from reproduce.report.tables import PAPER_CSV, build_table, load_paper, markdown
 
 # ---------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", choices=sorted(FINAL_METRICS), help="required unless --from-export names it")
     parser.add_argument("--experiment", help="MLflow experiment (default: the study's name)")
     parser.add_argument("--out", type=Path, help="output folder (default results/<study>)")
@@ -66,9 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    paper = load_paper(args.paper)  # PaperRefused in one line, before anything is read or written
     if args.from_export:
         try:
             doc = read_export(args.from_export)
@@ -86,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         import mlflow
 
-        from reproduce.tracking import TrackingUnreachable, check_reachable
+        from reproduce.tracking.store import check_readable
 
         study, experiment = args.study, args.experiment or args.study
-        try:
-            check_reachable()
-        except TrackingUnreachable as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
         runs = load_mlflow_runs(experiment, study)
         source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
         if args.with_export:
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "reproduce report " + shlex.join(argv)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        written = write_report(runs, study, out, load_paper(args.paper), command, source)
+        written = write_report(runs, study, out, paper, command, source)
     except OSError as err:
         print(
             f"error: cannot write the report to {out} ({err.strerror or err}); give --out a writable folder",

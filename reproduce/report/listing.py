@@ -16,6 +16,8 @@ import sys
 
 import pandas as pd
 
+from reproduce.errors import ArgumentParser
+
 COLUMNS = [
     "experiment",
     "model",
@@ -33,7 +35,7 @@ COLUMNS = [
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce runs", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", action="append", help="an MLflow experiment name (repeatable; default: all)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of the aligned table")
     return parser.parse_args(argv)
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mlflow
 
+    from reproduce.tracking.store import check_readable
+
+    check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
     try:
         rows = training_runs(args.experiment)
     except LookupError as err:

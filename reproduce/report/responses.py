@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from reproduce.errors import ArgumentParser, command, one_line
+
 DEFINITION = (
     "per-channel population std over images and positions of the BN output that follows each 3x3 conv "
     "(eval mode, before addition and ReLU), averaged over channels"
@@ -107,13 +109,16 @@ def responses(
     """Load the run's newest intact checkpoint, measure its layer responses on `split`, log them."""
     import mlflow
     from mlflow.entities import Metric
+    from pydantic import ValidationError
 
     from reproduce import checkpoint
-    from reproduce.config import Config
+    from reproduce.config import Config, ConfigError, _one_line
     from reproduce.data import build_data
     from reproduce.models import build_model
     from reproduce.tracking import log_metric_batches
+    from reproduce.tracking.store import check_readable
 
+    check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
     client = mlflow.MlflowClient()
     run_dir = client.get_run(run_id).data.tags.get("reproduce.run_dir")
     # The newest checkpoint whose sha256 matches (damaged ones are set aside, as on resume).
@@ -126,7 +131,10 @@ def responses(
     raw = state["config"]
     if data_path is not None:  # the data moved since training
         raw = {**raw, "data": {**raw["data"], "path": data_path}}
-    cfg = Config.model_validate(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:  # e.g. --data naming no data: pydantic's many lines, as one
+        raise ConfigError(_one_line(err)) from None
     data = build_data(cfg)
     dataset = data.test if split == "test" else data.val
     if dataset is None:
@@ -160,7 +168,7 @@ def responses(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce analyze", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce analyze", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="analysis", required=True)
     resp = sub.add_parser("responses", help="Fig. 7: std of the layer responses of a trained run")
     resp.add_argument("--run", required=True, help="MLflow run id of a finished CIFAR-10 run")
@@ -171,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mlflow.exceptions import MlflowException
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         MlflowException,
         CheckpointError,
     ) as err:  # ValueError: invalid configs
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     shown = ", ".join(f"{v:.3f}" for v in result["std"])
     if result["iteration"] < result["iterations"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from reproduce.errors import Refused, one_line
 from reproduce.provenance import RESULTS
 from reproduce.report.runs import FINAL_METRICS, Group, Selection, display_name, model_key
 
@@ -27,8 +28,26 @@ PROVENANCE_TAGS = [
 
 
 # ---------------------------------------------------------------------------- the table
+PAPER_COLUMNS = ["table", "model", "shortcut", "protocol", "metric", "value"]  # what paper_reference reads
+
+
+class PaperRefused(Refused, ValueError):
+    """The reference numbers (`--paper`) cannot be read; the message is one line naming the file and the fix."""
+
+
 def load_paper(path: Path = PAPER_CSV) -> pd.DataFrame:
-    return pd.read_csv(path, keep_default_na=False, dtype={"value": float})
+    """The paper's numbers; PaperRefused when `path` is not a readable CSV with PAPER_COLUMNS."""
+    fix = f"give --paper a CSV with the columns {','.join(PAPER_COLUMNS)} (as results/paper.csv)"
+    try:
+        paper = pd.read_csv(path, keep_default_na=False, dtype={"value": float})
+    except OSError as err:  # missing, a folder, unreadable
+        raise PaperRefused(f"reference numbers {path}: {err.strerror or one_line(err)}; {fix}") from None
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:  # malformed, a value not a number
+        raise PaperRefused(f"reference numbers {path} are not a valid CSV ({one_line(err)}); {fix}") from None
+    missing = [column for column in PAPER_COLUMNS if column not in paper.columns]
+    if missing:
+        raise PaperRefused(f"reference numbers {path} lack the column(s) {', '.join(missing)}; {fix}")
+    return paper
 
 
 def paper_reference(paper: pd.DataFrame, key: tuple, metric: str) -> dict:

@@ -11,12 +11,57 @@ import threading
 import time
 from pathlib import Path
 
+from reproduce.errors import Refused
 from reproduce.io import atomic_write_json
 from reproduce.tracking.store import log_metric_batches, short_error
 
 log = logging.getLogger("reproduce.tracking")
 UNSENT = "unsent-metrics.json"
 RETRY_EVERY_S = 5.0
+
+
+class UnsentRefused(Refused, ValueError):
+    """A run directory's unsent-metrics.json is not one this module wrote; the message is one line."""
+
+
+def read_unsent(path: Path) -> dict:
+    """The record of <run dir>/unsent-metrics.json, checked: tracking_uri, run_id and status as text, metrics
+    as [key, value, timestamp, step] rows. UnsentRefused, naming the file and the fix, when it is damaged."""
+    fix = "repair it from its .tmp sibling if there is one, or move it aside (its metrics are then lost to MLflow)"
+    try:
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnsentRefused(f"{path} is damaged (not JSON: {short_error(err)}); {fix}") from None
+    problem = None
+    if not isinstance(record, dict):
+        problem = f"a JSON {type(record).__name__}, not an object"
+    else:
+        for key in ("tracking_uri", "run_id", "status"):
+            if not isinstance(record.get(key), str) or not record[key]:
+                problem = f"no {key}"
+                break
+        else:
+            rows = record.get("metrics")
+            if not isinstance(rows, list):
+                problem = "no list of metrics"
+            else:
+                bad = next((r for r in rows if not _metric_row(r)), None)
+                if bad is not None:
+                    problem = f"a metric that is not [key, value, timestamp, step]: {json.dumps(bad)[:80]}"
+    if problem:
+        raise UnsentRefused(f"{path} is damaged ({problem}); {fix}")
+    return record
+
+
+def _metric_row(row) -> bool:
+    return (
+        isinstance(row, list)
+        and len(row) == 4
+        and isinstance(row[0], str)
+        and isinstance(row[1], (int, float))
+        and not isinstance(row[1], bool)
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in row[2:])
+    )
 
 
 class MetricSender:
@@ -85,7 +130,14 @@ class MetricSender:
         import mlflow
 
         path = self.run_dir / UNSENT
-        previous = json.loads(path.read_text())["metrics"] if path.exists() else []
+        previous = []
+        if path.exists():
+            try:
+                previous = read_unsent(path)["metrics"]
+            except UnsentRefused as err:  # keep it for a person to look at; this job's metrics still get written
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                path.replace(aside)
+                log.warning("%s; moved aside to %s", err, aside.name)
         record = {
             "tracking_uri": mlflow.get_tracking_uri(),
             "run_id": self.run_id,

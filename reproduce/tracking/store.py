@@ -57,6 +57,42 @@ def check_reachable(timeout_s: float = 10.0) -> None:
     )
 
 
+class NoTrackingStore(Refused, LookupError):
+    """A command that reads the tracking store found none (MLflow would have made an empty one)."""
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (sqlite:///FILE, file:DIR or a bare path); None for a server."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        return None if path in ("", ":memory:") else Path(path)
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if "://" in uri or ":" in uri.split("/")[0] or uri in ("databricks", "databricks-uc", "uc"):
+        return None
+    return Path(uri)
+
+
+def check_readable(timeout_s: float = 10.0) -> str:
+    """For a command that only reads the tracking store: its URI. TrackingUnreachable (one line, within
+    `timeout_s`) when a server does not answer; NoTrackingStore when a local store does not exist,
+    which is then not created (MLflow itself would make an empty one on first read)."""
+    import mlflow
+
+    check_reachable(timeout_s)
+    uri = mlflow.get_tracking_uri()
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        unset = "" if os.environ.get("MLFLOW_TRACKING_URI") else ", MLflow's default: MLFLOW_TRACKING_URI is unset"
+        raise NoTrackingStore(
+            f"no tracking store at {uri} ({path} does not exist{unset}); set MLFLOW_TRACKING_URI to the store "
+            "that holds the runs, or train a run first"
+        )
+    return uri
+
+
 class ResumeRefused(Refused, ValueError):
     """A run directory's checkpoints continue an MLflow run this store lacks, or one trained on
     other data; the message is one line and says what to do."""
