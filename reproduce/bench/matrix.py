@@ -91,7 +91,7 @@ def train_flops_per_image(model_name: str, size: int) -> float:
 
 def main(argv=None) -> int:
     from reproduce import distributed
-    from reproduce.config import ConfigError, load_config
+    from reproduce.config import ConfigError
     from reproduce.models import MODELS
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -105,44 +105,77 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak, peak_what = measure_peak(device)
     print(f"device: {_device_name(device)}; measured {peak_what}: {peak:.1f} TFLOP/s", flush=True)
-
-    def config(model: str, overrides: list[str]):
-        family = MODELS[model].family
-        dataset = "cifar10" if family == "cifar" else "imagenet"
-        data_path, loader = (
-            (args.cifar_data, args.cifar_loader) if dataset == "cifar10" else (args.imagenet_data, args.imagenet_loader)
-        )
-        common = [
-            f"schedule.iterations={args.iterations}",
-            "schedule.milestones=[]",
-            f"run.device={device.type}",
-            f"data.workers={args.workers}",
-            "run.progress=false",
-            "data.val_split=0",
-            "eval.every=1",
-        ]
-        data = [f"data.path={data_path}", f"data.loader={loader}"] if data_path else ["data.synthetic=true"]
-        return load_config(CONFIGS / dataset / f"{model}.yaml", [*common, *data, *args.overrides, *overrides])
+    config = functools.partial(_config, args, device)
 
     import mlflow
 
-    from reproduce.tracking import TrackingUnreachable, check_reachable, prepare_store
+    from reproduce.tracking import TrackingUnreachable
 
     cache = {}  # each dataset, and each loader-alone speed, for the cells that share them
     try:  # every config is valid, the server answers and the data loads, before the first cell
-        cfgs = [config(model, []) for model in args.models]
-        check_reachable()
-        for cfg in cfgs:
-            if not cfg.data.synthetic and _data_key(cfg) not in cache:
-                cache[_data_key(cfg)] = build_data(cfg)
-        prepare_store()
+        _check_before_cells(args, config, cache)
     except (ConfigError, TrackingUnreachable, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mlflow.set_experiment("bench")
     run = mlflow.start_run(run_name="bench-matrix", log_system_metrics=False)
+    context = _context(argv, device, peak, peak_what, run.info.run_id)
+    mlflow.log_params({k: v[:500] for k, v in context.items() if k not in ("date", "mlflow_run")})
+    rows = []
+    status = "FAILED"
+    try:
+        _run_cells(args, config, info, cache, peak, context, rows)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"stopped: {len(rows)} cells kept in {args.out}", file=sys.stderr)
+        return 130
+    finally:
+        mlflow.end_run(status)
+    print(f"wrote {args.out / 'matrix.md'} and matrix.csv (MLflow run {run.info.run_id})")
+    return 0
+
+
+def _config(args, device: torch.device, model: str, overrides: list[str]):
+    """The config of one cell: the model's paper config, shortened to the bench and fed as asked."""
+    from reproduce.config import load_config
+    from reproduce.models import MODELS
+
+    family = MODELS[model].family
+    dataset = "cifar10" if family == "cifar" else "imagenet"
+    data_path, loader = (
+        (args.cifar_data, args.cifar_loader) if dataset == "cifar10" else (args.imagenet_data, args.imagenet_loader)
+    )
+    common = [
+        f"schedule.iterations={args.iterations}",
+        "schedule.milestones=[]",
+        f"run.device={device.type}",
+        f"data.workers={args.workers}",
+        "run.progress=false",
+        "data.val_split=0",
+        "eval.every=1",
+    ]
+    data = [f"data.path={data_path}", f"data.loader={loader}"] if data_path else ["data.synthetic=true"]
+    return load_config(CONFIGS / dataset / f"{model}.yaml", [*common, *data, *args.overrides, *overrides])
+
+
+def _check_before_cells(args, config, cache: dict) -> None:
+    """Every model's config is valid, the tracking server answers and each dataset loads (into
+    `cache`); ConfigError, TrackingUnreachable or DataError otherwise."""
+    from reproduce.tracking import check_reachable, prepare_store
+
+    cfgs = [config(model, []) for model in args.models]
+    check_reachable()
+    for cfg in cfgs:
+        if not cfg.data.synthetic and _data_key(cfg) not in cache:
+            cache[_data_key(cfg)] = build_data(cfg)
+    prepare_store()
+
+
+def _context(argv, device: torch.device, peak: float, peak_what: str, run_id: str) -> dict:
+    """What the tables say about where and how they were measured."""
     git = code_state()
-    context = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "reproduce bench-matrix " + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": git.commit + (" (with uncommitted changes)" if git.dirty else ""),
@@ -153,31 +186,25 @@ def main(argv=None) -> int:
         "cpus": str(os.cpu_count()),
         "python": platform.python_version(),
         "peak": f"{peak:.1f} TFLOP/s ({peak_what}, measured at start)",
-        "mlflow_run": run.info.run_id,
+        "mlflow_run": run_id,
     }
-    mlflow.log_params({k: v[:500] for k, v in context.items() if k not in ("date", "mlflow_run")})
-    rows = []
-    status = "FAILED"
-    try:
-        grid = itertools.product(args.models, args.precision, args.channels_last, args.compile)
-        for model, precision, channels_last, compile_mode in grid:
-            row = _cell(args, config, model, precision, channels_last, compile_mode, info, cache, peak)
-            rows.append(row)
-            print(_one_line(row), flush=True)
-            name = f"{model}.{precision}.cl-{channels_last}.compile-{compile_mode}"
-            mlflow.log_metrics({f"{name}.{k}": row[k] for k in ("synthetic", "real", "loader") if row[k] is not None})
-            write_tables(rows, context, args.out)
-        mlflow.log_artifact(str(args.out / "matrix.csv"))
-        mlflow.log_artifact(str(args.out / "matrix.md"))
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print(f"stopped: {len(rows)} cells kept in {args.out}", file=sys.stderr)
-        return 130
-    finally:
-        mlflow.end_run(status)
-    print(f"wrote {args.out / 'matrix.md'} and matrix.csv (MLflow run {run.info.run_id})")
-    return 0
+
+
+def _run_cells(args, config, info, cache: dict, peak: float, context: dict, rows: list[dict]) -> None:
+    """Each cell of the grid measured, printed, logged and added to `rows`; the tables rewritten
+    after each (a stopped matrix keeps what it measured) and logged at the end."""
+    import mlflow
+
+    grid = itertools.product(args.models, args.precision, args.channels_last, args.compile)
+    for model, precision, channels_last, compile_mode in grid:
+        row = _cell(args, config, model, precision, channels_last, compile_mode, info, cache, peak)
+        rows.append(row)
+        print(_one_line(row), flush=True)
+        name = f"{model}.{precision}.cl-{channels_last}.compile-{compile_mode}"
+        mlflow.log_metrics({f"{name}.{k}": row[k] for k in ("synthetic", "real", "loader") if row[k] is not None})
+        write_tables(rows, context, args.out)
+    mlflow.log_artifact(str(args.out / "matrix.csv"))
+    mlflow.log_artifact(str(args.out / "matrix.md"))
 
 
 def _cell(args, config, model, precision, channels_last, compile_mode, info, cache: dict, peak: float) -> dict:
