@@ -33,7 +33,6 @@ those need no decoding).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -48,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reproduce.errors import ArgumentParser, Refused, command
 from reproduce.provenance import CONFIGS, REPO
 
 SHARED = REPO.parent / "shared" / "data"
@@ -68,14 +68,14 @@ DEFAULT_VARIANTS = "ffcv-jpg,ffcv-mix,ffcv-raw"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="reproduce bench-loaders", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce bench-loaders", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", choices=SETS, default="imagenette-val", help="the images (see above)")
     parser.add_argument(
         "--source",
         type=Path,
         default=None,
         help="imagenette-val: a .tar.gz of <split>/<class>/*.JPEG "
-        "or such a folder (default ../shared/data/imagenette-224-val.tar.gz)",
+        "or a <split> folder of <class>/*.JPEG (default ../shared/data/imagenette-224-val.tar.gz)",
     )
     parser.add_argument("--images", type=int, default=2000, help="imagenet-sized: how many")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes = FFCV threads")
@@ -184,21 +184,48 @@ def ffcv_jpeg_rate(beton: Path, limit: int = 600) -> tuple[float, int]:
     return rate, len(jpegs)
 
 
+class SourceRefused(Refused, ValueError):
+    """--source is not a set of images this benchmark reads; the message is one line naming the fix."""
+
+
 def make_tree(source: Path, root: Path) -> Path:
     """train/<class>/* = every image of the source; val/<class>/* = one image per class (the
     loaders need a val/ folder; it is not measured)."""
     if source.is_dir():
         images = source
     else:
-        with tarfile.open(source) as tf:
-            tf.extractall(root / "unpacked", filter="data")
-        (images,) = [p for p in (root / "unpacked").iterdir() if p.is_dir()]
+        try:
+            with tarfile.open(source) as tf:
+                tf.extractall(root / "unpacked", filter="data")
+        except tarfile.TarError as err:
+            raise SourceRefused(
+                f"--source {source} is not a .tar.gz of <split>/<class>/*.JPEG ({' '.join(str(err).split())}); give one, "
+                "or a folder of "
+                "<class>/*.JPEG"
+            ) from None
+        tops = [p for p in (root / "unpacked").iterdir() if p.is_dir()]
+        if len(tops) != 1:
+            raise SourceRefused(
+                f"--source {source} holds {len(tops)} top folders, not one <split>/ folder of <class>/*.JPEG; "
+                "give a .tar.gz of one split, or a folder of <class>/*.JPEG"
+            )
+        images = tops[0]
+    classes = sorted(p for p in images.iterdir() if p.is_dir())
+    empty = next((c for c in classes if not any(f.is_file() for f in c.iterdir())), None)
+    if not classes or empty is not None:
+        inner = next((d for d in (empty or images).iterdir() if d.is_dir()), None) if classes else None
+        hint = f"give the folder whose subfolders hold the images, e.g. --source {inner.parent}" if inner else ""
+        where = f"its folder {empty.name}/ holds no image files" if empty is not None else "it has no class folders"
+        raise SourceRefused(
+            f"--source {source} is not a folder of <class>/*.JPEG ({where}); "
+            + (hint or "give a folder of <class>/*.JPEG or a .tar.gz of <split>/<class>/*.JPEG")
+        )
     tree = root / "tree"
     (tree / "train").mkdir(parents=True)
-    for folder in sorted(p for p in images.iterdir() if p.is_dir()):
+    for folder in classes:
         (tree / "train" / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
         (tree / "val" / folder.name).mkdir(parents=True)
-        first = sorted(folder.iterdir())[0]
+        first = sorted(f for f in folder.iterdir() if f.is_file())[0]
         shutil.copy(first, tree / "val" / folder.name / first.name)
     return tree
 
@@ -245,6 +272,7 @@ def measure_cpu_share(cfg, epochs: int) -> list[float]:
     return speeds
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     from reproduce.config import load_config

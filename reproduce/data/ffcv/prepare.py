@@ -28,12 +28,15 @@ stored as JPEG is drawn from its index.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +48,8 @@ from reproduce.data.cifar import CLASSES, cifar_split, cifar_stats, load_cifar10
 from reproduce.data.ffcv.loaders import ffcv_library
 from reproduce.data.ffcv.manifest import install_beton, manifest_path
 from reproduce.data.imagenet import image_folder
+from reproduce.errors import ArgumentParser
+from reproduce.stop import STOP_SIGNALS, STOPPED
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -52,7 +57,7 @@ MAX_SIDE_LIMIT = 1024  # a raw image must fit in one page
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="reproduce prepare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,19 +98,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.out.exists() and not args.out.is_dir():  # before the source is read
-            raise DataError(
-                f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
-            )
-        if args.dataset == "cifar10":
-            written = prepare_cifar10(args.source, args.out, args.val_split)
-        else:
-            written = prepare_imagenet(
-                args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
-            )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with _StopOnSignals() as stop:
+            try:
+                if args.out.exists() and not args.out.is_dir():  # before the source is read
+                    raise DataError(
+                        f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
+                    )
+                if args.dataset == "cifar10":
+                    written = prepare_cifar10(args.source, args.out, args.val_split)
+                else:
+                    written = prepare_imagenet(
+                        args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
+                    )
+            except DataError as err:
+                if stop.signal is None:  # not a writer process ended by the same stop signal
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
+                raise _Stopped(stop.signal) from None
+    except _Stopped:
+        _end_children()  # again: one forked while the stop arrived may have been missed
+        for tmp in args.out.glob(f".*.beton.{os.getpid()}.tmp") if args.out.is_dir() else []:
+            tmp.unlink(missing_ok=True)  # _write removes its own; this is in case a stop hit between the two
+        print(
+            f"stopped by {signal.Signals(stop.signal or signal.SIGTERM).name}: the file being written was removed; "
+            f"files already finished in {args.out} are complete (run the same command again to redo all)",
+            file=sys.stderr,
+        )
+        return STOPPED
     for path in written:
         manifest = json.loads(manifest_path(path).read_text())
         print(f"wrote {path}: {manifest['images']:,} images, {manifest['bytes'] / 1e6:,.1f} MB")
@@ -114,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> list[Path]:
+    _check_cifar_source(source)  # the arguments first: a wrong --source is not reported as a missing FFCV
     _ffcv()  # DataError before the source is read, if FFCV is missing
     arrays = load_cifar10(source)
     train_idx, val_idx = cifar_split(len(arrays.train_x), val_split)
@@ -153,6 +173,21 @@ def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> li
             _write(out / f"{name}.beton", _Arrays(images, labels), labels, writer, {**common, "split": name})
         )
     return written
+
+
+def _check_cifar_source(source: Path | None) -> None:
+    """DataError in one line when --source cannot be CIFAR-10, judged without reading it (load_cifar10 reads it)."""
+    if source is None:
+        return
+    fix = "give --source a cifar-10-batches-py folder, an image tree (train/, test/) or a .tar.gz of one"
+    if not source.exists():
+        raise DataError(f"--source {source} does not exist; {fix}")
+    if source.is_dir():
+        layouts = (source / "data_batch_1", source / "cifar-10-batches-py", source / "train")
+        if not any(p.exists() for p in layouts):
+            raise DataError(f"--source {source} holds neither cifar-10-batches-py nor train/ and test/; {fix}")
+    elif not source.name.endswith((".tar.gz", ".tgz", ".tar", ".npz")):
+        raise DataError(f"--source {source} is not a folder or a .tar/.tar.gz archive; {fix}")
 
 
 def prepare_imagenet(
@@ -217,10 +252,12 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
         compress_probability=writer["compress_probability"],
     )
     fields = {"image": image_field, "label": IntField()}
+    ffcv_writer = None
     try:
         # One writer process: FFCV's pages then follow the image order, so the bytes are repeatable.
         with _WriterWatch(beton):
-            DatasetWriter(str(tmp), fields, page_size=writer["page_size"], num_workers=1).from_indexed_dataset(dataset)
+            ffcv_writer = DatasetWriter(str(tmp), fields, page_size=writer["page_size"], num_workers=1)
+            ffcv_writer.from_indexed_dataset(dataset)
         failed = getattr(dataset, "failures", None)
         if failed is not None and failed.value:
             example = dataset.first_failure.value.decode(errors="replace")
@@ -235,6 +272,13 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
             "writer": {**writer, "stored_jpeg": int((modes == 0).sum())},
         }
         install_beton(tmp, beton, contents)
+    except BaseException:  # a stop, a failure: FFCV's writer leaves its shared memory behind
+        metadata = getattr(ffcv_writer, "metadata_sm", None)
+        if metadata is not None:
+            with contextlib.suppress(OSError):
+                metadata.close()
+                metadata.unlink()
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return beton
@@ -321,6 +365,92 @@ def _load_scaled(path: str, max_side: int) -> np.ndarray | str:
     return np.ascontiguousarray(resizer(pixels, max_side))
 
 
+_STOPPING = threading.Event()  # set by _StopOnSignals when a stop signal arrives
+_FORKING = threading.Event()  # set while this process forks (FFCV's writer, multiprocessing)
+os.register_at_fork(before=_FORKING.set, after_in_parent=_FORKING.clear, after_in_child=_FORKING.clear)
+
+
+class _Stopped(BaseException):
+    """A stop signal (args[0]) arrived: raised in the main thread, through any `except Exception`, so that
+    every `finally` on the way removes what it was writing."""
+
+
+class _StopOnSignals:
+    """SIGTERM, SIGINT or SIGUSR1 (reproduce.stop) ends `reproduce prepare` with exit status 143 and leaves no
+    temporary file: the handler first ends this process's children (FFCV's writer process, which writes the
+    temporary file, and the decoding pool), then raises _Stopped in the main thread. A forked child that
+    inherited the handler dies of the signal as before."""
+
+    def __init__(self):
+        self.signal, self.pid, self.previous = None, os.getpid(), {}
+        self.exited, self.lock = threading.Event(), threading.Lock()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked child: the signal's default action, as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = self.signal is None
+        self.signal = self.signal or signum
+        if first:
+            _STOPPING.set()  # a writer process ended by the stop is not a writer that died (_WriterWatch)
+            _end_children()
+            threading.Thread(target=self._insist, args=(threading.get_ident(),), daemon=True).start()
+            if not _FORKING.is_set():  # during os.fork Python ignores (and prints) it: _insist raises it after
+                raise _Stopped(signum)
+
+    def _insist(self, main: int) -> None:
+        """_Stopped raised where Python swallows it (the at-fork hooks of os.fork ignore exceptions) would leave
+        the main thread waiting for a writer that is gone: raise it there again, outside a fork, until the
+        stop has left this context."""
+        while not self.exited.wait(0.1 if _FORKING.is_set() else 1.0):
+            with self.lock:
+                if not self.exited.is_set() and not _FORKING.is_set():
+                    _async_raise(main, _Stopped)
+
+    def __enter__(self):
+        _STOPPING.clear()
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, kind, value, tb):
+        with self.lock:
+            self.exited.set()
+            if self.signal is not None:
+                _async_raise(threading.get_ident(), None)  # one not delivered yet is not needed now
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _end_children(timeout_s: float = 5.0) -> None:
+    """Kill every process this one started, and theirs (FFCV's writer, the decoding pool: they hold nothing that
+    needs cleaning up, and one blocked in a C call would not act on SIGTERM), but multiprocessing's resource
+    tracker, which cleans up the shared memory after them."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid != tracker]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    deadline = time.monotonic() + timeout_s  # gone or a zombie (an orphan's may wait for a busy or absent init)
+    while any(_running(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class _WriterDied(Exception):
     """Raised in the writing thread by _WriterWatch."""
 
@@ -340,7 +470,7 @@ class _WriterWatch:
         while True:
             threading.Event().wait(0.5)
             with self.lock:
-                if self.done:
+                if self.done or _STOPPING.is_set():
                     return
                 if _a_child_failed(self.before):
                     self.fired = True
@@ -362,6 +492,8 @@ class _WriterWatch:
                     _async_raise(self.writer, None)  # not delivered yet: cancel it, DataError follows
         except _WriterDied:  # delivered just now
             pass
+        if kind is not None and issubclass(kind, _Stopped):  # a stop ended the writer: it stays a stop
+            return False
         if self.fired:
             print(file=sys.stderr)  # ends FFCV's progress bar's line
             raise DataError(f"FFCV's writer process died while writing {self.beton} (its traceback is above)") from None
