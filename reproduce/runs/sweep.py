@@ -175,78 +175,95 @@ def run_in_children(runs: list[Planned], parallel: int, log_dir: Path) -> list[t
     import torch
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    gpus = torch.cuda.device_count()
-    load = [0] * gpus  # children per GPU
-    pending = list(enumerate(runs, start=1))
-    active: dict[subprocess.Popen, tuple[int, str, Path, int | None]] = {}
-    failed, stopping = [], []
-
-    def stop(signum, frame):
-        if not stopping:
-            print(
-                f"sweep: stopping on {signal.Signals(signum).name}: asking {len(active)} running runs to checkpoint and stop",
-                file=sys.stderr,
-                flush=True,
-            )
-        stopping.append(signum)
-        for child in active:
-            child.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    children = _Children(runs, parallel, log_dir, torch.cuda.device_count())
+    previous = {s: signal.signal(s, children.stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while active or (pending and not stopping):  # once stopping, the runs not started stay pending
-            while pending and len(active) < parallel and not stopping:
-                i, planned = pending.pop(0)
-                command, run = planned.command, planned.argv
-                log_path = log_dir / f"{i:03d}-{Path(run[1]).stem}-{run[2].replace('=', '')}.log"
-                env = dict(os.environ)
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))  # share the cores
-                gpu = None
-                if gpus > 1:
-                    gpu = min(range(gpus), key=load.__getitem__)
-                    load[gpu] += 1
-                    env["CUDA_VISIBLE_DEVICES"] = env.get(
-                        "CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))
-                    ).split(",")[gpu]
-                with log_path.open("a") as out:
-                    child = subprocess.Popen(
-                        [sys.executable, "-m", "reproduce.train", *run],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                        preexec_fn=_stop_when_parent_dies(os.getpid()),
-                    )
-                active[child] = (i, command, log_path, gpu)
-                print(
-                    f"== sweep {i}/{len(runs)} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
-                    f"  [log: {log_path}]",
-                    flush=True,
-                )
+        # once stopping, the runs not started stay pending
+        while children.active or (children.pending and not children.stopping):
+            while children.pending and len(children.active) < parallel and not children.stopping:
+                children.start(*children.pending.pop(0))
             time.sleep(0.2)
-            for child in [c for c in active if c.poll() is not None]:
-                i, command, log_path, gpu = active.pop(child)
-                if gpu is not None:
-                    load[gpu] -= 1
-                code = child.returncode
-                word = "finished" if code == 0 else "stopped" if code == STOPPED else f"FAILED (exit {code})"
-                print(f"== sweep {i}/{len(runs)} {word}: {command}  [log: {log_path}]", flush=True)
-                if code == STOPPED and not stopping:  # stopped by someone else: not done, so not a success
-                    failed.append(
-                        (command, f"stopped from outside the sweep; start the same command to resume; log {log_path}")
-                    )
-                elif code not in (0, STOPPED):
-                    failed.append((command, f"exit {code}; log {log_path}"))
+            children.reap()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if stopping:
+    if children.stopping:
         print(
-            f"sweep stopped on request with {len(pending)} runs not started; start the same command to resume",
+            f"sweep stopped on request with {len(children.pending)} runs not started; start the same command to resume",
             file=sys.stderr,
         )
         return None
-    return failed
+    return children.failed
+
+
+class _Children:
+    """The runs of a sweep in child processes: those not started, those running (with their
+    number, command, log and GPU), the failures, and the stop signals received."""
+
+    def __init__(self, runs: list[Planned], parallel: int, log_dir: Path, gpus: int):
+        self.total, self.parallel, self.log_dir, self.gpus = len(runs), parallel, log_dir, gpus
+        self.load = [0] * gpus  # children per GPU
+        self.pending = list(enumerate(runs, start=1))
+        self.active: dict[subprocess.Popen, tuple[int, str, Path, int | None]] = {}
+        self.failed: list[tuple[str, object]] = []
+        self.stopping: list[int] = []
+
+    def stop(self, signum, frame) -> None:
+        """The signal handler: every running child asked to checkpoint and stop (SIGTERM)."""
+        if not self.stopping:
+            print(
+                f"sweep: stopping on {signal.Signals(signum).name}: asking {len(self.active)} running runs to checkpoint and stop",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.stopping.append(signum)
+        for child in self.active:
+            child.send_signal(signal.SIGTERM)
+
+    def start(self, i: int, planned: Planned) -> None:
+        """Run number `i` started in its own session, on the least loaded GPU where there are several."""
+        command, run = planned.command, planned.argv
+        log_path = self.log_dir / f"{i:03d}-{Path(run[1]).stem}-{run[2].replace('=', '')}.log"
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.parallel)))  # share the cores
+        gpu = None
+        if self.gpus > 1:
+            gpu = min(range(self.gpus), key=self.load.__getitem__)
+            self.load[gpu] += 1
+            visible = env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.gpus)))).split(",")
+            env["CUDA_VISIBLE_DEVICES"] = visible[gpu]
+        with log_path.open("a") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "reproduce.train", *run],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_stop_when_parent_dies(os.getpid()),
+            )
+        self.active[child] = (i, command, log_path, gpu)
+        print(
+            f"== sweep {i}/{self.total} started (pid {child.pid}{'' if gpu is None else f', GPU {gpu}'}): {command}"
+            f"  [log: {log_path}]",
+            flush=True,
+        )
+
+    def reap(self) -> None:
+        """The children that ended: said, their GPU freed, and a failure noted unless they finished
+        or were stopped by the sweep."""
+        for child in [c for c in self.active if c.poll() is not None]:
+            i, command, log_path, gpu = self.active.pop(child)
+            if gpu is not None:
+                self.load[gpu] -= 1
+            code = child.returncode
+            word = "finished" if code == 0 else "stopped" if code == STOPPED else f"FAILED (exit {code})"
+            print(f"== sweep {i}/{self.total} {word}: {command}  [log: {log_path}]", flush=True)
+            if code == STOPPED and not self.stopping:  # stopped by someone else: not done, so not a success
+                self.failed.append(
+                    (command, f"stopped from outside the sweep; start the same command to resume; log {log_path}")
+                )
+            elif code not in (0, STOPPED):
+                self.failed.append((command, f"exit {code}; log {log_path}"))
 
 
 def _stop_when_parent_dies(parent: int):
