@@ -8,7 +8,7 @@
 
 --weights: a run directory, a checkpoint, a state_dict file, a network the suite logged to MLflow
 (runs:/<run id>, models:/<name>/<version>) or torchvision:<model>.<WEIGHTS> (see
-reproduce/weights.py for how the architecture is found and when it must be stated; --model may be
+reproduce/weights/ for how the architecture is found and when it must be stated; --model may be
 left out where the weights store it). The network is the weights' architecture; --model /
 --config / model.* overrides must agree with it. Only the
 test split is read (ImageNet-style: data.path/val/<class>/*; data.dataset=folder, for networks
@@ -261,25 +261,7 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
     from reproduce.tracking import TrackingUnreachable
 
     git = code_state()
-    tags = {
-        "reproduce.kind": "evaluation",
-        "reproduce.eval_protocol": cfg.eval.protocol.value,
-        "reproduce.weights": weights.extra.get("weights", weights.source),
-        "reproduce.weights_sha256": weights.sha256,
-        "reproduce.weights_format": weights.format,
-        "reproduce.model": cfg.model.name,
-        "reproduce.architecture": str(weights.arch),
-        "reproduce.study": cfg.data.dataset,
-        "reproduce.data_fingerprint": fingerprint,
-        "reproduce.data": description,
-        "reproduce.git_commit": git.commit,
-        "reproduce.git_dirty": str(git.dirty).lower(),
-        "reproduce.host": host(),
-        "reproduce.gpu": device_name(info.device),
-        "reproduce.world_size": str(info.world_size),
-        "reproduce.launcher": info.launcher,
-        "reproduce.torch": torch.__version__,
-    }
+    tags = _tags(cfg, info, weights, fingerprint, description, git)
     try:
         run_id, failure = _log_evaluation(cfg, tags, result), None
     except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
@@ -304,22 +286,48 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
         "git_dirty": git.dirty,
         "mlflow_run_id": run_id,
     }
+    return _write_and_say(out, doc, f"{weights.arch} {cfg.eval.protocol.value}", result, run_id, failure)
+
+
+def _tags(cfg: Config, info, weights: Weights, fingerprint: str, description: str, git) -> dict:
+    """The MLflow tags of an evaluation: what was evaluated, on what data, with which code, where."""
+    return {
+        "reproduce.kind": "evaluation",
+        "reproduce.eval_protocol": cfg.eval.protocol.value,
+        "reproduce.weights": weights.extra.get("weights", weights.source),
+        "reproduce.weights_sha256": weights.sha256,
+        "reproduce.weights_format": weights.format,
+        "reproduce.model": cfg.model.name,
+        "reproduce.architecture": str(weights.arch),
+        "reproduce.study": cfg.data.dataset,
+        "reproduce.data_fingerprint": fingerprint,
+        "reproduce.data": description,
+        "reproduce.git_commit": git.commit,
+        "reproduce.git_dirty": str(git.dirty).lower(),
+        "reproduce.host": host(),
+        "reproduce.gpu": device_name(info.device),
+        "reproduce.world_size": str(info.world_size),
+        "reproduce.launcher": info.launcher,
+        "reproduce.torch": torch.__version__,
+    }
+
+
+def _write_and_say(out: Path, doc: dict, what: str, result: dict, run_id: str | None, failure: str | None) -> int:
+    """The JSON file written and the result said, with where it is kept: 0, or 1 when the file or
+    the MLflow run (`failure`) could not be written."""
     shown = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "images")
     try:
         atomic_write_json(out, doc, indent=1)
     except OSError as err:  # checked before the evaluation, but a disk can fill up since
         logged = f"is in MLflow run {run_id}" if run_id is not None else f"is not in MLflow either ({failure})"
-        print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}")
+        print(f"{what} on {result['images']} images: {shown}")
         print(f"error: the result could not be written to {out} ({err.strerror or err}); it {logged}", file=sys.stderr)
         return 1
     if failure is not None:
-        print(f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; wrote {out}")
+        print(f"{what} on {result['images']} images: {shown}; wrote {out}")
         print(f"error: the result is in {out} but not in MLflow ({failure})", file=sys.stderr)
         return 1
-    print(
-        f"{weights.arch} {cfg.eval.protocol.value} on {result['images']} images: {shown}; "
-        f"MLflow run {run_id}; wrote {out}"
-    )
+    print(f"{what} on {result['images']} images: {shown}; MLflow run {run_id}; wrote {out}")
     return 0
 
 
