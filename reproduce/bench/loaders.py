@@ -275,9 +275,6 @@ def measure_cpu_share(cfg, epochs: int) -> list[float]:
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from reproduce.config import load_config
-    from reproduce.data.ffcv import prepare
-
     source = args.source or SHARED / "imagenette-224-val.tar.gz"
     if args.set == "imagenette-val" and not source.exists():
         print(f"error: {source} not found (see ../shared/data/README.md)", file=sys.stderr)
@@ -300,6 +297,41 @@ def main(argv=None) -> int:
         files = [p for p in (tree / "train").glob("*/*") if p.is_file()]
         n, source_mb = len(files), sum(p.stat().st_size for p in files) / 1e6
         pixels = sum(_pixels(p) for p in files[:: max(1, n // 200)]) / len(files[:: max(1, n // 200)])
+        bench = _Bench()
+        bench.add("torchvision", args, n, [f"data.path={tree}"], source_mb)
+        bench.limits["torchvision"] = pil_rate(tree)
+        if args.device_loader:
+            bench.add("device", args, n, [f"data.path={tree}", "data.loader=device"], source_mb)
+        for name in variants:
+            if not bench.add_ffcv(name, args, tree, Path(tmp) / name, n):
+                return 2
+        bench.run(args)
+    ffcv_limit = bench.limits.get("ffcv-jpg") or next((bench.limits[v] for v in variants if v in bench.limits), None)
+    print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs")
+    print(
+        f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
+        f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
+        f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}; "
+        f"freed host memory {'reused (blocks up to 1 GiB)' if reused else 'glibc default (blocks over 32 MiB unmapped)'}"
+    )
+    bench.print_table(args, ffcv_limit)
+    for name in variants:
+        print(f"  {name}: {VARIANTS[name][0]}")
+    return 0
+
+
+class _Bench:
+    """The loaders compared: each one's config, file size and per-core decode limit (where known),
+    then its speeds (and, for FFCV, the speeds of its threads alone)."""
+
+    def __init__(self):
+        self.configs, self.disk, self.limits = {}, {}, {}
+        self.results: dict[str, list[float]] = {}
+        self.cpu_share: dict[str, list[float]] = {}
+
+    def add(self, name: str, args, n: int, data: list[str], mb: float, limit: float | None = None):
+        from reproduce.config import load_config
+
         base = [
             f"data.workers={args.workers}",
             f"optim.batch_size={args.batch}",
@@ -309,99 +341,77 @@ def main(argv=None) -> int:
             "schedule.milestones=[]",
             "run.device=cpu",
         ]
-        configs = {"torchvision": load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}"])}
-        disk = {"torchvision": source_mb}
-        limits = {"torchvision": pil_rate(tree)}
-        if args.device_loader:
-            configs["device"] = load_config(
-                CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={tree}", "data.loader=device"]
-            )
-            disk["device"] = source_mb
-        for name in variants:
-            out = Path(tmp) / name
-            prepared_at = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # its "wrote ..." lines: stdout is the table
-                if (
-                    prepare.main(
-                        [
-                            "imagenet",
-                            "--source",
-                            str(tree),
-                            "--out",
-                            str(out),
-                            "--workers",
-                            str(args.workers),
-                            *VARIANTS[name][1],
-                        ]
-                    )
-                    != 0
-                ):
-                    return 2
-            disk[name] = (out / "train.beton").stat().st_size / 1e6
-            print(
-                f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {disk[name]:.0f} MB", file=sys.stderr
-            )
-            rate, jpegs = ffcv_jpeg_rate(out / "train.beton") if "raw" not in name else (0.0, 0)
-            if jpegs == n:  # an all-JPEG file: its JPEGs are what FFCV decodes
-                limits[name] = rate
-            configs[name] = load_config(
-                CONFIGS / "imagenet" / "resnet18.yaml", base + [f"data.path={out}", "data.loader=ffcv"]
-            )
-        ffcv_limit = limits.get("ffcv-jpg") or next((limits[v] for v in variants if v in limits), None)
-        results = {name: [] for name in configs}
-        cpu_share = {name: [] for name in configs if name.startswith("ffcv")}
+        self.configs[name] = load_config(CONFIGS / "imagenet" / "resnet18.yaml", base + data)
+        self.disk[name] = mb
+        if limit is not None:
+            self.limits[name] = limit
+
+    def add_ffcv(self, name: str, args, tree: Path, out: Path, n: int) -> bool:
+        """Variant `name` prepared into `out` (`reproduce prepare`) and added; False where prepare refused."""
+        from reproduce.data.ffcv import prepare
+
+        prepared_at = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # its "wrote ..." lines: stdout is the table
+            argv = ["imagenet", "--source", str(tree), "--out", str(out), "--workers", str(args.workers)]
+            if prepare.main([*argv, *VARIANTS[name][1]]) != 0:
+                return False
+        mb = (out / "train.beton").stat().st_size / 1e6
+        print(f"{name}: prepared in {time.perf_counter() - prepared_at:.0f} s, {mb:.0f} MB", file=sys.stderr)
+        rate, jpegs = ffcv_jpeg_rate(out / "train.beton") if "raw" not in name else (0.0, 0)
+        # an all-JPEG file: its JPEGs are what FFCV decodes
+        self.add(name, args, n, [f"data.path={out}", "data.loader=ffcv"], mb, rate if jpegs == n else None)
+        return True
+
+    def run(self, args) -> None:
+        """args.rounds rounds, each loader in turn, each said on stderr as it ends."""
+        self.results = {name: [] for name in self.configs}
+        self.cpu_share = {name: [] for name in self.configs if name.startswith("ffcv")}
         for round_ in range(args.rounds):
-            for name, cfg in configs.items():
-                results[name] += measure(cfg, args.epochs)
+            for name, cfg in self.configs.items():
+                self.results[name] += measure(cfg, args.epochs)
                 print(
-                    f"round {round_ + 1} {name}: {' '.join(f'{s:,.0f}' for s in results[name][-(args.epochs - 1) :])} images/s",
+                    f"round {round_ + 1} {name}: {' '.join(f'{s:,.0f}' for s in self.results[name][-(args.epochs - 1) :])} images/s",
                     file=sys.stderr,
                 )
-                if name in cpu_share:
-                    cpu_share[name] += measure_cpu_share(cfg, args.epochs)
-    reference = sum(results["torchvision"]) / len(results["torchvision"])
-    print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs")
-    print(
-        f"set {args.set}: {n:,} JPEGs, {source_mb:.0f} MB, {pixels / 1e3:.0f}k pixels per image on average; "
-        f"{args.crop} crop to {args.size} + flip + lighting + normalise; batch {args.batch}; {args.workers} workers; "
-        f"{args.rounds} rounds x {args.epochs - 1} timed epochs; torch threads {torch.get_num_threads()}; "
-        f"freed host memory {'reused (blocks up to 1 GiB)' if reused else 'glibc default (blocks over 32 MiB unmapped)'}"
-    )
-    print(
-        f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
-        + (
-            f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images"
-            if ffcv_limit
-            else ""
-        )
-        + f"; x {args.workers} workers"
-    )
-    print(
-        f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}"
-        f" {'uint8 only':>11} {'vs torchvision':>15} {'of decode limit':>16}"
-    )
-    for name, speeds in results.items():
-        limit = limits.get(name) or (limits["torchvision"] if name in ("torchvision", "device") else ffcv_limit)
-        shown = {"device": " (of PIL's)"}.get(name, "" if name in limits else " (of FFCV's)")
-        cells = []
-        for values in (speeds, cpu_share.get(name)):
-            if not values:
-                cells.append(f"{'-':>11} {'-':>15} {'-':>16}" if cells else "")
-                continue
-            mean = sum(values) / len(values)
-            share = f"{mean / (limit * args.workers):.0%}{shown}" if limit else "-"
-            cells.append(
-                (f"{mean:>9,.0f} {min(values):>7,.0f} {max(values):>7,.0f} " if not cells else f"{mean:>11,.0f} ")
-                + f"{mean / reference:>14.2f}x {share:>16}"
+                if name in self.cpu_share:
+                    self.cpu_share[name] += measure_cpu_share(cfg, args.epochs)
+
+    def print_table(self, args, ffcv_limit: float | None) -> None:
+        """The decode limits, then one row per loader, against torchvision's mean speed."""
+        limits = self.limits
+        reference = sum(self.results["torchvision"]) / len(self.results["torchvision"])
+        print(
+            f"decode limit per core: PIL {limits['torchvision']:,.0f} images/s"
+            + (
+                f", FFCV imdecode (libjpeg-turbo) {ffcv_limit:,.0f} images/s on the all-JPEG file's images"
+                if ffcv_limit
+                else ""
             )
-        print(f"{name:<14} {disk[name]:>8,.0f} {cells[0]} {cells[1]}")
-    print(
-        "uint8 only: FFCV's threads alone (decode, crop, flip into uint8 batches), without the float conversion, "
-        "lighting and normalisation that a GPU job runs on the GPU; torchvision's workers do all of it on the CPU"
-    )
-    for name in variants:
-        print(f"  {name}: {VARIANTS[name][0]}")
-    return 0
+            + f"; x {args.workers} workers"
+        )
+        print(
+            f"{'loader':<14} {'file MB':>8} {'images/s':>9} {'min':>7} {'max':>7} {'vs torchvision':>15} {'of decode limit':>16}"
+            f" {'uint8 only':>11} {'vs torchvision':>15} {'of decode limit':>16}"
+        )
+        for name, speeds in self.results.items():
+            limit = limits.get(name) or (limits["torchvision"] if name in ("torchvision", "device") else ffcv_limit)
+            shown = {"device": " (of PIL's)"}.get(name, "" if name in limits else " (of FFCV's)")
+            cells = []
+            for values in (speeds, self.cpu_share.get(name)):
+                if not values:
+                    cells.append(f"{'-':>11} {'-':>15} {'-':>16}" if cells else "")
+                    continue
+                mean = sum(values) / len(values)
+                share = f"{mean / (limit * args.workers):.0%}{shown}" if limit else "-"
+                cells.append(
+                    (f"{mean:>9,.0f} {min(values):>7,.0f} {max(values):>7,.0f} " if not cells else f"{mean:>11,.0f} ")
+                    + f"{mean / reference:>14.2f}x {share:>16}"
+                )
+            print(f"{name:<14} {self.disk[name]:>8,.0f} {cells[0]} {cells[1]}")
+        print(
+            "uint8 only: FFCV's threads alone (decode, crop, flip into uint8 batches), without the float conversion, "
+            "lighting and normalisation that a GPU job runs on the GPU; torchvision's workers do all of it on the CPU"
+        )
 
 
 def _pixels(path: Path) -> int:
