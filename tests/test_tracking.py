@@ -207,6 +207,13 @@ def test_the_report_is_stored_in_the_tracking_store(cifar_tar, tmp_path):
     assert open(stored).read() == (out / "table.md").read_text()
     assert "| ResNet-20 A | single | test_top1_err | 8.75 |" in runs[0].data.tags["mlflow.note.content"]
     assert len(load_mlflow_runs("cifar10", "cifar10")) == 2  # the report run is not read as a training run
+    # Every run says what it is: one filter shows exactly the training runs (issue 31).
+    trained = mlflow.search_runs(
+        experiment_names=["cifar10"], filter_string="tags.`reproduce.kind` = 'train'", output_format="list"
+    )
+    assert sorted(r.data.params["model.name"] for r in trained) == ["plain20", "resnet20"]
+    assert len(mlflow.search_runs(experiment_names=["cifar10"], output_format="list")) == 3
+    assert len(training_runs(["cifar10"])) == 2  # `reproduce runs` lists them, not the report
     assert report.main(["--study", "cifar10", "--out", str(tmp_path / "again"), "--no-mlflow"]) == 0
 
 

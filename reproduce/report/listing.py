@@ -6,7 +6,7 @@
 
 One row per training run: experiment, model, family, depth, seed, status, iterations done of
 the schedule, final (or latest) training / validation / test error in %, start time and run id,
-read with `mlflow.search_runs`. Evaluations and report runs (tag reproduce.kind) are left out.
+read with `mlflow.search_runs`. Only training runs (tag reproduce.kind = train, or none on older runs): evaluations and report runs are left out.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
     )
     if frame.empty:
         return pd.DataFrame(columns=COLUMNS)
-    frame = frame[frame.get("tags.reproduce.kind", pd.Series(index=frame.index, dtype=object)).isna()]
+    kind = frame.get("tags.reproduce.kind", pd.Series(index=frame.index, dtype=object))
+    frame = frame[kind.isna() | (kind == "train")]  # training runs (older ones carry no kind)
     col = lambda name: frame[name] if name in frame else pd.Series(index=frame.index, dtype=object)  # noqa: E731
     total = pd.to_numeric(col("params.schedule.iterations"), errors="coerce")
     done = [_iterations_done(client, run_id, status, t) for run_id, status, t in zip(frame.run_id, frame.status, total)]

@@ -80,6 +80,7 @@ def run_tags(
 ) -> dict:
     """The reproduce.* tags of a run's first segment: what ran, on what code, data and machine."""
     return {
+        "reproduce.kind": "train",  # what the run is (train / evaluation / report): one filter shows the training runs
         "reproduce.model": cfg.model.name,
         "reproduce.study": cfg.data.dataset,
         "reproduce.recipe": cfg.recipe_hash(),
@@ -141,7 +142,7 @@ EXPERIMENT_DESCRIPTION = (
     "Runs of the ResNet reproduction suite (He et al., Deep Residual Learning for Image Recognition, CVPR 2016). "
     "The training runs are under *Model training*: show the columns model.depth, model.family and the metrics "
     "test_top1_err / train_top1_err, group by model.name, and select runs to compare. Runs tagged "
-    "reproduce.kind = evaluation score given weights; the run tagged reproduce.kind = report holds the tables "
+    "reproduce.kind = evaluation score given weights (training runs: reproduce.kind = train); the run tagged reproduce.kind = report holds the tables "
     "and figures of `reproduce report`, the paper's numbers beside ours."
 )
 
