@@ -26,6 +26,8 @@ import argparse
 import importlib
 import sys
 
+from reproduce.errors import ArgumentParser
+
 # command -> "module:function"; each function takes the command's own arguments and returns
 # the exit status. Modules are imported only when their command runs (torch, MLflow and FFCV
 # are slow to import).
@@ -52,7 +54,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="reproduce",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

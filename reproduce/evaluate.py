@@ -38,6 +38,7 @@ from reproduce import distributed
 from reproduce.config import Config, ConfigError, ModelConfig, Normalize, Protocol, load_config
 from reproduce.data import Data, DataError, Split, build_data, eval_loader
 from reproduce.engine import evaluate
+from reproduce.errors import ArgumentParser
 from reproduce.io import atomic_write_json
 from reproduce.models import MODELS
 from reproduce.provenance import code_state, device_name, host
@@ -47,7 +48,7 @@ log = logging.getLogger("reproduce.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--weights",
         required=True,

@@ -33,7 +33,7 @@ from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
 from reproduce.engine import TrainingWindow, build_optimizer, evaluate, lr_at, param_groups, train_step
-from reproduce.errors import Failed, command, one_line
+from reproduce.errors import ArgumentParser, Failed, command, one_line
 from reproduce.io import atomic_write_text
 from reproduce.models import build_model
 from reproduce.numerics import Numerics, resolve_numerics, torch_settings
@@ -51,7 +51,7 @@ class NonFiniteLoss(Failed, RuntimeError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 schedule.iterations=1000")
     return parser.parse_args(argv)

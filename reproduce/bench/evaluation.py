@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from reproduce.errors import ArgumentParser
 from reproduce.provenance import REPO, machine
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m reproduce.bench.evaluation", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m reproduce.bench.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "imagenette-224-val.tar.gz")
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--images", type=int, default=8)

@@ -24,7 +24,6 @@ run cut short keeps what it measured; the cells are also logged to one MLflow ru
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import itertools
@@ -40,6 +39,7 @@ import torch
 
 from reproduce.bench.harness import bare_loop, loader_alone, measure_peak, release
 from reproduce.data import DataError, build_data, train_loader
+from reproduce.errors import ArgumentParser
 from reproduce.io import atomic_write_text
 from reproduce.provenance import CONFIGS, RESULTS, code_state, driver_version
 
@@ -47,7 +47,7 @@ COMPUTE_BOUND_SHARE = 0.9  # real input at >= 90% of the synthetic speed: the lo
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="reproduce bench-matrix", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce bench-matrix", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--models", nargs="+", default=["resnet18", "resnet50", "resnet152", "resnet20", "resnet56", "resnet110"]
     )

@@ -11,18 +11,18 @@ and the medians are compared, so drift of the machine's speed largely cancels ou
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
 
 from reproduce.bench.harness import bare_loop
+from reproduce.errors import ArgumentParser
 from reproduce.provenance import CONFIGS
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="reproduce bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(CONFIGS / "cifar10" / "resnet20.yaml"))
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)

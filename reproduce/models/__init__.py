@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from reproduce.errors import ArgumentParser
 from reproduce.models.cifar import CifarResNet, ZeroPadShortcut, cifar_resnet
 from reproduce.models.imagenet import imagenet_resnet
 from reproduce.models.options import Shortcut, Variant
@@ -174,9 +175,7 @@ def format_model_table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`reproduce models`: the registry as a table."""
-    import argparse
-
-    argparse.ArgumentParser(
+    ArgumentParser(
         prog="reproduce models",
         description="every registered network: parameters and multiply-adds at the paper's input size",
     ).parse_args(argv)

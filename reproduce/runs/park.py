@@ -22,7 +22,6 @@ the parked folder (its final record belongs in the report's export).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -30,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from reproduce import checkpoint
-from reproduce.errors import Refused
+from reproduce.errors import ArgumentParser, Refused
 from reproduce.io import atomic_write_json, fsync_dir
 
 FORMAT = "reproduce-parked-run/1"
@@ -238,7 +237,7 @@ def unpark(folder: Path, run_dir: Path | None = None) -> tuple[Path, str, int]:
 
 # ---------------------------------------------------------------------------- commands
 def park_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reproduce park", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce park", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--to", type=Path, required=True, metavar="FOLDER", help="where the parked runs go")
     args = parser.parse_args(argv)
@@ -264,7 +263,7 @@ def park_main(argv: list[str] | None = None) -> int:
 
 
 def unpark_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="reproduce unpark",
         description="put parked runs back: checkpoint into the run directory, MLflow run into this tracking store",
     )

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce import provenance
-from reproduce.errors import command
+from reproduce.errors import ArgumentParser, command
 
 CONFIGS = provenance.CONFIGS / "cifar10"
 CPU_MODELS = ["plain20", "plain56", "resnet56"]
@@ -44,7 +44,7 @@ LAST_FRACTION = 0.2  # training error: the mean of the logged windows over the l
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="reproduce study", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce study", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data",
         default=os.environ.get("REPRODUCE_CIFAR10"),

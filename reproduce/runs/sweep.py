@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce.config import Config, ConfigError, load_config
-from reproduce.errors import Failed, Refused, command, report
+from reproduce.errors import ArgumentParser, Failed, Refused, command, report
 from reproduce.stop import STOP_SIGNALS, STOPPED, StopFlag
 from reproduce.tracking import check_reachable
 
@@ -41,7 +41,7 @@ log = logging.getLogger("reproduce.sweep")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     # `--seeds 0 1 2 key=value` would hand key=value to --seeds: overrides are split off first.
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    parser = argparse.ArgumentParser(prog="reproduce sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="reproduce sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", required=True, metavar="FILE", help="YAML files under configs/")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="default: 0")
     parser.add_argument(
