@@ -396,7 +396,7 @@ def mlflow_runs(db: Path) -> list[dict]:
             "iterations": r.data.params.get("schedule.iterations"),
         }
         for r in client.search_runs([experiment.experiment_id], max_results=1000)
-        if "reproduce.kind" not in r.data.tags
+        if r.data.tags.get("reproduce.kind", "train") == "train"
     ]  # training runs: not the report's or an evaluation's
 
 

@@ -49,7 +49,7 @@ from reproduce.data.ffcv.loaders import ffcv_library
 from reproduce.data.ffcv.manifest import install_beton, manifest_path
 from reproduce.data.imagenet import image_folder
 from reproduce.errors import ArgumentParser
-from reproduce.stop import STOP_SIGNALS, STOPPED
+from reproduce.stop import STOP_SIGNALS
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -98,33 +98,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with _StopOnSignals() as stop:
-            try:
-                if args.out.exists() and not args.out.is_dir():  # before the source is read
-                    raise DataError(
-                        f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
-                    )
-                if args.dataset == "cifar10":
-                    written = prepare_cifar10(args.source, args.out, args.val_split)
-                else:
-                    written = prepare_imagenet(
-                        args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
-                    )
-            except DataError as err:
-                if stop.signal is None:  # not a writer process ended by the same stop signal
-                    print(f"error: {err}", file=sys.stderr)
-                    return 2
-                raise _Stopped(stop.signal) from None
-    except _Stopped:
-        _end_children()  # again: one forked while the stop arrived may have been missed
-        for tmp in args.out.glob(f".*.beton.{os.getpid()}.tmp") if args.out.is_dir() else []:
-            tmp.unlink(missing_ok=True)  # _write removes its own; this is in case a stop hit between the two
-        print(
-            f"stopped by {signal.Signals(stop.signal or signal.SIGTERM).name}: the file being written was removed; "
-            f"files already finished in {args.out} are complete (run the same command again to redo all)",
-            file=sys.stderr,
-        )
-        return STOPPED
+        if args.out.exists() and not args.out.is_dir():  # before the source is read
+            raise DataError(
+                f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
+            )
+        if args.dataset == "cifar10":
+            written = prepare_cifar10(args.source, args.out, args.val_split)
+        else:
+            written = prepare_imagenet(
+                args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
+            )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for path in written:
         manifest = json.loads(manifest_path(path).read_text())
         print(f"wrote {path}: {manifest['images']:,} images, {manifest['bytes'] / 1e6:,.1f} MB")
