@@ -13,7 +13,14 @@ from reproduce.config import load_config
 from reproduce.runs import study
 
 
-def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp_path, capsys):
+def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp_path, capsys, monkeypatch):
+    from reproduce import config
+    from reproduce.report import runs as report_runs
+
+    reads, parses = [], []
+    real_load, real_read = report_runs.load_mlflow_runs, config.load_config
+    monkeypatch.setattr(report_runs, "load_mlflow_runs", lambda *a: reads.append(a) or real_load(*a))
+    monkeypatch.setattr(config, "load_config", lambda *a, **k: parses.append(a[0]) or real_read(*a, **k))
     code = study.main(
         [
             "--data",
@@ -34,6 +41,10 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
         ]
     )
     assert code == 0
+    assert len(reads) == 1  # MLflow is read once, for the findings and the report
+    # each config file is read once, and one of them once more to decide the numerics: never per seed or run
+    files = [str(study.CONFIGS / f"{m}.yaml") for m in ("plain20", "resnet20")]
+    assert len(parses) == 3 and set(map(str, parses)) == set(files)
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
     (report,) = [r for r in runs if r.data.tags.get("reproduce.kind") == "report"]  # the table and Fig. 6, in MLflow
@@ -139,7 +150,7 @@ def test_the_studys_paper_column_is_the_reports_reference():
     prints a mean over seeds, shows the paper's mean, as the report does; nets without a number get none."""
     args = study.parse_args(["--budget", "full", "--models", "resnet110", "resnet20", "plain20"])
     configs = {m: load_config(study.CONFIGS / f"{m}.yaml", study.run_overrides(args)) for m in args.models}
-    rows = {r["model"]: r for r in study.compare(args, configs).rows}  # no runs yet: the paper's numbers only
+    rows = {r["model"]: r for r in study.compare(args, configs, []).rows}  # no runs yet: the paper's numbers only
     assert (
         rows["resnet110"]["paper"] == 6.61
         and rows["resnet20"]["paper"] == 8.75

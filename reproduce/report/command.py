@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reproduce.errors import ArgumentParser, command
+from reproduce.errors import ArgumentParser, Failed, Refused, command, one_line
 from reproduce.io import atomic_write_bytes, atomic_write_text
 from reproduce.report.figures import depth_curves, png, response_figure
 from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, merge_runs, read_export, select_runs, write_export
@@ -72,67 +72,66 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     paper = load_paper(args.paper)  # PaperRefused in one line, before anything is read or written
-    if args.from_export:
-        try:
-            doc = read_export(args.from_export)
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if args.study and args.study != doc["study"]:
-            print(f"error: {args.from_export} holds {doc['study']} runs, not {args.study}", file=sys.stderr)
-            return 2
-        study, experiment, runs = doc["study"], doc["experiment"], doc["runs"]
-        source = f"the export {args.from_export} (MLflow experiment `{experiment}`, exported {doc['exported_at']})"
-    else:
-        if not args.study:
-            print("error: --study is required (or --from-export FILE)", file=sys.stderr)
-            return 2
-        import mlflow
-
-        from reproduce.tracking.store import check_readable
-
-        study, experiment = args.study, args.experiment or args.study
-        check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
-        runs = load_mlflow_runs(experiment, study)
-        source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
-        if args.with_export:
-            try:
-                doc = read_export(args.with_export)
-            except (OSError, ValueError) as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-            if doc["study"] != study:
-                print(f"error: {args.with_export} holds {doc['study']} runs, not {study}", file=sys.stderr)
-                return 2
-            runs = merge_runs(runs, doc["runs"])
-            source += f" and the export {args.with_export} (exported {doc['exported_at']})"
+    study, experiment, runs, source = _from_export(args) if args.from_export else _from_mlflow(args)
     if args.export:
         try:
             write_export(args.export, runs, study, experiment)
         except OSError as err:
-            print(
-                f"error: cannot write the export {args.export} ({err.strerror or err}); give a writable path",
-                file=sys.stderr,
-            )
-            return 2
+            raise Refused(
+                f"cannot write the export {args.export} ({err.strerror or err}); give a writable path"
+            ) from None
     if not runs:
-        print(f"error: no {study} runs in {source}", file=sys.stderr)
-        return 1
+        raise Failed(f"no {study} runs in {source}")
     out = args.out or Path("results") / study
-    command = "reproduce report " + shlex.join(argv)
+    command_line = "reproduce report " + shlex.join(argv)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        written = write_report(runs, study, out, paper, command, source)
+        written = write_report(runs, study, out, paper, command_line, source)
     except OSError as err:
-        print(
-            f"error: cannot write the report to {out} ({err.strerror or err}); give --out a writable folder",
-            file=sys.stderr,
-        )
-        return 2
+        raise Refused(
+            f"cannot write the report to {out} ({err.strerror or err}); give --out a writable folder"
+        ) from None
     print("wrote " + ", ".join(str(out / name) for name in written))
     if not (args.from_export or args.no_mlflow):
-        store_report(experiment, study, out, written, command)
+        store_report(experiment, study, out, written, command_line)
     return 0
+
+
+def _export(path: Path, study: str | None) -> dict:
+    """The export at `path`, which must hold runs of `study` when one is given; Refused otherwise."""
+    try:
+        doc = read_export(path)
+    except (OSError, ValueError) as err:
+        raise Refused(one_line(err)) from None
+    if study and study != doc["study"]:
+        raise Refused(f"{path} holds {doc['study']} runs, not {study}")
+    return doc
+
+
+def _from_export(args: argparse.Namespace) -> tuple[str, str, list[dict], str]:
+    """(study, experiment, runs, where they came from) of --from-export."""
+    doc = _export(args.from_export, args.study)
+    source = f"the export {args.from_export} (MLflow experiment `{doc['experiment']}`, exported {doc['exported_at']})"
+    return doc["study"], doc["experiment"], doc["runs"], source
+
+
+def _from_mlflow(args: argparse.Namespace) -> tuple[str, str, list[dict], str]:
+    """(study, experiment, runs, where they came from) of the tracking store, with --with-export's runs."""
+    if not args.study:
+        raise Refused("--study is required (or --from-export FILE)")
+    import mlflow
+
+    from reproduce.tracking.store import check_readable
+
+    study, experiment = args.study, args.experiment or args.study
+    check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
+    runs = load_mlflow_runs(experiment, study)
+    source = f"MLflow experiment `{experiment}` at {mlflow.get_tracking_uri()}"
+    if args.with_export:
+        doc = _export(args.with_export, study)
+        runs = merge_runs(runs, doc["runs"])
+        source += f" and the export {args.with_export} (exported {doc['exported_at']})"
+    return study, experiment, runs, source
 
 
 def store_report(experiment: str, study: str, out: Path, written: list[str], command: str) -> None:

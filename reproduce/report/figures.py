@@ -28,25 +28,10 @@ def depth_curves(groups: list[Group], study: str):
     from matplotlib.figure import Figure
 
     eval_key = "test_top1_err" if study == "cifar10" else "val_top1_err"
-    if study == "imagenet":  # Fig. 4 shows the 18- and 34-layer nets, with option A shortcuts
-        groups = [g for g in groups if depth_of(g.key[0]) <= 34]
-    # One line per network (a colour is a depth): of several shortcut options, the paper's A.
-    preference = {"A": 0, "": 1, "B": 2, "C": 3}
-    best = {}
-    for g in sorted(groups, key=lambda g: preference.get(g.key[1], 4)):
-        best.setdefault(g.key[0], g)
-    groups = list(best.values())
+    groups = _one_line_per_network(groups, study)
     depths = sorted({depth_of(g.key[0]) for g in groups})
     colours = {d: f"C{i % 10}" for i, d in enumerate(depths)}
-    names = {g.key[0] for g in groups}
-    panels = [
-        ("plain networks", lambda g: g.key[0].startswith("plain")),
-        ("ResNets", lambda g: not g.key[0].startswith("plain") and g.key[0] != "resnet1202"),
-    ]
-    if {"resnet110", "resnet1202"} <= names:
-        panels.append(("ResNet-110 and ResNet-1202", lambda g: g.key[0] in ("resnet110", "resnet1202")))
-    elif "resnet1202" in names:
-        panels[1] = ("ResNets", lambda g: not g.key[0].startswith("plain"))
+    panels = _panels({g.key[0] for g in groups})
     fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True)
     for ax, (title, member) in zip(axes, panels):
@@ -83,6 +68,31 @@ def depth_curves(groups: list[Group], study: str):
         fontsize=10,
     )
     return fig
+
+
+def _one_line_per_network(groups: list[Group], study: str) -> list[Group]:
+    """The groups Fig. 6 / Fig. 4 draws: one per network (of several shortcut options, the paper's A);
+    for ImageNet the 18- and 34-layer nets, as Fig. 4."""
+    if study == "imagenet":
+        groups = [g for g in groups if depth_of(g.key[0]) <= 34]
+    preference = {"A": 0, "": 1, "B": 2, "C": 3}
+    best = {}
+    for g in sorted(groups, key=lambda g: preference.get(g.key[1], 4)):
+        best.setdefault(g.key[0], g)
+    return list(best.values())
+
+
+def _panels(names: set[str]) -> list[tuple]:
+    """(title, which groups) per panel: plain nets, ResNets, and ResNet-110 beside 1202 when both ran."""
+    panels = [
+        ("plain networks", lambda g: g.key[0].startswith("plain")),
+        ("ResNets", lambda g: not g.key[0].startswith("plain") and g.key[0] != "resnet1202"),
+    ]
+    if {"resnet110", "resnet1202"} <= names:
+        panels.append(("ResNet-110 and ResNet-1202", lambda g: g.key[0] in ("resnet110", "resnet1202")))
+    elif "resnet1202" in names:
+        panels[1] = ("ResNets", lambda g: not g.key[0].startswith("plain"))
+    return panels
 
 
 def response_figure(groups: list[Group]):

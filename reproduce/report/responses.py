@@ -109,10 +109,7 @@ def responses(
     """Load the run's newest intact checkpoint, measure its layer responses on `split`, log them."""
     import mlflow
     from mlflow.entities import Metric
-    from pydantic import ValidationError
 
-    from reproduce import checkpoint
-    from reproduce.config import Config, ConfigError, _one_line
     from reproduce.data import build_data
     from reproduce.models import build_model
     from reproduce.tracking import log_metric_batches
@@ -120,21 +117,8 @@ def responses(
 
     check_readable()  # a server that does not answer, or no store: one line, exit 2, nothing created
     client = mlflow.MlflowClient()
-    run_dir = client.get_run(run_id).data.tags.get("reproduce.run_dir")
-    # The newest checkpoint whose sha256 matches (damaged ones are set aside, as on resume).
-    found = checkpoint.find_latest(Path(run_dir)) if run_dir else None
-    if found is None:
-        raise FileNotFoundError(f"run {run_id} has no checkpoint (reproduce.run_dir = {run_dir!r})")
-    state = checkpoint.load(found, verified=True)
-    if state.get("mlflow_run_id") != run_id:  # a run directory reused by another run
-        raise ValueError(f"{found} belongs to MLflow run {state.get('mlflow_run_id')}, not {run_id}")
-    raw = state["config"]
-    if data_path is not None:  # the data moved since training
-        raw = {**raw, "data": {**raw["data"], "path": data_path}}
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as err:  # e.g. --data naming no data: pydantic's many lines, as one
-        raise ConfigError(_one_line(err)) from None
+    found, state = _newest_checkpoint(client, run_id)
+    cfg = _config(state, data_path)
     data = build_data(cfg)
     dataset = data.test if split == "test" else data.val
     if dataset is None:
@@ -165,6 +149,36 @@ def responses(
     log_metric_batches(client, run_id, metrics)
     client.log_text(run_id, json.dumps(result, indent=1), "layer_responses.json")
     return result
+
+
+def _newest_checkpoint(client, run_id: str) -> tuple[Path, dict]:
+    """The run's newest intact checkpoint and its state; a damaged one is skipped and left as it is
+    (a reader never changes the run directory it reads)."""
+    from reproduce import checkpoint
+
+    run_dir = client.get_run(run_id).data.tags.get("reproduce.run_dir")
+    found = checkpoint.read_latest(Path(run_dir)) if run_dir else None
+    if found is None:
+        raise FileNotFoundError(f"run {run_id} has no checkpoint (reproduce.run_dir = {run_dir!r})")
+    path, state, _ = found
+    if state.get("mlflow_run_id") != run_id:  # a run directory reused by another run
+        raise ValueError(f"{path} belongs to MLflow run {state.get('mlflow_run_id')}, not {run_id}")
+    return path, state
+
+
+def _config(state: dict, data_path: str | None):
+    """The checkpoint's config, its data.path replaced by `data_path` when given (the data moved)."""
+    from pydantic import ValidationError
+
+    from reproduce.config import Config, ConfigError, _one_line
+
+    raw = state["config"]
+    if data_path is not None:
+        raw = {**raw, "data": {**raw["data"], "path": data_path}}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:  # e.g. --data naming no data: pydantic's many lines, as one
+        raise ConfigError(_one_line(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -221,36 +221,46 @@ def markdown(
         out += ["## Other recipes (not in the table)", "", _md_rows(other, None), ""]
     if figures:
         out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    out += ["## Provenance", "", f"- command: `{command}`", f"- source: {source}"]
-    for col, label in [
-        ("git_commit", "git commits"),
-        ("git_dirty", "uncommitted changes"),
-        ("host", "hosts"),
-        ("gpu", "GPUs"),
-        ("torch", "torch"),
-        ("cuda", "CUDA"),
-        ("data_fingerprint", "data fingerprints"),
-    ]:
+    out += _md_provenance(prov, command, source)
+    return "\n".join(out) + "\n"
+
+
+PROVENANCE_COUNTS = [
+    ("git_commit", "git commits"),
+    ("git_dirty", "uncommitted changes"),
+    ("host", "hosts"),
+    ("gpu", "GPUs"),
+    ("torch", "torch"),
+    ("cuda", "CUDA"),
+    ("data_fingerprint", "data fingerprints"),
+]
+PROVENANCE_COLUMNS = [
+    "run_id",
+    "model",
+    "shortcut",
+    "seed",
+    "status",
+    "used",
+    "iterations",
+    "git_commit",
+    "host",
+    "gpu",
+    "start_time",
+]
+
+
+def _md_provenance(prov: pd.DataFrame, command: str, source: str) -> list[str]:
+    """The report's provenance section: command and source, what the runs ran on, one row per run read."""
+    out = ["## Provenance", "", f"- command: `{command}`", f"- source: {source}"]
+    for col, label in PROVENANCE_COUNTS:
         counted = prov[col].value_counts() if len(prov) else {}
         out.append(f"- {label}: " + ", ".join(f"{v or '?'} ({n} runs)" for v, n in counted.items()))
     if len(prov):
         out.append(f"- run dates: {prov.start_time.min()} to {prov.end_time.max()}")
-    cols = [
-        "run_id",
-        "model",
-        "shortcut",
-        "seed",
-        "status",
-        "used",
-        "iterations",
-        "git_commit",
-        "host",
-        "gpu",
-        "start_time",
-    ]
+    cols = PROVENANCE_COLUMNS
     out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for _, row in prov.iterrows()]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _md_evaluations(table: pd.DataFrame) -> str:

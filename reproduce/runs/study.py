@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     # A failed run (1) leaves the others: the table shows them, and a finding that needs it says
     # "not measured"; the exit status still says that a run failed.
-    findings = compare(args, configs)
+    runs = study_runs(args, configs)  # MLflow is read once, for the findings and the report
+    findings = compare(args, configs, runs)
     print()
     print(findings.text)
-    return write_outputs(args, argv, findings, configs) or code
+    return write_outputs(args, argv, findings, runs) or code
 
 
 def unknown_model(names: list[str]) -> str | None:
@@ -227,28 +228,30 @@ class Findings:
     text: str
 
 
-def compare(args: argparse.Namespace, configs: dict) -> Findings:
-    """One row per model from its finished runs (mean and spread over seeds), then the paper's
-    findings, each as shown or not by this run."""
-    import mlflow
+def study_runs(args: argparse.Namespace, configs: dict) -> list[dict]:
+    """The runs of this study's recipes in its experiment (the experiment may hold runs of other lengths
+    from earlier studies), read from MLflow once, in the report's run format (with their histories)."""
+    from reproduce.report.runs import load_mlflow_runs
 
+    recipes = {cfg.recipe_hash() for cfg in configs.values()}
+    return [r for r in load_mlflow_runs(args.experiment, "cifar10") if r["tags"].get("reproduce.recipe") in recipes]
+
+
+def compare(args: argparse.Namespace, configs: dict, runs: list[dict]) -> Findings:
+    """One row per model from its finished runs among `runs` (mean and spread over seeds), then the
+    paper's findings, each as shown or not by this run."""
     from reproduce.report.tables import load_paper, paper_reference
 
     paper = load_paper()
-    client = mlflow.MlflowClient()
     rows = []
     for name, cfg in configs.items():
-        runs = mlflow.search_runs(
-            experiment_names=[cfg.experiment],
-            output_format="list",
-            filter_string=f"tags.`reproduce.recipe` = '{cfg.recipe_hash()}' and attributes.status = 'FINISHED'",
-        )
+        mine = [r for r in runs if r["tags"].get("reproduce.recipe") == cfg.recipe_hash() and r["status"] == "FINISHED"]
         newest = {}
-        for run in sorted(runs, key=lambda r: r.info.start_time):  # one run per seed: the newest
-            newest[run.data.tags["reproduce.seed"]] = run
+        for run in sorted(mine, key=lambda r: r["start_time"]):  # one run per seed: the newest
+            newest[run["tags"]["reproduce.seed"]] = run
         picked = [newest[str(s)] for s in args.seeds if str(s) in newest]
-        train = [train_error(client, r.info.run_id, cfg.schedule.iterations) for r in picked]
-        test = [r.data.metrics.get("test_top1_err", math.nan) for r in picked]
+        train = [train_error(r, cfg.schedule.iterations) for r in picked]
+        test = [r["metrics"].get("test_top1_err", math.nan) for r in picked]
         # The report's reference: the paper's mean of 5 runs where it gives one (ResNet-110), not its best.
         shortcut = cfg.model.shortcut.value if cfg.model.shortcut else ""
         ref = paper_reference(paper, (name, shortcut, None, "single"), "test_top1_err")["reference"]
@@ -259,17 +262,17 @@ def compare(args: argparse.Namespace, configs: dict) -> Findings:
                 "train": train,
                 "test": test,
                 "paper": ref,
-                "run_ids": [r.info.run_id for r in picked],
+                "run_ids": [r["run_id"] for r in picked],
             }
         )
     return Findings(rows, render(args, rows))
 
 
-def train_error(client, run_id: str, iterations: int) -> float:
+def train_error(run: dict, iterations: int) -> float:
     """Training error (%) over the last LAST_FRACTION of the run: the mean of the logged windows
     (each the error on the augmented batches since the previous log line)."""
-    history = client.get_metric_history(run_id, "train_top1_err")
-    tail = [m.value for m in history if m.step > iterations * (1 - LAST_FRACTION)]
+    history = run["history"].get("train_top1_err", [])
+    tail = [value for step, value in history if step > iterations * (1 - LAST_FRACTION)]
     return sum(tail) / len(tail) if tail else math.nan
 
 
@@ -350,18 +353,14 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings, configs: dict) -> int:
-    """The report's table and Fig. 6 of this study's runs (its recipes only: the experiment may hold
-    runs of other lengths from earlier studies), plus the study's own summary."""
+def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings, runs: list[dict]) -> int:
+    """The report's table and Fig. 6 of this study's runs, plus the study's own summary."""
     import mlflow
 
     from reproduce.io import atomic_write_text
     from reproduce.report.command import store_report, write_report
-    from reproduce.report.runs import load_mlflow_runs
     from reproduce.report.tables import load_paper
 
-    recipes = {cfg.recipe_hash() for cfg in configs.values()}
-    runs = [r for r in load_mlflow_runs(args.experiment, "cifar10") if r["tags"].get("reproduce.recipe") in recipes]
     source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
     command = "reproduce study " + shlex.join(argv)
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
