@@ -33,10 +33,8 @@ import hashlib
 import json
 import multiprocessing
 import os
-import signal
 import sys
 import threading
-import time
 from functools import partial
 from pathlib import Path
 
@@ -49,7 +47,6 @@ from reproduce.data.ffcv.loaders import ffcv_library
 from reproduce.data.ffcv.manifest import install_beton, manifest_path
 from reproduce.data.imagenet import image_folder
 from reproduce.errors import ArgumentParser
-from reproduce.stop import STOP_SIGNALS
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -351,92 +348,6 @@ def _load_scaled(path: str, max_side: int) -> np.ndarray | str:
     return np.ascontiguousarray(resizer(pixels, max_side))
 
 
-_STOPPING = threading.Event()  # set by _StopOnSignals when a stop signal arrives
-_FORKING = threading.Event()  # set while this process forks (FFCV's writer, multiprocessing)
-os.register_at_fork(before=_FORKING.set, after_in_parent=_FORKING.clear, after_in_child=_FORKING.clear)
-
-
-class _Stopped(BaseException):
-    """A stop signal (args[0]) arrived: raised in the main thread, through any `except Exception`, so that
-    every `finally` on the way removes what it was writing."""
-
-
-class _StopOnSignals:
-    """SIGTERM, SIGINT or SIGUSR1 (reproduce.stop) ends `reproduce prepare` with exit status 143 and leaves no
-    temporary file: the handler first ends this process's children (FFCV's writer process, which writes the
-    temporary file, and the decoding pool), then raises _Stopped in the main thread. A forked child that
-    inherited the handler dies of the signal as before."""
-
-    def __init__(self):
-        self.signal, self.pid, self.previous = None, os.getpid(), {}
-        self.exited, self.lock = threading.Event(), threading.Lock()
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self.pid:  # a forked child: the signal's default action, as before
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        first = self.signal is None
-        self.signal = self.signal or signum
-        if first:
-            _STOPPING.set()  # a writer process ended by the stop is not a writer that died (_WriterWatch)
-            _end_children()
-            threading.Thread(target=self._insist, args=(threading.get_ident(),), daemon=True).start()
-            if not _FORKING.is_set():  # during os.fork Python ignores (and prints) it: _insist raises it after
-                raise _Stopped(signum)
-
-    def _insist(self, main: int) -> None:
-        """_Stopped raised where Python swallows it (the at-fork hooks of os.fork ignore exceptions) would leave
-        the main thread waiting for a writer that is gone: raise it there again, outside a fork, until the
-        stop has left this context."""
-        while not self.exited.wait(0.1 if _FORKING.is_set() else 1.0):
-            with self.lock:
-                if not self.exited.is_set() and not _FORKING.is_set():
-                    _async_raise(main, _Stopped)
-
-    def __enter__(self):
-        _STOPPING.clear()
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, kind, value, tb):
-        with self.lock:
-            self.exited.set()
-            if self.signal is not None:
-                _async_raise(threading.get_ident(), None)  # one not delivered yet is not needed now
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _end_children(timeout_s: float = 5.0) -> None:
-    """Kill every process this one started, and theirs (FFCV's writer, the decoding pool: they hold nothing that
-    needs cleaning up, and one blocked in a C call would not act on SIGTERM), but multiprocessing's resource
-    tracker, which cleans up the shared memory after them."""
-    from multiprocessing import resource_tracker
-
-    import psutil
-
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    children = [c for c in psutil.Process().children(recursive=True) if c.pid != tracker]
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    deadline = time.monotonic() + timeout_s  # gone or a zombie (an orphan's may wait for a busy or absent init)
-    while any(_running(c) for c in children) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _running(process) -> bool:
-    import psutil
-
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 class _WriterDied(Exception):
     """Raised in the writing thread by _WriterWatch."""
 
@@ -456,7 +367,7 @@ class _WriterWatch:
         while True:
             threading.Event().wait(0.5)
             with self.lock:
-                if self.done or _STOPPING.is_set():
+                if self.done:
                     return
                 if _a_child_failed(self.before):
                     self.fired = True
@@ -478,8 +389,6 @@ class _WriterWatch:
                     _async_raise(self.writer, None)  # not delivered yet: cancel it, DataError follows
         except _WriterDied:  # delivered just now
             pass
-        if kind is not None and issubclass(kind, _Stopped):  # a stop ended the writer: it stays a stop
-            return False
         if self.fired:
             print(file=sys.stderr)  # ends FFCV's progress bar's line
             raise DataError(f"FFCV's writer process died while writing {self.beton} (its traceback is above)") from None
