@@ -252,8 +252,8 @@ def check_architecture(state: dict[str, Any], model_cfg, path: Path) -> None:
 
 # Config keys a resume may change -- the ones Config.recipe_hash leaves out, less the experiment
 # (the MLflow run lives in one): where the data lies, how fast it loads, how often the run is
-# evaluated and kept. Of run.*, the numerics (amp, deterministic) are part of the recipe.
-RESUME_MAY_CHANGE = ("run.", "data.path", "data.workers", "eval.batch_size", "eval.every")
+# evaluated, the errors it watches for, and kept. Of run.*, the numerics (amp, deterministic) are part of the recipe.
+RESUME_MAY_CHANGE = ("run.", "data.path", "data.workers", "eval.batch_size", "eval.every", "eval.target_top1_err")
 RECIPE_RUN_KEYS = ("run.amp", "run.deterministic")
 
 

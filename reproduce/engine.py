@@ -163,3 +163,46 @@ class TrainingWindow:
         self.sums.zero_()
         self.restart()
         return loss_sum / seen, 100.0 * wrong_sum / seen, speed
+
+
+class TimeToTarget:
+    """Time to accuracy: the first iteration, and the run's training wall time (s), at which its
+    evaluated top-1 error reached each target of eval.target_top1_err (validation error where the
+    run has a validation split, else test error). The clock counts from the run's first iteration,
+    evaluations and checkpoints included, summed over its segments: a resumed run goes on from the
+    time its checkpoint recorded, so the work a stopped segment did after its last checkpoint (redone
+    after the resume) counts once. `state` goes into every checkpoint and `from_state` reads it back,
+    so a resumed run neither logs a reached target again nor loses one."""
+
+    def __init__(self, targets, reached: dict | None = None, elapsed_s: float | None = 0.0):
+        self.targets = tuple(float(t) for t in targets)
+        self.reached = dict(reached or {})  # target -> (iteration, wall s or None)
+        self.before_s = elapsed_s  # None: not known (a resume from a checkpoint older than this record)
+        self.restart()
+
+    def restart(self) -> None:
+        """Count this segment's time from now (when its loop starts)."""
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float | None:
+        return None if self.before_s is None else self.before_s + time.perf_counter() - self.start
+
+    def update(self, errors: dict[str, float], iteration: int) -> dict[str, float]:
+        """The metrics of each target that the evaluation `errors` at `iteration` reached first."""
+        split = "val" if "val_top1_err" in errors else "test"
+        error, wall, out = errors.get(f"{split}_top1_err"), self.elapsed(), {}
+        for target in self.targets:
+            if error is not None and target not in self.reached and error <= target:
+                self.reached[target] = (iteration, wall)
+                out[f"time_to_{split}_top1_err_{target:g}_iteration"] = iteration
+                if wall is not None:
+                    out[f"time_to_{split}_top1_err_{target:g}_s"] = wall
+        return out
+
+    def state(self) -> dict:
+        return {"elapsed_s": self.elapsed(), "reached": {str(t): list(v) for t, v in self.reached.items()}}
+
+    @classmethod
+    def from_state(cls, targets, state: dict) -> "TimeToTarget":
+        reached = {float(t): tuple(v) for t, v in state["reached"].items()}
+        return cls(targets, reached, state["elapsed_s"])

@@ -32,7 +32,7 @@ from reproduce import checkpoint, distributed
 from reproduce.config import Config, ConfigError, load_config
 from reproduce.data import Data, build_data, eval_loader, train_loader
 from reproduce.data.order import batches_per_epoch
-from reproduce.engine import TrainingWindow, build_optimizer, evaluate, lr_at, param_groups, train_step
+from reproduce.engine import TimeToTarget, TrainingWindow, build_optimizer, evaluate, lr_at, param_groups, train_step
 from reproduce.errors import ArgumentParser, Failed, command, one_line
 from reproduce.io import atomic_write_text
 from reproduce.models import build_model
@@ -120,6 +120,7 @@ class Run:
     run_id: str | None
     start: int  # the first iteration this process trains (0, or where the checkpoint left off)
     numerics: Numerics  # run.amp and run.channels_last with `auto` decided
+    targets: TimeToTarget  # eval.target_top1_err reached so far (kept by the checkpoints)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -136,6 +137,7 @@ class Run:
             state = checkpoint.contents(
                 self.unwrapped, self.optimizer, done, self.run_id, self.cfg, self.git, self.numerics
             )
+            state["time_to_target"] = self.targets.state()
             checkpoint.save(self.cfg.run_dir(), done, state, keep=self.cfg.run.keep_checkpoints)
             self.tracker.log_metrics({"checkpoint_iteration": done}, step=done)  # where a resume starts
         distributed.barrier(self.info)  # no rank runs ahead of a checkpoint that may be needed to resume
@@ -163,7 +165,33 @@ def train(cfg: Config, info: distributed.DistInfo, data: Data, stop: StopFlag) -
             run_id,
         )
     run = _start(cfg, info, data, stop, unwrapped, optimizer, numerics, start, run_id)
+    run.targets = _time_to_target(run, resume)
     return _train_to_the_end(run)
+
+
+def _time_to_target(run: Run, resume: checkpoint.Resume | None) -> TimeToTarget:
+    """The targets reached so far (rank 0 keeps them): none in a new run, a resumed run's from its
+    checkpoint. From a checkpoint older than that record: the iterations from the errors its MLflow
+    run logged up to it, logged now (their wall time, and so that of later targets, is not known)."""
+    targets = run.cfg.eval.target_top1_err
+    if resume is None or not run.info.is_main:
+        return TimeToTarget(targets)
+    if "time_to_target" in resume.state:
+        return TimeToTarget.from_state(targets, resume.state["time_to_target"])
+    import mlflow
+
+    clock = TimeToTarget(targets, elapsed_s=None)
+    try:
+        for split in ("val", "test") if targets and resume.run_id else ():  # val where the run has one
+            history = mlflow.MlflowClient().get_metric_history(resume.run_id, f"{split}_top1_err")
+            for step, error in sorted((m.step, m.value) for m in history if m.step <= resume.iteration):
+                run.tracker.log_metrics(clock.update({f"{split}_top1_err": error}, step), step=step)
+            if history:
+                break
+    except Exception as err:  # not known: no target is logged rather than a wrong one
+        log.warning("time to target not logged: cannot read the run's errors before the resume (%s)", one_line(err))
+        clock.reached = {target: (None, None) for target in targets}
+    return clock
 
 
 def _logged_status(resume: checkpoint.Resume | None, data: Data, info: distributed.DistInfo) -> str | None:
@@ -222,7 +250,8 @@ def _start(cfg, info, data, stop, unwrapped, optimizer, numerics, start: int, ru
     git = code_state()  # read once per process: the checkpoints and MLflow record the same state
     tracker = tracker_for(info, cfg.run_dir(), cfg.run.tracking_flush_s)
     run_id = distributed.broadcast_object(tracker.start(cfg, data.fingerprint, data.description, run_id, git), info)
-    run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics)
+    targets = TimeToTarget(cfg.eval.target_top1_err)
+    run = Run(cfg, info, data, unwrapped, model, optimizer, tracker, stop, git, run_id, start, numerics, targets)
     tracker.log_numerics(numerics)
     if info.is_main:
         atomic_write_text(cfg.run_dir() / "config.yaml", cfg.to_yaml())
@@ -272,7 +301,9 @@ def _train_to_the_end(run: Run) -> int:
         tracker.log_model(run.unwrapped, cfg, run.data.num_classes)
         status = "FINISHED"
         if info.is_main:
-            log.info("final: %s", ", ".join(f"{k} {v:.2f}" for k, v in final.items()))
+            wall = run.targets.elapsed()
+            took = "" if wall is None else f"; trained in {wall / 60:.1f} min of wall time (evaluations, checkpoints)"
+            log.info("final: %s%s", ", ".join(f"{k} {v:.2f}" for k, v in final.items()), took)
         return 0
     except (Stopped, KeyboardInterrupt):
         status = "KILLED"
@@ -294,6 +325,7 @@ def _loop(run: Run) -> None:
         unit="it",
     )
     window, since_log = TrainingWindow(info.device), 0
+    run.targets.restart()
     run.model.train()
     for it, (images, labels) in zip(range(run.start, iterations), train_loader(run.data, cfg, info, run.start)):
         lr = lr_at(it, cfg.optim.lr, cfg.schedule)
@@ -310,7 +342,8 @@ def _loop(run: Run) -> None:
             _log_training(run, window, since_log, done, lr, bar)
             since_log = 0
         if done % cfg.eval.every == 0 and done < iterations:
-            run.tracker.log_metrics(_periodic_eval(run, run.model), step=done)
+            errors = _periodic_eval(run, run.model)
+            run.tracker.log_metrics({**errors, **_reached(run, errors, done)}, step=done)
             window.restart()  # evaluation time is not training speed
         if done % cfg.run.checkpoint_every == 0 and done < iterations:
             run.save(done)
@@ -383,8 +416,16 @@ def _final_eval(run: Run) -> dict[str, float]:
             run.numerics.channels_last,
         )
         final.update({f"test_{k}": v for k, v in result.items()})
-    run.tracker.log_metrics(final, step=cfg.schedule.iterations)
+    run.tracker.log_metrics({**final, **_reached(run, final, cfg.schedule.iterations)}, step=cfg.schedule.iterations)
     return final
+
+
+def _reached(run: Run, errors: dict[str, float], done: int) -> dict[str, float]:
+    """The time-to-target metrics of the targets the evaluation at iteration `done` reached first."""
+    reached = run.targets.update(errors, done)
+    for name in (k for k in reached if k.endswith("_iteration")):
+        log.info("%s reached at iteration %d", name.removeprefix("time_to_").removesuffix("_iteration"), done)
+    return reached
 
 
 if __name__ == "__main__":

@@ -39,12 +39,14 @@ def test_shipped_config_validates(path, tmp_path):
     if cfg.data.dataset == "cifar10":  # paper §4.2
         assert (cfg.optim.batch_size, cfg.schedule.iterations, cfg.schedule.milestones) == (128, 64000, (32000, 48000))
         assert cfg.data.val_split == 5000 and cfg.eval.protocol.value == "single"
+        assert cfg.eval.target_top1_err == (20, 10)
         assert (cfg.schedule.warmup_lr, cfg.schedule.warmup_iterations) == (
             (0.01, 400) if cfg.model.name.endswith(("110", "1202")) else (None, 0)
         )
     else:  # paper §3.4
         assert (cfg.optim.batch_size, cfg.schedule.iterations, cfg.data.scale) == (256, 600000, (256, 480))
         assert cfg.eval.protocol.value == "tencrop"
+        assert cfg.eval.target_top1_err == (24.1,)  # 75.9% top-1 accuracy
 
 
 def test_imagenet_config_needs_a_data_path():
@@ -70,6 +72,7 @@ def test_batch_must_split_over_processes():
 def test_recipe_hash_ignores_seed_and_housekeeping_only():
     base = load_config(CIFAR)
     assert load_config(CIFAR, ["seed=3", "run.log_every=7", "data.workers=1"]).recipe_hash() == base.recipe_hash()
+    assert load_config(CIFAR, ["eval.target_top1_err=[30]"]).recipe_hash() == base.recipe_hash()
     assert load_config(CIFAR, ["optim.lr=0.2"]).recipe_hash() != base.recipe_hash()
     assert load_config(CIFAR, ["seed=3"]).run_dir() != base.run_dir()
 
@@ -96,6 +99,9 @@ BROKEN = [
     ),
     (["model.variant=v1.5"], "v1.5"),
     (["schedule.iterations=0"], "schedule.iterations = 0"),
+    (["eval.target_top1_err=[20,20]"], "give distinct errors in % between 0 and 100, got [20.0, 20.0]"),
+    (["eval.target_top1_err=[0]"], "eval.target_top1_err = [0]"),
+    (["eval.target_top1_err=20"], "eval.target_top1_err = 20"),
     (["schedule.milestones=[48000,32000]"], "strictly increasing"),
     (["schedule.milestones=[32000,70000]"], "is not below schedule.iterations=64000"),
     (["schedule.gamma=2"], "schedule.gamma = 2"),

@@ -93,8 +93,8 @@ class Config(Section):
         recipe = self.model_dump(mode="json", exclude={"seed": True, "run": True, "experiment": True})
         for key in ("path", "workers"):  # where the data lies and how fast it loads do not change the result
             recipe["data"].pop(key)
-        for key in ("batch_size", "every"):  # nor do the evaluation's batch and cadence (it draws no randomness)
-            recipe["eval"].pop(key)
+        for key in ("batch_size", "every", "target_top1_err"):  # nor do the evaluation's batch, cadence
+            recipe["eval"].pop(key)  # (it draws no randomness) and the errors it watches for
         recipe["numerics"] = {k: getattr(self.run, k) for k in ("amp", "deterministic")}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -197,6 +197,19 @@ class EvalConfig(Section):
     )
     batch_size: int = Field(256, gt=0, description="per-process evaluation batch")
     max_images: int | None = Field(None, gt=0, description="evaluate on the first N images only (smoke tests)")
+    target_top1_err: tuple[float, ...] = Field(
+        (),
+        description="top-1 error targets (%): the run logs the first iteration and training wall time at "
+        "which its evaluated error (validation, or test where there is no validation split) reached each "
+        "(metrics time_to_<split>_top1_err_<target>_iteration and _s); () = none",
+    )
+
+    @field_validator("target_top1_err")
+    @classmethod
+    def _targets(cls, targets: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < t < 100 for t in targets) or len(set(targets)) != len(targets):
+            raise ValueError(f"give distinct errors in % between 0 and 100, got {list(targets)}")
+        return targets
 
 
 class RunConfig(Section):

@@ -5,13 +5,17 @@
   reproduce runs --csv > runs.csv         the same rows as CSV (for pandas, spreadsheets)
 
 One row per training run: experiment, model, family, depth, seed, status, iterations done of
-the schedule, final (or latest) training / validation / test error in %, start time and run id,
-read with `mlflow.search_runs`. Only training runs (tag reproduce.kind = train, or none on older runs): evaluations and report runs are left out.
+the schedule, final (or latest) training / validation / test error in %, time to target (for each
+error of eval.target_top1_err, the first iteration and training wall time at which the run's
+validation, else test, error reached it: `20%@4000 (12.5 min)`, or `20%@-` not yet), start time
+and run id, read with `mlflow.search_runs`. Only training runs (tag reproduce.kind = train, or none on older runs): evaluations and report runs are left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 
 import pandas as pd
@@ -29,6 +33,7 @@ COLUMNS = [
     "train_top1_err",
     "val_top1_err",
     "test_top1_err",
+    "to_target",
     "start_time",
     "run_id",
 ]
@@ -77,6 +82,7 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
             "status": frame.status,
             "iterations": [f"{d}/{int(t)}" if pd.notna(t) else str(d) for d, t in zip(done, total)],
             **{m: pd.to_numeric(col(f"metrics.{m}"), errors="coerce").round(2) for m in COLUMNS[7:10]},
+            "to_target": [_to_target(run) for _, run in frame.iterrows()],
             "start_time": pd.to_datetime(frame.start_time).dt.strftime("%Y-%m-%d %H:%M"),
             "run_id": frame.run_id,
         }
@@ -94,6 +100,27 @@ def training_runs(experiments: list[str] | None = None) -> pd.DataFrame:
         .drop(columns="_order")
         .reset_index(drop=True)[COLUMNS]
     )
+
+
+TO_TARGET = re.compile(r"metrics\.time_to_(?:val|test)_top1_err_(.+)_iteration")
+
+
+def _to_target(run: pd.Series) -> str | None:
+    """`20%@4000 (12.5 min), 10%@-`: each target (the run's eval.target_top1_err, and any it logged)
+    with the iteration and wall time its error first reached it; None for a run without targets."""
+    reached = {}
+    for key, value in run.items():
+        match = TO_TARGET.fullmatch(str(key))
+        if match and pd.notna(value):
+            seconds = run.get(key.removesuffix("_iteration") + "_s")
+            took = f" ({seconds / 60:.1f} min)" if pd.notna(seconds) else ""
+            reached[float(match[1])] = f"@{int(value)}{took}"
+    try:
+        targets = [float(t) for t in json.loads(run.get("params.eval.target_top1_err") or "[]")]
+    except (ValueError, TypeError):  # a param this code did not write
+        targets = []
+    shown = sorted(set(targets) | set(reached), reverse=True)
+    return ", ".join(f"{t:g}%{reached.get(t, '@-')}" for t in shown) or None
 
 
 def _iterations_done(client, run_id: str, status: str, total) -> int:
