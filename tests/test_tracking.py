@@ -141,9 +141,17 @@ def test_mlflow_fields_are_filled(logged_run, cifar_tar):
         "final protocol: single",
     ):
         assert text in note, text
-    (dataset,) = run.inputs.dataset_inputs
-    assert dataset.dataset.name == "cifar10" and dataset.dataset.digest == tags["reproduce.data_fingerprint"]
-    assert str(cifar_tar) in dataset.dataset.source
+    inputs = {i.tags[0].value: i for i in run.inputs.dataset_inputs}  # by context (mlflow.data.context)
+    assert set(inputs) == {"training", "test"}
+    dataset = inputs["training"].dataset
+    assert dataset.name == "cifar10" and dataset.digest == tags["reproduce.data_fingerprint"]
+    assert str(cifar_tar) in dataset.source and str(cifar_tar) in inputs["test"].dataset.source
+    assert inputs["test"].dataset.name == "cifar10-test"
+    assert {t.key: t.value for t in inputs["test"].tags}["reproduce.images"] == "60"  # the tiny tree's test split
+    # the errors again, rounded, under errors/ (the UI's first section); full precision under the plain names
+    for key in ("train_top1_err", "val_top1_err", "test_top1_err"):
+        assert run.data.metrics[f"errors/{key}"] == round(run.data.metrics[key], 4), key
+    assert "errors/train_loss" not in run.data.metrics and "errors/lr" not in run.data.metrics
     experiment = mlflow.get_experiment_by_name("cifar10")
     assert "Model training" in experiment.tags["mlflow.note.content"]
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's own field for the kind
@@ -152,13 +160,13 @@ def test_mlflow_fields_are_filled(logged_run, cifar_tar):
 
 def test_the_logged_network_is_the_trained_one(logged_run, cifar_tar, tmp_path, capsys):
     run, cfg = logged_run
-    net = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    net = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{run.info.run_name}")  # named after its run
     trained = build_model("resnet20")
     trained.load_state_dict(torch.load(checkpoint.list_checkpoints(cfg.run_dir())[-1], weights_only=True)["model"])
     images = torch.randn(5, 3, 32, 32)  # another batch size than the logged example's
     with torch.no_grad():
         assert torch.allclose(net(images), trained.eval()(images), atol=1e-5)
-    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/resnet20-s0")
     assert info.metadata["reproduce.architecture"] == {"name": "resnet20", "shortcut": "A", "variant": "v1"}
     assert [list(t.shape) for t in info.signature.inputs.inputs][0] == [-1, 3, 32, 32]
     registered = mlflow.pytorch.load_model("models:/tiny-resnet20/1")
@@ -267,3 +275,33 @@ def test_runs_shows_a_stopped_run_at_its_checkpoint(cifar_tar, tmp_path, monkeyp
     assert train.main(["--config", str(CIFAR), *overrides]) == 0
     (finished,) = training_runs().itertuples()
     assert finished.status == "FINISHED" and finished.iterations == "8/8" and finished.run_id == stopped.run_id
+
+
+def test_the_logged_model_takes_raw_pixels_by_its_metadata_and_gives_the_runs_test_error(cifar_tar):
+    """The logged network, found by its run and loaded by its URI alone (models:/<model id>), with
+    what its metadata says to subtract and divide by, scores the raw test images (uint8 as stored)
+    as the run's own final evaluation did; its final errors are linked to it and to the test split.
+    Trained long enough at a gentle rate to tell the colours of the tiny set apart."""
+    from reproduce.data.cifar import load_cifar10
+
+    learn = {"optim.lr": "0.02", "schedule.milestones": "[]", "data.val_split": "0", "run.log_model": "true"}
+    assert train.main(["--config", str(CIFAR), *tiny_overrides(cifar_tar, iterations=30, **learn)]) == 0
+    (run,) = _runs()
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.name == run.info.run_name == "resnet20-s0" and logged.source_run_id == run.info.run_id
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["errors/test_top1_err"].value == run.data.metrics["errors/test_top1_err"]
+    assert linked["errors/test_top1_err"].dataset_name == "cifar10-test"
+    assert linked["errors/train_top1_err"].dataset_name == "cifar10"
+    uri = f"models:/{logged.model_id}"
+    net, meta = mlflow.pytorch.load_model(uri), mlflow.models.get_model_info(uri).metadata
+    raw = load_cifar10(cifar_tar)  # the test images as stored: (N, 32, 32, 3) uint8
+    pixels = torch.from_numpy(raw.test_x).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(meta["reproduce.input_mean"]), torch.tensor(meta["reproduce.input_std"])
+    assert mean.shape == (3, 32, 32) and std.shape == (3, 1, 1)  # data.normalize=pixel_mean: the mean image
+    with torch.no_grad():
+        predicted = net((pixels - mean) / std).argmax(1)
+        unnormalised = net(pixels).argmax(1)
+    error = 100 * (predicted != torch.from_numpy(raw.test_y)).double().mean().item()
+    assert error == pytest.approx(run.data.metrics["test_top1_err"], abs=1e-9)
+    assert error < 90 and not torch.equal(predicted, unnormalised)  # it learnt, and the statistics matter

@@ -10,6 +10,8 @@
 
 Writes into results/<study>/ (relative to the working directory) or --out:
   table.md / table.csv   ours (mean ± std over seeds) next to results/paper.csv, per model
+  summary.csv            per network n, mean and std of train and test error; the paper's findings'
+                         margins with their seed spread (reproduce/report/summary.py; also in table.md)
   provenance.csv         every run read: status, why it is in or out, commit, host, GPU, data
   fig6.png (CIFAR-10) or fig4.png (ImageNet); fig7.png when `reproduce analyze responses` ran
 and, read from MLflow, stores the same files as the artifacts of the run `report-<study>` of the
@@ -37,6 +39,7 @@ import pandas as pd
 
 from reproduce.errors import ArgumentParser, Failed, Refused, command, one_line
 from reproduce.io import atomic_write_bytes, atomic_write_text
+from reproduce.report import summary
 from reproduce.report.figures import depth_curves, png, response_figure
 from reproduce.report.runs import FINAL_METRICS, load_mlflow_runs, merge_runs, read_export, select_runs, write_export
 from reproduce.report.tables import PAPER_CSV, build_table, load_paper, markdown, provenance
@@ -158,6 +161,7 @@ def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, c
     table = build_table(selection.main, study, paper)
     other = build_table(selection.other, study, paper)
     prov = provenance(runs, selection)
+    networks, found = summary.summarize(selection.main)
     figures = {("fig6.png" if study == "cifar10" else "fig4.png"): depth_curves(selection.main, study)}
     fig7 = response_figure(selection.main) if study == "cifar10" else None
     if fig7 is not None:
@@ -166,10 +170,12 @@ def write_report(runs: list[dict], study: str, out: Path, paper: pd.DataFrame, c
         atomic_write_bytes(out / name, png(fig, dpi=120))
     atomic_write_text(out / "table.csv", table.to_csv(index=False))
     atomic_write_text(out / "provenance.csv", prov.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.frame(networks, found).to_csv(index=False))
+    seeds = summary.markdown(networks, found)
     atomic_write_text(
-        out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source, paper)
+        out / "table.md", markdown(study, table, other, selection, prov, list(figures), command, source, paper, seeds)
     )
-    return ["table.md", "table.csv", "provenance.csv", *figures]
+    return ["table.md", "table.csv", "summary.csv", "provenance.csv", *figures]
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@ from pathlib import Path
 import pandas as pd
 
 from reproduce.io import atomic_write_text
+from reproduce.tracking.describe import DISPLAY
 
 EXPORT_FORMAT = "reproduce-runs/1"
 FINAL_METRICS = {"cifar10": ["test_top1_err"], "imagenet": ["test_top1_err", "test_top5_err"]}
 # Histories kept for the figures: training error (dashed), test (CIFAR, Fig. 6) or val
 # (ImageNet, Fig. 4) error (bold), and the layer responses of `reproduce analyze` (Fig. 7).
 HISTORY_KEYS = ["train_top1_err", "val_top1_err", "test_top1_err", "response_std"]
+# Errors are read by their plain names (full precision, every run so far); a run that has one only
+# under its display name (DISPLAY + name, rounded: reproduce.tracking) is read from that.
 
 
 # ---------------------------------------------------------------------------- reading runs
@@ -53,10 +56,16 @@ def load_mlflow_runs(experiment: str, study: str) -> list[dict]:
             "metrics": _prefixed(row, "metrics."),
             "history": {},
         }
+        stored = set(run["metrics"])
+        for key in [
+            k for k in stored if k.startswith(DISPLAY)
+        ]:  # a run that logged an error under its display name only
+            run["metrics"].setdefault(key[len(DISPLAY) :], run["metrics"][key])
         if run["status"] == "FINISHED":  # only finished runs can reach the figures
             for key in HISTORY_KEYS:
                 if key in run["metrics"]:
-                    run["history"][key] = _history(client.get_metric_history(run["run_id"], key))
+                    name = key if key in stored else DISPLAY + key
+                    run["history"][key] = _history(client.get_metric_history(run["run_id"], name))
         runs.append(run)
     return runs
 

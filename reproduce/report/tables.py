@@ -185,7 +185,10 @@ def markdown(
     command: str,
     source: str,
     paper: pd.DataFrame,
+    seeds: list[str] = (),
 ) -> str:
+    """table.md: the table beside the paper, given weights evaluated, what was left out, other
+    recipes, `seeds` (summary.markdown: over seeds and the paper's findings), figures, provenance."""
     title = {"cifar10": "CIFAR-10 (paper Table 6)", "imagenet": "ImageNet (paper Tables 2-4)"}[study]
     data_ids = {d: f"d{i + 1}" for i, d in enumerate(dict.fromkeys(table.get("data", [])))}
     out = [
@@ -219,6 +222,8 @@ def markdown(
     out += [f"- {ident}: {desc} (fingerprint {prints[desc]})" for desc, ident in data_ids.items()] + [""]
     if len(other):
         out += ["## Other recipes (not in the table)", "", _md_rows(other, None), ""]
+    if seeds:
+        out += ["## Over seeds, and the paper's findings", "", *seeds, ""]
     if figures:
         out += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     out += _md_provenance(prov, command, source)

@@ -17,7 +17,8 @@ Modules, each importing only those above it:
   sender    the background sender and <run dir>/unsent-metrics.json
   network   the finished network as an MLflow model
   run       Tracker (rank 0), NullTracker (other ranks), tracker_for (which one a process gets)
-  reports   `reproduce report`'s tables and figures as a run
+  reports   `reproduce report`'s tables and figures as a run; the parent run of a study or sweep
+            (reproduce.kind=study, found again by reproduce.study_key), its training runs nested under it
   sync      `reproduce sync RUN_DIR`
 
 What a run holds (the report reads these names):
@@ -28,16 +29,22 @@ What a run holds (the report reads these names):
   MLflow's own fields: mlflow.source.git.commit, the run description (mlflow.note.content: the
            command, recipe, data and what each metric means), the dataset as an input (name,
            digest = our fingerprint, source), the experiment's description
-  tags     reproduce.model / study / recipe / seed / git_commit / git_dirty / torch /
+  tags     reproduce.kind (train) / model / study / recipe / seed / git_commit / git_dirty / torch /
            cuda / host / gpu / world_size / launcher / slurm_job_id / data_fingerprint /
            data / eval_protocol / run_dir (of the first segment; a resumed run adds
            reproduce.resumes, reproduce.resume<N>, and reproduce.mixed_commits when the code changed)
   metrics  by iteration: train_loss, train_top1_err (%), lr, images_per_sec, checkpoint_iteration;
-           by evaluation: val_top1_err, val_top5_err, val_loss, test_top1_err, test_top5_err
-           (CIFAR: the test split is evaluated with the validation split, for Fig. 6;
-           the last value, at step = iterations, is the final result under eval.protocol)
-  artifacts config.yaml, final_metrics.json, and for a finished run the network as an MLflow
-           model (`model`, mlflow.pytorch.load_model("runs:/<id>/model"); run.log_model)
+           by evaluation: val_top1_err, val_top5_err, val_loss (with a validation split),
+           test_top1_err, test_top5_err (CIFAR: the test split is evaluated with the validation
+           split, for Fig. 6; the last value, at step = iterations, is the final result under
+           eval.protocol); each *_err again as errors/<name>, rounded to 4 decimals, for the UI,
+           the last step's linked to the logged network and the split it was measured on
+  inputs   the training data (context training, digest = our fingerprint) and the test split
+           (context test, tagged reproduce.images: how many images its errors were measured on)
+  artifacts config.yaml, final_metrics.json
+  model    for a finished run, the network as an MLflow logged model named after the run
+           (`<model>-s<seed>`; mlflow.pytorch.load_model("models:/<model id>") or
+           "runs:/<id>/<run name>"; run.log_model), its input statistics in its metadata
   system/* MLflow's system metrics (run.system_metrics: on for CUDA jobs by default); the UI
            charts them under "System metrics", apart from the model metrics
 
@@ -60,8 +67,8 @@ from reproduce.tracking.describe import (
     run_params,
     run_tags,
 )
-from reproduce.tracking.reports import log_report
-from reproduce.tracking.run import NullTracker, Tracker, tracker_for
+from reproduce.tracking.reports import STUDY_KEY, adopt, log_report, open_parent, store
+from reproduce.tracking.run import PARENT_ENV, NullTracker, Tracker, tracker_for
 from reproduce.tracking.sender import RETRY_EVERY_S, UNSENT, MetricSender
 from reproduce.tracking.store import (
     BATCH_LIMIT,
@@ -79,14 +86,17 @@ __all__ = [
     "EXPERIMENT_DESCRIPTION",
     "IMAGENET_INPUT",
     "METRICS_MEANING",
+    "PARENT_ENV",
     "PLUMBING",
     "RETRY_EVERY_S",
+    "STUDY_KEY",
     "UNSENT",
     "MetricSender",
     "NullTracker",
     "ResumeRefused",
     "Tracker",
     "TrackingUnreachable",
+    "adopt",
     "check_reachable",
     "check_resumable",
     "describe_experiment",
@@ -94,9 +104,11 @@ __all__ = [
     "log_dataset",
     "log_metric_batches",
     "log_report",
+    "open_parent",
     "prepare_store",
     "run_params",
     "run_tags",
+    "store",
     "sync_main",
     "tracker_for",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ PLUMBING = (
     "run.register_model",
     "run.keep_checkpoints",
 )
+DISPLAY = "errors/"  # the errors again, rounded, under this prefix: MLflow's UI shows that section first
 METRICS_MEANING = [
     ("train_loss", "cross-entropy on the training batches of the last run.log_every iterations (augmented images)"),
     ("train_top1_err", "% of those training images misclassified: the paper's dashed curves"),
@@ -38,11 +40,57 @@ METRICS_MEANING = [
         "bold curves and tables; the value at step = schedule.iterations is the final result under the protocol",
     ),
     ("val_loss / test_loss", "mean cross-entropy on that split"),
+    (
+        f"{DISPLAY}*",
+        "each error above again, rounded to 4 decimals: the UI's first chart section (full precision in the unprefixed names)",
+    ),
     ("lr", "the learning rate of the step"),
     ("images_per_sec", "training images per second, all processes together, evaluation time excluded"),
     ("epoch", "passes over the training split so far"),
     ("checkpoint_iteration", "the iteration of the latest checkpoint in the run directory: where a resume starts"),
 ]
+
+
+def has_val_split(cfg: Config) -> bool:
+    """Whether the run evaluates a validation split (val_* metrics): ImageNet's val (center crop),
+    CIFAR-10's held-out images when data.val_split > 0; an image folder has none."""
+    return cfg.data.dataset == "imagenet" or (cfg.data.dataset == "cifar10" and cfg.data.val_split > 0)
+
+
+def metrics_meaning(cfg: Config) -> list[tuple[str, str]]:
+    """METRICS_MEANING as it applies to the run: no val_* line without a validation split."""
+    if has_val_split(cfg):
+        return METRICS_MEANING
+    return [
+        ("test_loss", meaning) if key == "val_loss / test_loss" else (key, meaning)
+        for key, meaning in METRICS_MEANING
+        if not key.startswith("val_top1")
+    ]
+
+
+def _test_split(cfg: Config, data_description: str):
+    """The "<n> test" (CIFAR-10) or "<n> val" (ImageNet val, an image folder's val/ = its test
+    split) of the data's description, or None."""
+    return re.search(r"(\d+) test\b" if cfg.data.dataset == "cifar10" else r"(\d+) val\b", data_description)
+
+
+def test_images(cfg: Config, data_description: str) -> int | None:
+    """How many test images each test error was measured on (None: not known)."""
+    found = _test_split(cfg, data_description)
+    if found is None:
+        return cfg.eval.max_images
+    return int(found.group(1)) if cfg.eval.max_images is None else min(int(found.group(1)), cfg.eval.max_images)
+
+
+def data_as_run(cfg: Config, data_description: str) -> str:
+    """The data's description as this run used it: where eval.max_images limits the test split,
+    how many of its images each error was measured on ("10000 test" would say all of them)."""
+    limit, found = cfg.eval.max_images, _test_split(cfg, data_description)
+    if limit is None or found is None or limit >= int(found.group(1)):
+        return data_description
+    n = int(found.group(1))
+    stated = f"{found.group(0)} (errors measured on {limit:,} of these {n:,} images, evenly spread: eval.max_images)"
+    return data_description[: found.start()] + stated + data_description[found.end() :]
 
 
 def run_params(cfg: Config) -> dict:
@@ -98,7 +146,7 @@ def run_tags(
         "reproduce.slurm_job_ids": info.slurm_job_id or "",
         "reproduce.slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
         "reproduce.data_fingerprint": data_fingerprint,
-        "reproduce.data": data_description,
+        "reproduce.data": data_as_run(cfg, data_description),
         "reproduce.eval_protocol": cfg.eval.protocol.value,
         "reproduce.run_dir": str(Path(run_dir).resolve()),
     }
@@ -128,12 +176,13 @@ def describe_run(cfg: Config, data_description: str, data_fingerprint: str) -> s
         f"- command: `{shlex.join(['reproduce' if Path(sys.argv[0]).name == 'reproduce' else sys.argv[0], *sys.argv[1:]])}`",
         f"- recipe `{cfg.recipe_hash()}`: SGD momentum {o.momentum:g}{' (Nesterov)' if o.nesterov else ''}, global batch "
         f"{o.batch_size}, lr {o.lr:g}, {drops}{warm}, weight decay {o.weight_decay:g}, {sch.iterations} iterations",
-        f"- data: {data_description} (fingerprint {data_fingerprint})",
-        f"- final protocol: {cfg.eval.protocol.value}; evaluated every {cfg.eval.every} iterations",
+        f"- data: {data_as_run(cfg, data_description)} (fingerprint {data_fingerprint})",
+        f"- final protocol: {cfg.eval.protocol.value}; evaluated every {cfg.eval.every} iterations"
+        + ("" if has_val_split(cfg) else "; no validation split"),
         "",
         "Metrics (step = iteration):",
     ]
-    lines += [f"- `{key}`: {meaning}" for key, meaning in METRICS_MEANING]
+    lines += [f"- `{key}`: {meaning}" for key, meaning in metrics_meaning(cfg)]
     lines += ["", "The full resolved config is the artifact config.yaml."]
     return "\n".join(lines)
 
@@ -162,11 +211,13 @@ def describe_experiment(experiment) -> None:
             client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
-def log_dataset(cfg: Config, data_description: str, data_fingerprint: str) -> None:
-    """The data as an MLflow input of the active run, so the runs table's Dataset column names it."""
+def datasets(cfg: Config, data_description: str, data_fingerprint: str) -> tuple:
+    """(training data, test split) as MLflow datasets: the training data with our fingerprint as its
+    digest (the runs table's Dataset column), the test split named <data>-test, its digest also
+    saying how many of its images the errors were measured on."""
+    import hashlib
     import warnings
 
-    import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
@@ -180,4 +231,20 @@ def log_dataset(cfg: Config, data_description: str, data_fingerprint: str) -> No
     else:  # CIFAR-10 downloaded by torchvision
         source = HTTPDatasetSource("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
     name = cfg.data.dataset + ("-synthetic" if cfg.data.synthetic else "")
-    mlflow.log_input(MetaDataset(source, name=name, digest=data_fingerprint[:36]), context="training")
+    test_digest = hashlib.sha256(f"{data_fingerprint} test {cfg.eval.max_images}".encode()).hexdigest()
+    return (
+        MetaDataset(source, name=name, digest=data_fingerprint[:36]),
+        MetaDataset(source, name=f"{name}-test", digest=test_digest[:36]),
+    )
+
+
+def log_dataset(cfg: Config, data_description: str, data_fingerprint: str) -> tuple:
+    """The data as MLflow inputs of the active run: the training data (context training) and the
+    test split (context test, tagged with the images its errors were measured on). Returns both."""
+    import mlflow
+
+    train, test = datasets(cfg, data_description, data_fingerprint)
+    mlflow.log_input(train, context="training")
+    images = test_images(cfg, data_description)
+    mlflow.log_input(test, context="test", tags={"reproduce.images": "?" if images is None else str(images)})
+    return train, test

@@ -1,7 +1,10 @@
 """The MLflow run of one training job. Rank 0 gets a Tracker: it creates the run (or, on resume,
 reopens it), logs to it through the background sender and ends it. Every other rank gets a
 NullTracker, whose methods do nothing: those ranks take the run id from rank 0 and log nothing.
-`tracker_for` picks the one a process needs."""
+`tracker_for` picks the one a process needs.
+
+A run started with REPRODUCE_PARENT_RUN_ID set (by `reproduce study` and `reproduce sweep`) is
+nested under that run (MLflow's tag mlflow.parentRunId)."""
 
 from __future__ import annotations
 
@@ -17,12 +20,28 @@ from reproduce.config import Config
 from reproduce.distributed import DistInfo
 from reproduce.io import atomic_write_text
 from reproduce.provenance import GitState
-from reproduce.tracking.describe import describe_experiment, describe_run, log_dataset, run_params, run_tags
+from reproduce.tracking.describe import (
+    DISPLAY,
+    datasets,
+    describe_experiment,
+    describe_run,
+    log_dataset,
+    run_params,
+    run_tags,
+)
 from reproduce.tracking.network import log_network
 from reproduce.tracking.sender import MetricSender
 from reproduce.tracking.store import http_settings, prepare_store, short_error
 
 log = logging.getLogger("reproduce.tracking")
+PARENT_ENV = "REPRODUCE_PARENT_RUN_ID"  # the run a study or sweep opened: its training runs nest under it
+
+
+def display_copies(metrics: dict[str, float]) -> dict[str, float]:
+    """The errors (`*_err`, %) again as errors/<name>, rounded to 4 decimals (0.0001 points, far
+    below one image in 10,000) for the UI: its chart sections put a prefix before the unprefixed
+    metrics, and the run page shows 71.4, not 71.39999999999999."""
+    return {f"{DISPLAY}{k}": round(v, 4) for k, v in metrics.items() if k.endswith("_err")}
 
 
 def _while_open(method):
@@ -45,6 +64,9 @@ class Tracker:
         self.run_id: str | None = None
         self._logged_upto: dict[str, int] = {}  # key -> last step the run already holds (resume)
         self._sender: MetricSender | None = None
+        self._final_step: int | None = None
+        self._final_display: dict[str, float] = {}  # the last step's errors/*: logged with the model, linked to it
+        self._datasets: tuple = ()  # (training data, test split) as MLflow datasets
 
     def start(
         self, cfg: Config, data_fingerprint: str, data_description: str, resume_run_id: str | None, git: GitState
@@ -59,9 +81,10 @@ class Tracker:
         system = self._system_metrics(cfg)
         if resume_run_id:
             run = self._reopen(resume_run_id, git, tags, system)
+            self._datasets = datasets(cfg, data_description, data_fingerprint)
         else:
             run = self._open(cfg, tags, system, data_fingerprint, data_description)
-        self.run_id = run.info.run_id
+        self.run_id, self._final_step = run.info.run_id, cfg.schedule.iterations
         self._sender = MetricSender(self.run_id, self.run_dir, self.flush_timeout_s)
         return self.run_id
 
@@ -75,10 +98,12 @@ class Tracker:
             "mlflow.source.name": "reproduce train",
             "mlflow.note.content": describe_run(cfg, data_description, data_fingerprint),
         }
+        if os.environ.get(PARENT_ENV):
+            tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
         run = mlflow.start_run(run_name=f"{cfg.model.name}-s{cfg.seed}", tags=tags, log_system_metrics=system)
         mlflow.log_params(run_params(cfg))
         mlflow.log_text(cfg.to_yaml(), "config.yaml")
-        log_dataset(cfg, data_description, data_fingerprint)
+        self._datasets = log_dataset(cfg, data_description, data_fingerprint)
         return run
 
     def _reopen(self, run_id: str, git: GitState, tags: dict, system: bool):
@@ -105,6 +130,8 @@ class Tracker:
                 mlflow.set_tag("reproduce.slurm_job_ids", ",".join(jobs + [self.info.slurm_job_id]))
         if git.commit != old.get("reproduce.git_commit") or git.dirty:
             mlflow.set_tag("reproduce.mixed_commits", "true")
+        if os.environ.get(PARENT_ENV) and "mlflow.parentRunId" not in old:  # begun before its study had a parent run
+            mlflow.set_tag("mlflow.parentRunId", os.environ[PARENT_ENV])
         client = mlflow.MlflowClient()
         for key in run.data.metrics:  # steps logged after the checkpoint by the stopped segment
             self._logged_upto[key] = max(m.step for m in client.get_metric_history(run.info.run_id, key))
@@ -122,10 +149,28 @@ class Tracker:
 
     @_while_open
     def log_model(self, model: torch.nn.Module, cfg: Config, num_classes: int) -> None:
-        """The finished network as an MLflow model named `model` (and a registered version when
-        run.register_model names one). A failure is a warning: the checkpoints hold the weights."""
+        """The finished network as an MLflow model named after the run (and a registered version
+        when run.register_model names one), its final errors linked to it and to the split they
+        were measured on. A failure is a warning: the checkpoints hold the weights."""
+        import mlflow
+
+        model_id = None
         if cfg.run.log_model:
-            log_network(model, cfg, num_classes, self.run_dir)
+            model_id = log_network(model, cfg, num_classes, self.run_dir, mlflow.active_run().info.run_name)
+        final, self._final_display = self._final_display, {}
+        train_data, test_data = self._datasets
+        try:
+            for dataset, keys in (
+                (test_data, [k for k in final if "test_" in k]),
+                (train_data, [k for k in final if "test_" not in k]),
+            ):
+                if keys:
+                    mlflow.log_metrics(
+                        {k: final[k] for k in keys}, step=self._final_step, model_id=model_id, dataset=dataset
+                    )
+        except Exception as err:  # the server may be away: they go with the others, unlinked
+            log.warning("could not link the final errors to the model (%s)", short_error(err))
+            self._sender.put(self._final_step, final)
 
     @_while_open
     def log_numerics(self, numerics) -> None:
@@ -145,6 +190,11 @@ class Tracker:
         """Queue metrics; returns at once. Steps the run already holds are skipped: after an
         exact resume they would repeat the same values."""
         fresh = {k: float(v) for k, v in metrics.items() if step > self._logged_upto.get(k, -1)}
+        shown = display_copies(fresh)
+        if step == self._final_step:  # held for log_model, which links them to the network and the data
+            self._final_display.update(shown)
+        else:
+            fresh.update(shown)
         if fresh:
             self._sender.put(step, fresh)
 
@@ -168,6 +218,11 @@ class Tracker:
         import mlflow
 
         ended = False
+        if (
+            self._final_display
+        ):  # the last step's errors/* that no log_model took (a failure after the final evaluation)
+            self._sender.put(self._final_step, self._final_display)
+            self._final_display = {}
         try:
             if self._sender.finish():
                 try:

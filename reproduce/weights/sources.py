@@ -136,8 +136,18 @@ def _torchvision_named(text: str) -> RawWeights:
 
 
 def _model_uri(text: str) -> str:
-    """runs:/<id> names the run; the network the suite logged in it is its `model`."""
-    return text.rstrip("/") + "/model" if text.startswith("runs:/") and text.rstrip("/").count("/") == 1 else text
+    """runs:/<id> names the run; the network the suite logged in it is its logged model (named
+    after the run; `model` in runs logged before that)."""
+    if not (text.startswith("runs:/") and text.rstrip("/").count("/") == 1):
+        return text
+    import mlflow
+
+    run_id = text.rstrip("/").removeprefix("runs:/")
+    try:
+        models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    except Exception:  # noqa: BLE001 (no such run, store away: the load below says so in one line)
+        models = []
+    return f"models:/{models[0].model_id}" if len(models) == 1 else f"runs:/{run_id}/model"
 
 
 def _mlflow_model(uri: str) -> RawWeights:
