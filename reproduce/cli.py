@@ -14,6 +14,8 @@ reproduce analyze responses --run ID Fig. 7: std of the layer responses of a tra
 reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
 reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
 reproduce bench-matrix [--models M...] training images/s over precision x channels_last x compile x input
+reproduce plan (--config F... | --study cifar10|imagenet | --from CSV) [--world-size N] [--nodes N]
+                                     each experiment's wall time and device-hours, from steps measured here
 reproduce park RUN_DIR... --to DIR   carry an unfinished run (newest checkpoint + MLflow record) to another machine
 reproduce unpark DIR...              put a parked run back (checkpoint, MLflow run) to resume it here
 reproduce sync RUN_DIR               send metrics a job could not deliver to MLflow (server was down)
@@ -45,6 +47,7 @@ COMMANDS = {
     "bench": "reproduce.bench.overhead:main",
     "bench-loaders": "reproduce.bench.loaders:main",
     "bench-matrix": "reproduce.bench.matrix:main",
+    "plan": "reproduce.bench.plan:main",
     "park": "reproduce.runs.park:park_main",
     "unpark": "reproduce.runs.park:unpark_main",
     "sync": "reproduce.tracking.sync:sync_main",

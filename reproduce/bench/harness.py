@@ -40,26 +40,34 @@ def items_per_sec(
     return (iterations - warmup) * batch / (time.perf_counter() - start)
 
 
-def bare_loop(cfg, batches, info, iterations: int, warmup: int, num_classes: int) -> float:
-    """Images/s of forward, backward and step only over `batches`: no tracking, no progress,
-    no checkpoints. The first `warmup` steps (compilation, autotuning) are not timed."""
+def bare_step(cfg, info, num_classes: int, numerics=None):
+    """(step, unwrapped model, optimizer, numerics): `step(batch)` is forward, backward and SGD step
+    only, train.py's numerics (run.amp / run.channels_last, `auto` decided here unless given)."""
     from reproduce.engine import build_optimizer, train_step
     from reproduce.models import build_model
     from reproduce.numerics import resolve_numerics
 
-    numerics = resolve_numerics(cfg, info.device, num_classes, cfg.optim.batch_size // info.world_size)
+    if numerics is None:
+        numerics = resolve_numerics(cfg, info.device, num_classes, cfg.optim.batch_size // info.world_size)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.shortcut, cfg.model.variant, num_classes=num_classes)
     fmt = numerics.memory_format
     model.to(info.device, memory_format=fmt).train()
     optimizer = build_optimizer(model.parameters(), cfg.optim)
-    step = torch.compile(model, mode=cfg.run.compile_mode) if cfg.run.compile else model
+    compiled = torch.compile(model, mode=cfg.run.compile_mode) if cfg.run.compile else model
 
     def one_step(batch) -> None:
         images, labels = batch
-        train_step(step, optimizer, images, labels, info.device, numerics.amp, fmt)
+        train_step(compiled, optimizer, images, labels, info.device, numerics.amp, fmt)
 
-    return items_per_sec(batches, one_step, iterations, warmup, cfg.optim.batch_size, info.device)
+    return one_step, model, optimizer, numerics
+
+
+def bare_loop(cfg, batches, info, iterations: int, warmup: int, num_classes: int) -> float:
+    """Images/s of forward, backward and step only over `batches`: no tracking, no progress,
+    no checkpoints. The first `warmup` steps (compilation, autotuning) are not timed."""
+    step = bare_step(cfg, info, num_classes)[0]
+    return items_per_sec(batches, step, iterations, warmup, cfg.optim.batch_size, info.device)
 
 
 def loader_alone(batches, device: torch.device, iterations: int, warmup: int, batch: int) -> float:
