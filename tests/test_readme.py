@@ -149,6 +149,8 @@ def tiny(command: str, paths: dict[str, str]) -> str:
         return f"{command} eval.max_images=8 eval.batch_size=8 run.device=cpu" + (
             " data.crop=32" if "resnet50" in command else ""
         )
+    if command.startswith("reproduce plan "):  # each net's steps at batch 8, numerics as given, no auto timing
+        return f"{command} --steps 1 --repeats 1 --out plan-out {overrides} run.amp=false run.channels_last=false"
     if command.startswith("reproduce prepare cifar10 "):
         return f"{command} --val-split 16"
     if command.startswith("reproduce prepare imagenet "):
