@@ -8,8 +8,10 @@ import math
 
 import mlflow
 import pandas as pd
+import pytest
 
 from reproduce.config import load_config
+from reproduce.report.summary import Finding, Network
 from reproduce.runs import study
 
 
@@ -47,9 +49,17 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
     assert len(parses) == 3 and set(map(str, parses)) == set(files)
     out = capsys.readouterr().out
     runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
-    (report,) = [r for r in runs if r.data.tags.get("reproduce.kind") == "report"]  # the table and Fig. 6, in MLflow
-    assert {a.path for a in mlflow.MlflowClient().list_artifacts(report.info.run_id)} >= {"table.md", "fig6.png"}
-    runs = [r for r in runs if r is not report]
+    assert not [r for r in runs if r.data.tags.get("reproduce.kind") == "report"]  # no report run beside them
+    (parent,) = [r for r in runs if r.data.tags.get("reproduce.kind") == "study"]  # the table and Fig. 6, in MLflow
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)} >= {
+        "table.md",
+        "fig6.png",
+        "summary.csv",
+        "study.md",
+    }
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "study-plain20-resnet20"
+    runs = [r for r in runs if r is not parent]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}  # nested under it
     assert sorted((r.data.tags["reproduce.model"], r.data.tags["reproduce.seed"]) for r in runs) == [
         ("plain20", "0"),
         ("plain20", "1"),
@@ -64,11 +74,11 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
     assert not any(key.startswith("val_") for r in runs for key in r.data.metrics)
     table = out[out.index("model ") :]
     client = mlflow.MlflowClient()
+    means = {}
     for model in ("plain20", "resnet20"):
         row = next(line for line in table.splitlines() if line.startswith(model + " "))
         mine = [r for r in runs if r.data.tags["reproduce.model"] == model]
         tests = [r.data.metrics["test_top1_err"] for r in mine]
-        assert f"{sum(tests) / 2:.2f} ± {(max(tests) - min(tests)) / 2:.2f}" in row, row
         trains = [
             sum(v) / len(v)
             for v in (
@@ -76,8 +86,24 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
                 for r in mine
             )
         ]
-        assert f"{sum(trains) / 2:.2f}" in row, row
+        for kind, values in (("test", tests), ("train", trains)):  # mean and sample std over the 2 seeds
+            mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+            assert f"{mean:.2f} ± {std:.2f}" in row, (kind, row)
+            # the parent run holds the same numbers as metrics, rounded for display
+            assert parent.data.metrics[f"{model}/{kind}_err_mean"] == round(mean, 4)
+            assert parent.data.metrics[f"{model}/{kind}_err_std"] == pytest.approx(round(std, 4), abs=1e-4)
+            means[model, kind] = mean
+        assert parent.data.metrics[f"{model}/n"] == 2
         assert all(r.info.run_id in row for r in mine)
+    margin = means["plain20", "train"] - means["resnet20", "train"]
+    assert parent.data.metrics["margin/plain20-resnet20/train_err"] == pytest.approx(round(margin, 4), abs=1e-4)
+    assert f"margin of {margin:.1f} points" in out
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| network | n | train err % (mean ± std) | test err % (mean ± std) |" in note
+    assert f"| ResNet-20 A | 2 | {means['resnet20', 'train']:.2f} ± " in note and "| ResNet-20 A | single |" in note
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")  # `reproduce report`'s numbers: the same, unrounded
+    row = summary[summary.name == "resnet20"].iloc[0]
+    assert row.train_err_mean == pytest.approx(means["resnet20", "train"], abs=1e-9) and row.n == 2
     assert "8.75" in next(line for line in table.splitlines() if line.startswith("resnet20 "))  # the paper's Table 6
     assert "residual learning at 20 layers: " in out and ("SHOWN" in out or "NOT shown" in out)
     assert "deeper ResNets are better" in out and "not shown by this budget" in out
@@ -87,11 +113,18 @@ def test_study_trains_each_model_and_seed_and_states_the_findings(cifar_tar, tmp
 
 
 def test_verdict_needs_a_margin_larger_than_the_spread():
-    worse = {"model": "plain56", "train": [80.0, 84.0]}
-    assert "SHOWN" in study.verdict(worse, {"model": "plain20", "train": [60.0, 62.0]}, "x")
-    assert "NOT shown" in study.verdict(worse, {"model": "plain20", "train": [79.0, 83.0]}, "x")  # margin 1 < spread 4
-    assert "one seed" in study.verdict({"model": "a", "train": [80.0]}, {"model": "b", "train": [60.0]}, "x")
-    assert "not measured" in study.verdict({"model": "a", "train": [math.nan]}, {"model": "b", "train": [60.0]}, "x")
+    def finding(worse: list[float], better: list[float]):
+        nets = [
+            Network(m, m, train, [], [str(i) for i, _ in enumerate(train)])
+            for m, train in (("a", worse), ("b", better))
+        ]
+        return Finding(*nets, "x", "x")
+
+    assert "SHOWN" in study.verdict(finding([80.0, 84.0], [60.0, 62.0]))
+    assert "NOT shown" in study.verdict(finding([80.0, 84.0], [79.0, 83.0]))  # margin 1 < spread 4
+    assert finding([80.0, 84.0], [79.0, 83.0]).margin("train") == (1.0, 4.0)
+    assert "one seed" in study.verdict(finding([80.0], [60.0]))
+    assert "not measured" in study.verdict(finding([math.nan], [60.0]))
 
 
 def test_study_refuses_a_bad_override_before_training(capsys):
@@ -157,3 +190,29 @@ def test_the_studys_paper_column_is_the_reports_reference():
         and math.isnan(rows["plain20"]["paper"])
     )
     assert all(r["n"] == 0 for r in rows.values())
+
+
+def test_more_seeds_extend_the_same_parent_run(cifar_tar, tmp_path):
+    """A study run again with more seeds trains only the new one and reuses its parent run, whose
+    summary then counts both seeds; a study of another recipe gets a parent of its own."""
+    tiny = ["--data", str(cifar_tar), "--models", "resnet20", "--out", str(tmp_path / "out")]
+    tiny += [
+        "optim.batch_size=16",
+        "run.progress=false",
+        "eval.batch_size=64",
+        "run.amp=false",
+        "run.channels_last=false",
+    ]
+    assert study.main([*tiny, "--iterations", "10", "--seeds", "0"]) == 0
+    assert study.main([*tiny, "--iterations", "10", "--seeds", "0", "1"]) == 0
+    runs = mlflow.search_runs(experiment_names=["cifar10-quick"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["reproduce.kind"] == "study"]
+    trained = [r for r in runs if r.data.tags["reproduce.kind"] == "train"]
+    assert sorted(r.data.tags["reproduce.seed"] for r in trained) == ["0", "1"]  # seed 0 was not trained again
+    assert {r.data.tags["mlflow.parentRunId"] for r in trained} == {parent.info.run_id}
+    assert parent.data.metrics["resnet20/n"] == 2 and "resnet20/test_err_std" in parent.data.metrics
+    assert study.main([*tiny, "--iterations", "12", "--seeds", "0"]) == 0  # another recipe: another study
+    parents = mlflow.search_runs(
+        experiment_names=["cifar10-quick"], filter_string="tags.`reproduce.kind` = 'study'", output_format="list"
+    )
+    assert len(parents) == 2 and len({p.data.tags["reproduce.study_key"] for p in parents}) == 2

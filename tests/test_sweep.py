@@ -18,6 +18,13 @@ from tests.conftest import REPO, tiny_overrides
 CIFAR = REPO / "configs" / "cifar10"
 
 
+def _trained(kind: str = "train") -> list:
+    """The experiment's training runs (or its parent runs, kind="study"): the filter the README gives."""
+    return mlflow.search_runs(
+        experiment_names=["cifar10"], filter_string=f"tags.`reproduce.kind` = '{kind}'", output_format="list"
+    )
+
+
 def test_sweep_dry_run_prints_the_grid(capsys):
     assert sweep.main(["--configs", "a.yaml", "b.yaml", "--seeds", "0", "1", "optim.lr=0.05", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -87,10 +94,7 @@ def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
     logs = sorted((tmp_path / "logs").iterdir())
     assert [p.name for p in logs] == ["001-plain20-seed0.log", "002-resnet20-seed0.log", "003-exploding-seed0.log"]
     assert "training loss is" in logs[2].read_text() and "final:" in logs[0].read_text()
-    runs = {
-        r.data.params["model.name"] + r.data.params["optim.lr"]: r
-        for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    }
+    runs = {r.data.params["model.name"] + r.data.params["optim.lr"]: r for r in _trained()}
     assert {k: r.info.status for k, r in runs.items()} == {
         "plain200.1": "FINISHED",
         "resnet200.1": "FINISHED",
@@ -101,6 +105,15 @@ def test_parallel_sweep_runs_children_at_once(cifar_tar, tmp_path, capsys):
     for run in (first, second):  # every logged step of each run is there, none twice, despite the shared store
         steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.run_id, "train_loss")]
         assert sorted(steps) == list(range(1, 21))
+    # one parent run, the three nested under it; it holds the report of the two that finished
+    (parent,) = _trained("study")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-plain20-resnet20"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    for model, run in (("plain20", runs["plain200.1"]), ("resnet20", runs["resnet200.1"])):
+        assert parent.data.metrics[f"{model}/n"] == 1
+        assert parent.data.metrics[f"{model}/test_err_mean"] == run.data.metrics["errors/test_top1_err"]
+    assert "margin/plain20-resnet20/train_err" in parent.data.metrics
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)} >= {"table.md", "summary.csv"}
 
 
 @pytest.mark.slow
@@ -138,20 +151,20 @@ def test_stopped_parallel_sweep_resumes_into_the_same_runs(cifar_tar, tmp_path):
     out, err = sweep_.communicate(timeout=120)  # a run still pending once stopping must not keep the sweep waiting
     assert sweep_.returncode == 128 + signal.SIGTERM, err
     assert "with 1 runs not started; start the same command to resume" in err
-    stopped = {
-        r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    }
+    stopped = {r.data.params["model.name"]: r for r in _trained()}
     assert {k: r.info.status for k, r in stopped.items()} == {"plain20": "KILLED", "resnet20": "KILLED"}
+    ((parent, status),) = [(r.info.run_id, r.info.status) for r in _trained("study")]
+    assert status == "KILLED"  # as its runs
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    final = {
-        r.data.params["model.name"]: r for r in mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
-    }
+    final = {r.data.params["model.name"]: r for r in _trained()}
     assert final.pop("plain32").info.status == "FINISHED"
     assert {k: (r.info.run_id, r.info.status) for k, r in final.items()} == {
         k: (r.info.run_id, "FINISHED") for k, r in stopped.items()
     }
+    assert [(r.info.run_id, r.info.status) for r in _trained("study")] == [(parent, "FINISHED")]  # the same parent
+    assert {r.data.tags["mlflow.parentRunId"] for r in _trained()} == {parent}
     for path in logs:  # each log holds both attempts: the second resumed from the stop's checkpoint
         assert "resuming at iteration" in path.read_text()
     assert sorted(p.name for p in (tmp_path / "sweep-logs").iterdir()) == [p.name for p in logs] + [
@@ -174,11 +187,11 @@ def test_a_stop_during_a_runs_last_iteration_ends_the_sweep_after_that_run(cifar
     real_lr_at = sigterm_during(monkeypatch, 3)
     assert sweep.main(command) == 128 + signal.SIGTERM
     assert "sweep stopped on request before run 2/2" in capsys.readouterr().err
-    runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    runs = _trained()
     assert [(r.data.params["model.name"], r.info.status) for r in runs] == [("plain20", "FINISHED")]
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     assert sweep.main(command) == 0
-    runs = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    runs = _trained()
     assert sorted((r.data.params["model.name"], r.info.status) for r in runs) == [
         ("plain20", "FINISHED"),
         ("resnet20", "FINISHED"),
@@ -230,10 +243,10 @@ def test_children_stop_when_the_sweep_is_killed(cifar_tar, tmp_path):
     sweep_.kill()
     sweep_.wait()
     deadline = time.monotonic() + 120
-    while mlflow.search_runs(experiment_names=["cifar10"], output_format="list")[0].info.status == "RUNNING":
+    while _trained()[0].info.status == "RUNNING":
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
-    (run,) = mlflow.search_runs(experiment_names=["cifar10"], output_format="list")
+    (run,) = _trained()
     assert run.info.status == "KILLED" and "stopped on request" in log.read_text()
     (run_dir,) = (tmp_path / "runs" / "cifar10").iterdir()
     assert [p.name for p in run_dir.glob("ckpt-*.pt")], "no checkpoint written on the way out"

@@ -21,7 +21,11 @@ sharing the GPU (`reproduce sweep --parallel 4`, CIFAR-10 held on the GPU, bf16,
 CUDA graphs).
 
 Both end with `reproduce report`'s table (ours beside the paper's numbers) and Fig. 6, written
-to --out. With no --data and no REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
+to --out. In MLflow the study is one parent run (tag reproduce.kind=study, named study-<models>)
+with its training runs nested under it; it holds those files, the summary over seeds as metrics
+(per network <model>/train_err_mean, _std, test_err_mean, _std, n; per finding
+margin/<worse>-<better>/train_err and _spread) and the tables as its description. Running the
+study again (resumed, or with more --seeds) reuses that parent run. With no --data and no REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from reproduce.errors import ArgumentParser, command
 CONFIGS = provenance.CONFIGS / "cifar10"
 CPU_MODELS = ["plain20", "plain56", "resnet56"]
 FULL_MODELS = [f"{net}{depth}" for depth in (20, 56, 32, 44, 110) for net in ("resnet", "plain")]
-LAST_FRACTION = 0.2  # training error: the mean of the logged windows over the last fifth of the run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -160,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.seeds
         for m in args.models
     ]  # seed-major, as a sweep: a study cut short still holds a complete depth comparison
+    runs = sweep.open_parents(runs, "study", "reproduce study " + shlex.join(argv))  # the runs nest under it
     code = sweep.run(runs, args.parallel if args.budget == "full" else 1)
     if code not in (0, 1):  # refused before training (2) or stopped on request (143): nothing to compare
+        sweep.end_parent(runs[0].parent, "KILLED")  # as its runs; the same command opens it again
         return code
     # A failed run (1) leaves the others: the table shows them, and a finding that needs it says
     # "not measured"; the exit status still says that a run failed.
-    runs = study_runs(args, configs)  # MLflow is read once, for the findings and the report
+    parent = runs[0].parent
+    runs = study_runs(args, configs)  # MLflow is read once, for the findings, the report and the parent run
     findings = compare(args, configs, runs)
     print()
     print(findings.text)
-    return write_outputs(args, argv, findings, runs) or code
+    return write_outputs(args, argv, findings, runs, parent) or code
 
 
 def unknown_model(names: list[str]) -> str | None:
@@ -231,90 +237,59 @@ class Findings:
 def study_runs(args: argparse.Namespace, configs: dict) -> list[dict]:
     """The runs of this study's recipes in its experiment (the experiment may hold runs of other lengths
     from earlier studies), read from MLflow once, in the report's run format (with their histories)."""
-    from reproduce.report.runs import load_mlflow_runs
+    from reproduce.runs.sweep import recipe_runs
 
-    recipes = {cfg.recipe_hash() for cfg in configs.values()}
-    return [r for r in load_mlflow_runs(args.experiment, "cifar10") if r["tags"].get("reproduce.recipe") in recipes]
+    return recipe_runs(args.experiment, "cifar10", {cfg.recipe_hash() for cfg in configs.values()})
 
 
 def compare(args: argparse.Namespace, configs: dict, runs: list[dict]) -> Findings:
-    """One row per model from its finished runs among `runs` (mean and spread over seeds), then the
-    paper's findings, each as shown or not by this run."""
+    """One row per model from its finished runs among `runs` (n, mean and std over seeds: the
+    report's summary, reproduce/report/summary.py), then the paper's findings, each as shown or not."""
+    from reproduce.report import summary
+    from reproduce.report.runs import select_runs
     from reproduce.report.tables import load_paper, paper_reference
 
     paper = load_paper()
+    groups = {g.key[0]: g for g in select_runs(runs, "cifar10").main}
+    networks, _ = summary.summarize([groups[name] for name in configs if name in groups])
+    by_model = {n.model: n for n in networks}
     rows = []
     for name, cfg in configs.items():
-        mine = [r for r in runs if r["tags"].get("reproduce.recipe") == cfg.recipe_hash() and r["status"] == "FINISHED"]
-        newest = {}
-        for run in sorted(mine, key=lambda r: r["start_time"]):  # one run per seed: the newest
-            newest[run["tags"]["reproduce.seed"]] = run
-        picked = [newest[str(s)] for s in args.seeds if str(s) in newest]
-        train = [train_error(r, cfg.schedule.iterations) for r in picked]
-        test = [r["metrics"].get("test_top1_err", math.nan) for r in picked]
+        net = by_model.get(name) or summary.Network(name, name, [], [], [])
         # The report's reference: the paper's mean of 5 runs where it gives one (ResNet-110), not its best.
         shortcut = cfg.model.shortcut.value if cfg.model.shortcut else ""
         ref = paper_reference(paper, (name, shortcut, None, "single"), "test_top1_err")["reference"]
-        rows.append(
-            {
-                "model": name,
-                "n": len(picked),
-                "train": train,
-                "test": test,
-                "paper": ref,
-                "run_ids": [r["run_id"] for r in picked],
-            }
-        )
+        rows.append({"model": name, "network": net, "n": net.n, "paper": ref, "run_ids": net.run_ids})
     return Findings(rows, render(args, rows))
 
 
-def train_error(run: dict, iterations: int) -> float:
-    """Training error (%) over the last LAST_FRACTION of the run: the mean of the logged windows
-    (each the error on the augmented batches since the previous log line)."""
-    history = run["history"].get("train_top1_err", [])
-    tail = [value for step, value in history if step > iterations * (1 - LAST_FRACTION)]
-    return sum(tail) / len(tail) if tail else math.nan
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    """(mean, spread): the spread is the range over seeds (max - min), nan for one seed."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return sum(values) / len(values), (max(values) - min(values)) if len(values) > 1 else math.nan
-
-
-def verdict(worse: dict, better: dict, claim: str) -> str:
-    """`claim` is shown when `worse` trains to a higher error than `better` by more than the
-    larger seed-to-seed spread of the two."""
-    (w, w_spread), (b, b_spread) = _stats(worse["train"]), _stats(better["train"])
-    margin, spread = w - b, max(w_spread, b_spread)
+def verdict(finding) -> str:
+    """Whether the finding (summary.Finding) is shown: the worse network trains to a higher error
+    than the better one by more than the larger seed-to-seed range of the two."""
+    claim, worse, better = finding.claim, finding.worse, finding.better
+    (margin, spread), w, b = finding.margin("train"), worse.stats("train")[0], better.stats("train")[0]
     if math.isnan(margin):
         return f"- {claim}: not measured (a run did not finish)"
+    said = f"{worse.model} {w:.1f}% vs {better.model} {b:.1f}% training error, a margin of {margin:.1f} points"
     if math.isnan(spread):
-        return (
-            f"- {claim}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
-            f"{margin:.1f} points; one seed, so no spread to hold it against (use --seeds 0 1)"
-        )
-    shown = "SHOWN" if margin > spread else "NOT shown"
+        return f"- {claim}: {said}; one seed, so no spread to hold it against (use --seeds 0 1)"
     return (
-        f"- {claim}: {shown}: {worse['model']} {w:.1f}% vs {better['model']} {b:.1f}% training error, a margin of "
-        f"{margin:.1f} points against a seed-to-seed spread of {spread:.1f}"
+        f"- {claim}: {'SHOWN' if finding.shown else 'NOT shown'}: {said} against a seed-to-seed spread of {spread:.1f}"
     )
 
 
-def render(args: argparse.Namespace, rows: list[dict]) -> str:
-    def cell(values: list[float]) -> str:
-        mean, spread = _stats(values)
-        return "-" if math.isnan(mean) else f"{mean:.2f}" + ("" if math.isnan(spread) else f" ± {spread / 2:.2f}")
+def _table(rows: list[dict]) -> list[str]:
+    def cell(net, error: str) -> str:
+        mean, std, _ = net.stats(error)
+        return "-" if math.isnan(mean) else f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}")
 
     header = ("model", "n", "train err %", "test err %", "paper test err %", "MLflow run ids")
     table = [header] + [
         (
             r["model"],
             str(r["n"]),
-            cell(r["train"]),
-            cell(r["test"]),
+            cell(r["network"], "train"),
+            cell(r["network"], "test"),
             "-" if math.isnan(r["paper"]) else f"{r['paper']:.2f}",
             " ".join(r["run_ids"]),
         )
@@ -323,29 +298,29 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def render(args: argparse.Namespace, rows: list[dict]) -> str:
+    from reproduce.report import summary
+
+    lines = _table(rows)
     if args.budget == "cpu":
-        test_what = "test error on 2,000 test images (single view)"
         lines.append(
-            f"\nours: after {args.iterations} iterations of 64,000 at lr 0.01, mean ± half the range over seeds; train error "
-            f"is the mean over the last {LAST_FRACTION:.0%} of the run on augmented batches; {test_what}. "
-            "The paper's column is the end of its full schedule (Table 6; it gives no number for plain nets): "
-            "it is there for scale, not as a target for a run this short."
+            f"\nours: after {args.iterations} iterations of 64,000 at lr 0.01, mean ± sample std over seeds; train error "
+            f"is the mean over the last {summary.LAST_FRACTION:.0%} of the run on augmented batches; test error on "
+            "2,000 test images (single view). The paper's column is the end of its full schedule (Table 6; it gives "
+            "no number for plain nets): it is there for scale, not as a target for a run this short."
         )
     else:
         lines.append(
-            "\nours: the paper's full schedule; test error on the 10,000 test images (single view); paper: Table 6"
+            "\nours: the paper's full schedule, mean ± sample std over seeds; test error on the 10,000 test images "
+            "(single view); paper: Table 6"
         )
-    by_name = {r["model"]: r for r in rows}
+    by_model = {r["model"]: r["network"] for r in rows}
     lines.append("\nThe paper's findings in this run:")
-    for worse, better, claim in (
-        ("plain56", "plain20", "degradation (the deeper plain net trains worse, Fig. 6 left)"),
-        ("plain56", "resnet56", "residual learning (at 56 layers the ResNet trains better)"),
-        ("resnet20", "resnet56", "deeper ResNets are better (Fig. 6 middle, Table 6)"),
-        ("plain20", "resnet20", "residual learning at 20 layers"),
-    ):
-        if worse in by_name and better in by_name:
-            lines.append(verdict(by_name[worse], by_name[better], claim))
-    if args.budget == "cpu" and not {"resnet20", "resnet56"} <= set(by_name):
+    lines += [verdict(f) for f in summary.findings(list(by_model.values()))]
+    if args.budget == "cpu" and not {"resnet20", "resnet56"} <= set(by_model):
         lines.append(
             "- deeper ResNets are better (ResNet-56 ahead of ResNet-20, Table 6): not shown by this budget; the "
             "paper's curves cross after thousands of iterations: `reproduce study --budget full` on a GPU"
@@ -353,18 +328,19 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings, runs: list[dict]) -> int:
-    """The report's table and Fig. 6 of this study's runs, plus the study's own summary."""
+def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings, runs: list[dict], parent: str) -> int:
+    """The report's table and Fig. 6 of this study's runs, plus the study's own summary, in --out
+    and in the study's parent MLflow run (its artifacts, metrics and description)."""
     import mlflow
 
     from reproduce.io import atomic_write_text
-    from reproduce.report.command import store_report, write_report
+    from reproduce.report.command import write_report
     from reproduce.report.tables import load_paper
+    from reproduce.runs.sweep import report_to_parent
 
     source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
     command = "reproduce study " + shlex.join(argv)
     written = write_report(runs, "cifar10", args.out, load_paper(), command, source)
-    store_report(args.experiment, "cifar10", args.out, written, command)
     git = provenance.code_state()
     atomic_write_text(
         args.out / "study.md",
@@ -372,9 +348,12 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings,
         f"{provenance.machine()}\n\n```\n{findings.text}\n```\n",
     )
     names = ["study.md", *written]
+    head = f"The depth study `{command}` (commit {git}): its training runs are nested under this run."
+    report_to_parent(parent, runs, "cifar10", args.out, names, head)
     print(f"\nwrote {', '.join(str(args.out / n) for n in names)}")
+    print(f"stored in MLflow: the study's run {parent} (experiment `{args.experiment}`, its runs nested under it)")
     print(
-        f"the table: {args.out / 'table.md'}; Fig. 6: {args.out / 'fig6.png'}; browse the runs with `mlflow ui` "
-        '(experiment page, then "Model training")'
+        f"the table: {args.out / 'table.md'}; Fig. 6: {args.out / 'fig6.png'}; browse them with `mlflow ui` "
+        '(experiment page, "Model training", the run named study-...)'
     )
     return 0

@@ -101,9 +101,11 @@ def adopt(parent_id: str, run_ids: list[str]) -> None:
             client.set_tag(run_id, "mlflow.parentRunId", parent_id)
 
 
-def store(run_id: str, tags: dict[str, str], metrics: dict[str, float], folder: Path, files: list[str]) -> None:
+def store(
+    run_id: str, tags: dict[str, str], metrics: dict[str, float], folder: Path, files: list[str], status="FINISHED"
+) -> None:
     """Tags, metrics (step 0: a later call's values are the latest) and the files of `folder` as
-    artifacts of the run, which is then FINISHED."""
+    artifacts of the run, which then ends with `status`."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -117,4 +119,4 @@ def store(run_id: str, tags: dict[str, str], metrics: dict[str, float], folder: 
         log_metric_batches(client, run_id, [Metric(k, v, now, 0) for k, v in metrics.items()])
     for name in files:
         client.log_artifact(run_id, str(folder / name))
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)
