@@ -100,6 +100,8 @@ def bad_values(path: tuple, field):
         return st.sampled_from([[480, 256], [True, 480], "256-480", [-1, 10], [0, 5], [256, 384, 480], [256.5, 480]])
     if path == ("schedule", "milestones"):
         return st.sampled_from([[3, 3], [True], [-1, 3], [4, 3], "3,4", [0], [2.5]])
+    if path == ("eval", "target_top1_err"):  # errors in %: distinct, between 0 and 100
+        return st.sampled_from([[20, 20], [0], [100], [-5, 10], [True], [float("nan")], "20", 7, {"a": 1}])
     # enums, literals and names: a close-but-wrong string, a number, a list
     return st.sampled_from(["no-such-choice", 7, [1], True])
 
