@@ -416,6 +416,71 @@ def imagenet_noise(tmp_path_factory) -> Path:
     return root
 
 
+def _start_prepare(source: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "reproduce.cli", "prepare", "imagenet", "--source", str(source), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [*cmd, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_a_stopped_prepare_leaves_no_temporary_file(delay, imagenet_noise, tmp_path):
+    """Fault: SIGTERM while `reproduce prepare imagenet --workers 2` writes train.beton.
+    Injected: SIGTERM to the process `delay` s after its temporary .beton appears.
+    Suite: exit status 143 with one line; its writer and decoding processes are killed and the
+    temporary file removed.
+    Lost: the preparation so far (run the command again)."""
+    import psutil
+
+    pytest.importorskip("ffcv")
+    out = tmp_path / "out"
+    proc = _start_prepare(imagenet_noise, out)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(out.glob(".*.tmp")), "the temporary file never appeared"
+        time.sleep(delay)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert not list(out.iterdir()), list(out.iterdir())
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM") and "Traceback" not in err
+    gone = psutil.wait_procs(children, timeout=5)[1]
+    assert not [c for c in gone if c.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_a_killed_prepares_temporary_file_is_removed_by_the_next(imagenet_noise, tmp_path):
+    """Fault: `reproduce prepare` killed outright (SIGKILL, a lost machine) while writing.
+    Injected: SIGKILL to the process once its temporary .beton appears.
+    Suite: the temporary file stays (nothing can run on SIGKILL); the next prepare into the same
+    folder removes it, says so, and writes complete files.
+    Lost: the preparation so far."""
+    pytest.importorskip("ffcv")
+    out = tmp_path / "out"
+    proc = _start_prepare(imagenet_noise, out)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        left = list(out.glob(".*.tmp"))
+        assert left, "the temporary file never appeared"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    rerun = _start_prepare(imagenet_noise, out)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    assert f"removed {left[0]}" in err
+    assert not list(out.glob(".*.tmp")) and (out / "train.beton").exists()
+
+
 # ---------------------------------------------------------------------------- analyze responses --data
 @pytest.mark.slow
 def test_analyze_with_data_that_does_not_exist_is_one_line(cifar_tar, capsys):

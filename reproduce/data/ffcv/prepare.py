@@ -33,6 +33,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from functools import partial
@@ -47,6 +48,7 @@ from reproduce.data.ffcv.loaders import ffcv_library
 from reproduce.data.ffcv.manifest import install_beton, manifest_path
 from reproduce.data.imagenet import image_folder
 from reproduce.errors import ArgumentParser
+from reproduce.stop import STOP_SIGNALS, STOPPED
 
 CIFAR_PAGE = 1 << 21  # FFCV's smallest page (2 MiB): keeps small files small
 IMAGENET_PAGE = 1 << 23  # FFCV's default (8 MiB): holds a raw 1024 x 1024 image; less waste per page at 500 px
@@ -99,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(
                 f"--out {args.out} is a file; give a folder for the .beton files (it is created if missing)"
             )
-        if args.dataset == "cifar10":
-            written = prepare_cifar10(args.source, args.out, args.val_split)
-        else:
-            written = prepare_imagenet(
-                args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
-            )
+        _remove_stale_temporary_files(args.out)
+        with _StopRemovesTemporaryFiles(args.out):
+            if args.dataset == "cifar10":
+                written = prepare_cifar10(args.source, args.out, args.val_split)
+            else:
+                written = prepare_imagenet(
+                    args.source, args.out, args.max_side, args.jpeg_quality, args.compress_probability, args.workers
+                )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -113,6 +117,106 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}: {manifest['images']:,} images, {manifest['bytes'] / 1e6:,.1f} MB")
     print(f"train with: data.loader=ffcv data.path={args.out}")
     return 0
+
+
+def _temporary_files(out: Path, pid: int | str = "*") -> list[Path]:
+    """The temporary .beton files of the prepare with process id `pid` in `out` (as _write names them)."""
+    return sorted(out.glob(f".*.beton.{pid}.tmp")) if out.is_dir() else []
+
+
+def _remove_stale_temporary_files(out: Path) -> None:
+    """Remove what a prepare killed outright (SIGKILL, a lost machine) left in `out`: temporary files of
+    processes that no longer run. One of a prepare still running is left to it."""
+    import psutil
+
+    for tmp in _temporary_files(out):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+            print(f"removed {tmp}, left by a prepare that was stopped (process {pid})", file=sys.stderr)
+
+
+class _StopRemovesTemporaryFiles:
+    """SIGTERM, SIGINT or SIGUSR1 (reproduce.stop) end `reproduce prepare` at once with exit status 143 and
+    one line, leaving no temporary file: the handler kills this process's children (FFCV's writer process,
+    which writes the temporary file, and the decoding pool; they hold nothing else), removes this
+    process's temporary files and exits. It unwinds nothing (os._exit), so no Python code runs after
+    it. A forked child that inherited the handler dies of the signal as it would have."""
+
+    def __init__(self, out: Path):
+        self.out, self.pid, self.previous = out, os.getpid(), {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:  # a forked child (a writer, a pool worker): the default action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _STOPPING.set()  # from now on a writer that ends is not a writer that died (_WriterWatch)
+        for _ in range(3):
+            try:
+                self._stop(signum)  # does not return
+            except _WriterDied:  # raised into this thread just before _STOPPING was set: once at most
+                continue
+
+    def _stop(self, signum: int) -> None:
+        _kill_children()
+        _free_shared_memory(_WRITING.get("writer"))
+        for tmp in _temporary_files(self.out, self.pid):
+            tmp.unlink(missing_ok=True)
+        os.write(
+            2,
+            f"\nstopped by {signal.Signals(signum).name}: the file being written was removed; files already "
+            f"finished in {self.out} are complete (run the same command again to redo all)\n".encode(),
+        )
+        os._exit(STOPPED)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+_STOPPING = threading.Event()  # set when a stop signal has arrived
+_WRITING: dict = {}  # "writer": the FFCV DatasetWriter at work, for a stop to free its shared memory
+
+
+def _free_shared_memory(ffcv_writer) -> None:
+    """Close and unlink the shared memory FFCV's writer made (it frees it only when it finishes)."""
+    metadata = getattr(ffcv_writer, "metadata_sm", None)
+    if hasattr(metadata, "unlink"):
+        with contextlib.suppress(OSError):
+            metadata.close()
+            metadata.unlink()
+
+
+def _default_stop_signals() -> None:
+    """In a forked child (a writer, a pool worker): the stop signals' default action again, at the C level,
+    so that a child busy in C code dies of SIGTERM at once (a Python handler would wait for it to return)."""
+    for sig in STOP_SIGNALS:
+        if isinstance(getattr(signal.getsignal(sig), "__self__", None), _StopRemovesTemporaryFiles):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_stop_signals)
+
+
+def _kill_children() -> None:
+    """Kill every process this one started, and theirs, but multiprocessing's resource tracker (it frees
+    the shared memory FFCV's writer leaves), and wait for them briefly."""
+    from multiprocessing import resource_tracker
+
+    import psutil
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid != tracker]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
 
 
 def prepare_cifar10(source: Path | None, out: Path, val_split: int = 5000) -> list[Path]:
@@ -239,7 +343,9 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
     try:
         # One writer process: FFCV's pages then follow the image order, so the bytes are repeatable.
         with _WriterWatch(beton):
-            ffcv_writer = DatasetWriter(str(tmp), fields, page_size=writer["page_size"], num_workers=1)
+            ffcv_writer = _WRITING["writer"] = DatasetWriter(
+                str(tmp), fields, page_size=writer["page_size"], num_workers=1
+            )
             ffcv_writer.from_indexed_dataset(dataset)
         failed = getattr(dataset, "failures", None)
         if failed is not None and failed.value:
@@ -255,14 +361,11 @@ def _write(beton: Path, dataset, labels: np.ndarray, writer: dict, meta: dict) -
             "writer": {**writer, "stored_jpeg": int((modes == 0).sum())},
         }
         install_beton(tmp, beton, contents)
-    except BaseException:  # a stop, a failure: FFCV's writer leaves its shared memory behind
-        metadata = getattr(ffcv_writer, "metadata_sm", None)
-        if metadata is not None:
-            with contextlib.suppress(OSError):
-                metadata.close()
-                metadata.unlink()
+    except BaseException:  # a failure: FFCV's writer leaves its shared memory behind
+        _free_shared_memory(ffcv_writer)
         raise
     finally:
+        _WRITING.pop("writer", None)
         tmp.unlink(missing_ok=True)
     return beton
 
@@ -367,7 +470,7 @@ class _WriterWatch:
         while True:
             threading.Event().wait(0.5)
             with self.lock:
-                if self.done:
+                if self.done or _STOPPING.is_set():
                     return
                 if _a_child_failed(self.before):
                     self.fired = True
