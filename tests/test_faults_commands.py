@@ -499,3 +499,27 @@ def test_analyze_with_data_that_does_not_exist_is_one_line(cifar_tar, capsys):
     assert cli.main(["analyze", "responses", "--run", run.info.run_id, "--data", "/nonexistent"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "/nonexistent" in line and "data.path" in line
+
+
+# ---------------------------------------------------------------------------- reproduce.torchrun
+def test_torchrun_passes_on_a_refusal_as_exit_status_2(tmp_path):
+    """Fault: a config key that does not exist, given to a 2-process job started by `python -m reproduce.torchrun`.
+    Injected: `optim.lrr=0.1` on the command line of both ranks.
+    Suite: each rank refuses in one line (exit 2); reproduce.torchrun exits 2 with one line naming the ranks,
+    instead of torchrun's exit status 1 and its multi-line error report.
+    Lost: nothing: nothing ran."""
+    train_py = str(REPO / "reproduce" / "train.py")
+    config = str(REPO / "configs" / "cifar10" / "resnet20.yaml")
+    cmd = [sys.executable, "-m", "reproduce.torchrun", "--standalone", "--nproc_per_node", "2", train_py]
+    proc = subprocess.run(
+        [*cmd, "--config", config, "optim.lrr=0.1", f"run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "reproduce.torchrun: rank 0, 1 refused its input (exit status 2; the error line is above)"
+    assert any("optim.lrr" in line for line in lines) and "ChildFailedError" not in proc.stderr
