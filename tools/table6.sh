@@ -5,9 +5,11 @@
 # paper's two GPUs; bf16 autocast, channels_last; the full schedule of each config.
 #
 #   tools/table6.sh run  [WORKDIR]   unpark what pending/cifar10-table6/ holds, then train the queue
+#                                    (each finished run is then scored by tools/table6_gap.py)
 #   tools/table6.sh park [WORKDIR]   park every unfinished run into pending/cifar10-table6/ (finished
 #                                    ones leave it) and rebuild results/cifar10/table6/ from the store
-#                                    and the runs finished in earlier stores; then commit both folders
+#                                    and the runs finished in earlier stores, and results/cifar10/gap/;
+#                                    then commit pending/, results/cifar10/table6 and results/cifar10/gap
 #
 # WORKDIR (default /work/fidelity) holds the study's mlflow.db and runs/. `run` is idempotent: a
 # finished run is skipped in seconds, a stopped one resumes from its newest checkpoint. SIGTERM stops
@@ -37,6 +39,7 @@ park)
   mkdir -p "$results"
   reproduce report --study cifar10 --experiment cifar10-table6 "${with[@]}" --export "$results/runs.json" \
       --out "$results" --no-mlflow
+  PYTHONPATH=$here "$python" "$here/tools/table6_gap.py" --decompose >/dev/null  # results/cifar10/gap/README.md
   exit 0 ;;
 run) ;;
 *) echo "usage: tools/table6.sh run|park [WORKDIR]" >&2; exit 2 ;;
@@ -58,5 +61,11 @@ for item in "${queue[@]}"; do
     echo "== $model seed $seed ended with exit status $status; the queue stops here"
     exit "$status"
   fi
+  # Item 4 of issue 28, here, while the final weights exist: the same 1,017 test images as original
+  # pixels and as JPEG (results/cifar10/gap/measured.json; commit it with the parked runs).
+  for dir in runs/cifar10-table6/"$model-s$seed"-*/; do
+    PYTHONPATH=$here "$python" "$here/tools/table6_gap.py" --net "$model s$seed=$work/${dir%/}" >/dev/null \
+        || echo "== the gap measurement of $dir failed; run tools/table6_gap.py on it by hand"
+  done
 done
 echo "== queue done"
