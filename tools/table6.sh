@@ -64,6 +64,7 @@ for item in "${queue[@]}"; do
   # Item 4 of issue 28, here, while the final weights exist: the same 1,017 test images as original
   # pixels and as JPEG (results/cifar10/gap/measured.json; commit it with the parked runs).
   for dir in runs/cifar10-table6/"$model-s$seed"-*/; do
+    grep -qs "\"label\": \"$model s$seed\"" "$here/results/cifar10/gap/measured.json" && continue  # done before
     PYTHONPATH=$here "$python" "$here/tools/table6_gap.py" --net "$model s$seed=$work/${dir%/}" >/dev/null \
         || echo "== the gap measurement of $dir failed; run tools/table6_gap.py on it by hand"
   done
