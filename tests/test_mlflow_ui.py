@@ -1,19 +1,25 @@
-"""What the suite logs reads right in the MLflow UI itself: three tiny real runs (`reproduce train`
-on synthetic input: plain20 seed 0, resnet20 seeds 0 and 1), a real `mlflow server` over their
-store, and headless Chromium (Debian's, driven by selenium) on two pages:
+"""What the suite logs reads right in the MLflow UI itself: a tiny real sweep (`reproduce sweep` on
+synthetic input: plain20 and resnet20, seeds 0 and 1, so one parent run with four training runs nested
+under it), a real `mlflow server` over its store, and headless Chromium (Debian's, driven by
+selenium) on three pages:
 
-  #/experiments/<id>/runs?workflowType=machine_learning   the runs table ("Model training"; without
-                                                          the parameter a fresh browser opens GenAI)
-  #/compare-runs?runs=[...]&experiments=[...]             the compare page of the three runs
+  #/experiments/<id>/runs/<parent id>                     the sweep's parent run: per network the mean
+                                                          and std over seeds, n, and the findings' margins
+  #/experiments/<id>/runs?workflowType=machine_learning   the runs table ("Model training"; without the
+    &searchFilter=tags.reproduce.kind = 'train'           parameter a fresh browser opens GenAI), filtered
+    &orderByKey=metrics.`errors/test_top1_err`            to the training runs and sorted by test error:
+                                                          exactly the four, flat
+  #/compare-runs?runs=[...]&experiments=[...]             the compare page of the training runs
 
-The expected values come from the store (MlflowClient), the shown ones from the page; each page is
-saved as a screenshot in the test's tmp_path. Routes and selectors are MLflow 3.17's UI.
+The expected values come from the store (MlflowClient) and are recomputed from the training runs'
+own metrics, the shown ones from the page; each page is saved as a screenshot in the test's
+tmp_path. Routes and selectors are MLflow 3.17's UI.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -25,10 +31,11 @@ from tests.test_readme import TINY
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver"  # a skip reason tests/conftest.py knows
-RUNS = [("plain20", 0), ("resnet20", 0), ("resnet20", 1)]  # (config, seed): run names plain20-s0, ...
+CONFIGS, SEEDS = ("plain20", "resnet20"), (0, 1)  # run names plain20-s0, ...; the parent sweep-plain20-resnet20
 PARAMS = ("model.name", "model.depth")  # compare-page rows checked against the store, run by run
 METRIC = "test_top1_err"
 LOAD_S = 90  # a React app: the first load compiles its JS, slow on 2 busy cores
+TRAINING = "tags.reproduce.kind = 'train'"  # the README's filter: exactly the training runs
 
 # Reads the compare page in one go: every table row headed by a <th> (the run ID / name header
 # rows, the params, the tags) as {header: [cell per run]}, and the metrics, which sit in two
@@ -87,25 +94,30 @@ def browser(tmp_path):
     driver.quit()
 
 
-def _train(config: str, seed: int, tmp_path: Path) -> None:
+def _sweep(tmp_path: Path) -> None:
+    configs = [str(REPO / "configs" / "cifar10" / f"{c}.yaml") for c in CONFIGS]
+    seeds = [str(s) for s in SEEDS]
     done = run_cli(
-        "train",
-        "--config",
-        str(REPO / "configs" / "cifar10" / f"{config}.yaml"),
-        f"seed={seed}",
+        "sweep",
+        "--configs",
+        *configs,
+        "--seeds",
+        *seeds,
         "data.synthetic=true",
+        "run.log_every=1",
         *TINY,
         cwd=tmp_path,
+        timeout=540,
     )
-    assert done.returncode == 0, f"{config} seed {seed}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"the sweep:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
-def _page_text(driver) -> str:
+def _page_text(driver, limit: int | None = 3000) -> str:
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     try:
-        return driver.find_element(By.TAG_NAME, "body").text[:3000]
+        return driver.find_element(By.TAG_NAME, "body").text[:limit]
     except WebDriverException as err:  # the page text is for the failure message only
         return f"(no page text: {err})"
 
@@ -155,30 +167,88 @@ def _compare_problems(page: dict, runs: dict) -> list[str]:
     return problems
 
 
+def _shown_metrics(driver) -> dict[str, str] | None:
+    """A run page's Metrics table (Overview tab) as {name: value as shown}, or None before it is drawn."""
+    text = _page_text(driver, limit=None)
+    if "\nMetric\nValue\n" not in text or "\nParameters (" not in text:
+        return None
+    rows = text.split("\nMetric\nValue\n", 1)[1].split("\nParameters (", 1)[0].splitlines()
+    return dict(zip(rows[::2], rows[1::2]))
+
+
+def _expected_summary(client, runs: dict) -> dict[str, float]:
+    """The parent's summary recomputed from its training runs' own metrics: per network n, mean and
+    sample std of the final test error and of the training error over the last fifth of the run,
+    and the margin of plain20 over resnet20 (residual learning at 20 layers)."""
+    import statistics
+
+    def train_error(run) -> float:
+        last = int(run.data.params["schedule.iterations"]) * 0.8
+        tail = [m.value for m in client.get_metric_history(run.info.run_id, "train_top1_err") if m.step > last]
+        return sum(tail) / len(tail)
+
+    expected, means = {}, {}
+    for model in CONFIGS:
+        mine = [r for r in runs.values() if r.data.tags["reproduce.model"] == model]
+        expected[f"{model}/n"] = len(mine)
+        for kind, values in (
+            ("test", [r.data.metrics["test_top1_err"] for r in mine]),
+            ("train", list(map(train_error, mine))),
+        ):
+            means[model, kind] = expected[f"{model}/{kind}_err_mean"] = statistics.mean(values)
+            expected[f"{model}/{kind}_err_std"] = statistics.stdev(values)
+    for kind in ("train", "test"):
+        expected[f"margin/plain20-resnet20/{kind}_err"] = means["plain20", kind] - means["resnet20", kind]
+    return expected
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_mlflow_ui_shows_runs_and_comparison(browser, tmp_path):
+@pytest.mark.timeout(900)
+def test_mlflow_ui_shows_the_study_the_training_runs_and_their_comparison(browser, tmp_path):
     driver, store, port = browser, tmp_path / "mlflow.db", _free_port()  # the store conftest's `isolated` points at
-    _train(
-        *RUNS[0], tmp_path
-    )  # alone: it makes the store's tables and the experiment, which concurrent first writers race on
-    pool = ThreadPoolExecutor(3)
-    starting = pool.submit(_start_server, store, port)  # about 10 s, beside the other two runs (1 thread each)
+    _sweep(tmp_path)
+    server = _start_server(store, port)
     try:
-        for training in [pool.submit(_train, *run, tmp_path) for run in RUNS[1:]]:
-            training.result()
-        starting.result()
         url = f"http://127.0.0.1:{port}"
         client = mlflow.MlflowClient(url)  # the server's view of the store, as the UI gets it
         experiment = client.get_experiment_by_name("cifar10")
-        runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+        runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id], filter_string=TRAINING)}
         names = {run_id: r.info.run_name for run_id, r in runs.items()}
-        assert sorted(names.values()) == sorted(f"{c}-s{s}" for c, s in RUNS), names
+        assert sorted(names.values()) == sorted(f"{c}-s{s}" for c in CONFIGS for s in SEEDS), names
+        (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.reproduce.kind = 'study'")
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
 
-        # (a) the runs table, as the README's link opens it (the UI's GenAI / Model training switch is a
-        # setting of the browser, GenAI by default); each run's name links to that run's page
-        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
-        shot = tmp_path / "runs.png"
+        # (a) the parent run's page: the summary over seeds, as the store holds it and as recomputed from its runs
+        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
+        shot = tmp_path / "parent.png"
+        shown = _wait(
+            driver,
+            "the parent run's metrics table",
+            lambda d: (m := _shown_metrics(d)) and len(m) == len(parent.data.metrics) and m,
+            shot,
+        )
+        driver.save_screenshot(str(shot))
+        expected = _expected_summary(client, runs)
+        wrong = {
+            key: (shown.get(key), value)
+            for key, value in expected.items()
+            if shown.get(key) is None or float(shown[key]) != pytest.approx(value, abs=1.5e-4)  # 4 decimals stored
+        }
+        assert not wrong, f"the parent run's page (screenshot {shot}) shows {{metric: (shown, expected)}}: {wrong}"
+        assert "Child runs" in _page_text(driver, limit=None)
+
+        # (b) the runs table, filtered to the training runs and sorted by test error (a sort other than by
+        # date shows no parent rows): exactly the training runs, each name linking to its run's page
+        query = urllib.parse.urlencode(
+            {
+                "workflowType": "machine_learning",
+                "searchFilter": TRAINING,
+                "orderByKey": "metrics.`errors/test_top1_err`",
+                "orderByAsc": "true",
+            }
+        )
+        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?{query}")
+        shot = tmp_path / "training-runs.png"
 
         def linked_names(d):
             links = d.execute_script(
@@ -186,50 +256,51 @@ def test_mlflow_ui_shows_runs_and_comparison(browser, tmp_path):
                 f'a[href*="/experiments/{experiment.experiment_id}/runs/"]',
             )
             shown = {href.rsplit("/", 1)[-1]: text for href, text in links if text}
-            return shown if all(shown.get(i) == n for i, n in names.items()) else None
+            return shown if f"{len(names)} matching runs" in _page_text(d) and shown == names else None
 
-        _wait(driver, f"the runs table with {sorted(names.values())}", linked_names, shot)
+        _wait(driver, f"the runs table with exactly {sorted(names.values())}", linked_names, shot)
         driver.save_screenshot(str(shot))
-
-        # (b) the compare page: names, params and the final error, run by run
-        ids = list(runs)
-        driver.get(
-            f"{url}/#/compare-runs?runs={json.dumps(ids, separators=(',', ':'))}"
-            f"&experiments={json.dumps([experiment.experiment_id])}"
-        )
-        shot = tmp_path / "compare.png"
-
-        def compare_page(d):  # rendered: the run names, the first param's row and the metric's values
-            page = d.execute_script(READ_COMPARE)
-            return (
-                page
-                if page["rows"].get("Run Name:") and page["rows"].get(PARAMS[0]) and page["metrics"].get(METRIC)
-                else None
-            )
-
-        page = _wait(driver, f"the compare page with its run names, {PARAMS[0]} and {METRIC}", compare_page, shot)
-        driver.save_screenshot(str(shot))
-        # Scrolled to the params' row (the table scrolls as one) and to the metrics' grid as a whole: scrolling
-        # to a metric's name would scroll the names grid alone, out of line with the values in the picture.
-        for selector, key, name in (
-            ("th", "model.depth", "compare-params.png"),
-            ('a[title="Plot chart"]', METRIC, "compare-metrics.png"),
-        ):
-            driver.execute_script(
-                """for (const el of document.querySelectorAll(arguments[0]))
-                                       if (el.innerText.trim() === arguments[1]) {
-                                         (el.closest('[role=grid]') || el).scrollIntoView({block: 'center'}); break; }""",
-                selector,
-                key,
-            )
-            driver.save_screenshot(str(tmp_path / name))
-        problems = _compare_problems(page, runs)
-        assert not problems, (
-            f"the compare page ({driver.current_url}, screenshots in {tmp_path}):\n  "
-            + "\n  ".join(problems)
-            + f"\nthe page reads:\n{_page_text(driver)}"
-        )
+        _check_compare_page(driver, url, experiment, runs, tmp_path)
     finally:
-        pool.shutdown(wait=True)
-        if starting.exception() is None:
-            _stop_server(starting.result())
+        _stop_server(server)
+
+
+def _check_compare_page(driver, url: str, experiment, runs: dict, tmp_path: Path) -> None:
+    """(c) the compare page of the training runs: names, params and the final error, run by run."""
+    ids = list(runs)
+    driver.get(
+        f"{url}/#/compare-runs?runs={json.dumps(ids, separators=(',', ':'))}"
+        f"&experiments={json.dumps([experiment.experiment_id])}"
+    )
+    shot = tmp_path / "compare.png"
+
+    def compare_page(d):  # rendered: the run names, the first param's row and the metric's values
+        page = d.execute_script(READ_COMPARE)
+        return (
+            page
+            if page["rows"].get("Run Name:") and page["rows"].get(PARAMS[0]) and page["metrics"].get(METRIC)
+            else None
+        )
+
+    page = _wait(driver, f"the compare page with its run names, {PARAMS[0]} and {METRIC}", compare_page, shot)
+    driver.save_screenshot(str(shot))
+    # Scrolled to the params' row (the table scrolls as one) and to the metrics' grid as a whole: scrolling
+    # to a metric's name would scroll the names grid alone, out of line with the values in the picture.
+    for selector, key, name in (
+        ("th", "model.depth", "compare-params.png"),
+        ('a[title="Plot chart"]', METRIC, "compare-metrics.png"),
+    ):
+        driver.execute_script(
+            """for (const el of document.querySelectorAll(arguments[0]))
+                                   if (el.innerText.trim() === arguments[1]) {
+                                     (el.closest('[role=grid]') || el).scrollIntoView({block: 'center'}); break; }""",
+            selector,
+            key,
+        )
+        driver.save_screenshot(str(tmp_path / name))
+    problems = _compare_problems(page, runs)
+    assert not problems, (
+        f"the compare page ({driver.current_url}, screenshots in {tmp_path}):\n  "
+        + "\n  ".join(problems)
+        + f"\nthe page reads:\n{_page_text(driver)}"
+    )

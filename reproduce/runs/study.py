@@ -25,7 +25,8 @@ to --out. In MLflow the study is one parent run (tag reproduce.kind=study, named
 with its training runs nested under it; it holds those files, the summary over seeds as metrics
 (per network <model>/train_err_mean, _std, test_err_mean, _std, n; per finding
 margin/<worse>-<better>/train_err and _spread) and the tables as its description. Running the
-study again (resumed, or with more --seeds) reuses that parent run. With no --data and no REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
+study again (resumed, or with more --seeds) reuses that parent run. With no --data and no
+REPRODUCE_CIFAR10, torchvision downloads CIFAR-10 into ./data.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 @command
 def main(argv: list[str] | None = None) -> int:
     from reproduce.config import ConfigError, load_config
-    from reproduce.runs import sweep
+    from reproduce.runs import parent, sweep
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -163,19 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.seeds
         for m in args.models
     ]  # seed-major, as a sweep: a study cut short still holds a complete depth comparison
-    runs = sweep.open_parents(runs, "study", "reproduce study " + shlex.join(argv))  # the runs nest under it
+    runs = parent.open_parents(runs, "study", "reproduce study " + shlex.join(argv))  # the runs nest under it
     code = sweep.run(runs, args.parallel if args.budget == "full" else 1)
     if code not in (0, 1):  # refused before training (2) or stopped on request (143): nothing to compare
-        sweep.end_parent(runs[0].parent, "KILLED")  # as its runs; the same command opens it again
+        parent.end_parent(runs[0].parent, "KILLED")  # as its runs; the same command opens it again
         return code
     # A failed run (1) leaves the others: the table shows them, and a finding that needs it says
     # "not measured"; the exit status still says that a run failed.
-    parent = runs[0].parent
+    parent_id = runs[0].parent
     runs = study_runs(args, configs)  # MLflow is read once, for the findings, the report and the parent run
     findings = compare(args, configs, runs)
     print()
     print(findings.text)
-    return write_outputs(args, argv, findings, runs, parent) or code
+    return write_outputs(args, argv, findings, runs, parent_id) or code
 
 
 def unknown_model(names: list[str]) -> str | None:
@@ -237,7 +238,7 @@ class Findings:
 def study_runs(args: argparse.Namespace, configs: dict) -> list[dict]:
     """The runs of this study's recipes in its experiment (the experiment may hold runs of other lengths
     from earlier studies), read from MLflow once, in the report's run format (with their histories)."""
-    from reproduce.runs.sweep import recipe_runs
+    from reproduce.runs.parent import recipe_runs
 
     return recipe_runs(args.experiment, "cifar10", {cfg.recipe_hash() for cfg in configs.values()})
 
@@ -309,7 +310,7 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         lines.append(
             f"\nours: after {args.iterations} iterations of 64,000 at lr 0.01, mean ± sample std over seeds; train error "
             f"is the mean over the last {summary.LAST_FRACTION:.0%} of the run on augmented batches; test error on "
-            "2,000 test images (single view). The paper's column is the end of its full schedule (Table 6; it gives "
+            "at most 2,000 test images (eval.max_images; single view). The paper's column is the end of its full schedule (Table 6; it gives "
             "no number for plain nets): it is there for scale, not as a target for a run this short."
         )
     else:
@@ -336,7 +337,7 @@ def write_outputs(args: argparse.Namespace, argv: list[str], findings: Findings,
     from reproduce.io import atomic_write_text
     from reproduce.report.command import write_report
     from reproduce.report.tables import load_paper
-    from reproduce.runs.sweep import report_to_parent
+    from reproduce.runs.parent import report_to_parent
 
     source = f"MLflow experiment `{args.experiment}` at {mlflow.get_tracking_uri()}"
     command = "reproduce study " + shlex.join(argv)
