@@ -4,6 +4,8 @@
   reproduce evaluate --weights cifar-resnet56-4bfd9763.th --model resnet56 --data cifar10-exact-subset.npz
   reproduce evaluate --weights torchvision:resnet50.IMAGENET1K_V1 --model resnet50 --protocol tencrop --data /data/imagenet
   reproduce evaluate --weights runs:/<MLflow run id> --data cifar-10-batches-py
+  reproduce evaluate --weights cifar-resnet20-*.th --model resnet20 --data cifar10-jpeg.tar.gz --numerics int8 --save r20-int8.pt2
+  reproduce evaluate --weights r20-int8.pt2 --data cifar10-jpeg.tar.gz
   torchrun --nproc_per_node 8 -m reproduce.evaluate --weights FILE --config configs/imagenet/resnet50.yaml
 
 --weights: a run directory, a checkpoint, a state_dict file, a network the suite logged to MLflow
@@ -16,6 +18,10 @@ fine-tuned on your own images: its val/, transformed as in training; CIFAR-10: i
 as the weights were trained where they say so: the suite's checkpoints and MLflow models record
 data.normalize, the public CIFAR-10 checkpoints take imagenet; data.normalize=... on the command
 line overrides that, else the config's value is used).
+--numerics int8 scores the network quantized to int8 (PT2E, x86 CPU backend, calibrated on --calibrate
+training images as the test split transforms them; reproduce/weights/export.py), bf16 in bf16 weights
+and activations; --save writes the network scored as a torch.export program (.pt2), which --weights
+reads back and scores as it is. Each error comes with its binomial standard deviation (*_std).
 Each evaluation is one MLflow run (tag reproduce.kind=evaluation) in the experiment of --config,
 else the dataset's name; its numbers also go to --out as JSON. Under torchrun each rank evaluates
 a disjoint share and the sums are exact.
@@ -30,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,6 +50,7 @@ from reproduce.io import atomic_write_json
 from reproduce.models import MODELS
 from reproduce.provenance import code_state, device_name, host
 from reproduce.weights import RawWeights, Weights, WeightsError, read_weights
+from reproduce.weights.export import NUMERICS, SUFFIX, export_program, in_numerics, save_program
 
 log = logging.getLogger("reproduce.evaluate")
 
@@ -70,8 +78,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
     parser.add_argument("--out", type=Path, help="JSON result (default runs/evaluations/<model>-<protocol>-<sha>.json)")
+    parser.add_argument("--numerics", choices=NUMERICS, default="fp32", help="score the network in this numerics")
+    parser.add_argument("--calibrate", type=_positive, default=512, help="int8: training images to calibrate on")
+    parser.add_argument("--save", type=Path, help="write the network scored as a torch.export program (FILE.pt2)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.batch_size=64 model.variant=v1.5")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after options
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after options
+    if args.save is not None and args.save.suffix != SUFFIX:
+        parser.error(f"--save {args.save}: the file name must end in {SUFFIX}")
+    return args
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)  # overrides may come before and after options
 
 
 def eval_config(args: argparse.Namespace, world_size: int = 1) -> Config:
@@ -231,7 +251,7 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo, read:
             f"{weights.source} has {weights.num_classes} classes but the data has {classes}; "
             "evaluate on data with the classes it was trained for"
         )
-    model = weights.build(info.device)
+    model = deployed(args, cfg, weights.build(info.device), weights, info)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp, layout = cfg.run.amp is True, cfg.run.channels_last is True
@@ -240,7 +260,57 @@ def run(args: argparse.Namespace, cfg: Config, info: distributed.DistInfo, read:
     result = evaluate(model, eval_loader(split, cfg, info), info, amp, layout)
     seconds = time.perf_counter() - start
     result = {**{f"test_{k}": v for k, v in result.items()}, "images": images, "images_per_sec": images / seconds}
+    result.update(
+        {f"{k}_std": binomial_std(result[k], images) for k in ("test_top1_err", "test_top5_err") if k in result}
+    )
+    if args.numerics != "fp32":
+        weights = replace(weights, extra={**weights.extra, "numerics": args.numerics})
     return record(args, cfg, info, weights, result, fingerprint, description) if info.is_main else 0
+
+
+def binomial_std(error_pct: float, images: int) -> float:
+    """The standard deviation (%) of an error rate measured on `images` independent images."""
+    return (error_pct * (100.0 - error_pct) / images) ** 0.5
+
+
+def calibration(cfg: Config, count: int, batch: int = 64) -> list[torch.Tensor]:
+    """`count` training images (a fixed shuffle's first), transformed as the test split's single
+    view, in batches: what int8 observes its activation ranges on."""
+    data = build_data(cfg)
+    plain = Split(data.train.base, (data.val or data.test).transform, data.train.indices)
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return list(torch.stack([plain[i][0] for i in order]).split(batch))
+
+
+def deployed(args, cfg: Config, model: torch.nn.Module, weights: Weights, info) -> torch.nn.Module:
+    """The network in --numerics (int8: quantized here, on the CPU), written to --save where asked."""
+    if (args.numerics != "fp32" or weights.program is not None) and cfg.eval.protocol == Protocol.MULTISCALE:
+        raise WeightsError("an exported or bf16/int8 network takes one input size; use another --protocol")
+    if args.numerics != "fp32" and weights.program is not None:
+        raise WeightsError(f"{weights.source} is an exported program already; leave --numerics out")
+    if args.numerics == "int8" and info.device.type != "cpu":
+        raise WeightsError("int8 is quantized for the x86 CPU backend; evaluate it with run.device=cpu")
+    if args.numerics == "fp32" and args.save is None:
+        return model
+    batches = calibration(cfg, args.calibrate) if args.numerics == "int8" else []
+    example = batches[0] if batches else test_example(cfg)
+    model = in_numerics(model, args.numerics, batches, example.to(info.device))
+    if args.save is not None and info.is_main:
+        meta = {
+            "architecture": weights.arch.as_dict(),
+            "num_classes": weights.num_classes,
+            "normalize": cfg.data.normalize.value,
+            "numerics": weights.extra.get("numerics", args.numerics),
+        }
+        save_program(export_program(model, example[:2].to(info.device)), args.save, meta)
+        log.info("wrote %s", args.save)
+    return model
+
+
+def test_example(cfg: Config) -> torch.Tensor:
+    """One test image as the network takes it (a batch of one; of a multi-view protocol, one view)."""
+    image = test_split(cfg)[0][0][0]
+    return image.reshape(-1, *image.shape[-3:])[:1]
 
 
 def read_once(source: str, info: distributed.DistInfo, read: RawWeights | None = None) -> RawWeights:
@@ -310,6 +380,7 @@ def _tags(cfg: Config, info, weights: Weights, fingerprint: str, description: st
         "reproduce.world_size": str(info.world_size),
         "reproduce.launcher": info.launcher,
         "reproduce.torch": torch.__version__,
+        "reproduce.numerics": weights.extra.get("numerics", "fp32"),
     }
 
 

@@ -8,6 +8,8 @@ Accepted sources:
                                    (run.log_model); its architecture is in the model's metadata
   torchvision:resnet50.IMAGENET1K_V1   torchvision's named weights, read from the local torch
                                    hub cache (torch.hub.get_dir()/checkpoints); never downloaded
+  model.pt2                        a torch.export program written by the suite (export.py: fp32, bf16
+                                   or int8), scored as it is; its architecture is in its reproduce.json
   any other file                   a state_dict (or a dict holding one under `state_dict`), keys
                                    optionally prefixed `module.` (DDP): torchvision-style ImageNet
                                    ResNets and the suite's / the public CIFAR-10 ResNets

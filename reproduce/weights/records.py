@@ -16,14 +16,17 @@ class Weights:
     state_dict: dict[str, torch.Tensor]
     arch: Arch
     num_classes: int
-    format: str  # checkpoint / torchvision-named / state_dict / public-cifar
+    format: str  # checkpoint / torchvision-named / state_dict / public-cifar / exported
     source: str  # the file read
     sha256: str  # of the file read
     extra: dict = field(default_factory=dict)  # e.g. best_prec1 of a public CIFAR checkpoint
     normalize: str | None = None  # the data.normalize the network was trained with, where the source says
+    program: torch.nn.Module | None = None  # an exported network (weights/export.py): used as it is
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The network of `arch` with these weights, loaded strictly."""
+        """The network of `arch` with these weights, loaded strictly (an exported one: its program)."""
+        if self.program is not None:
+            return self.program.to(device)
         model = build_model(self.arch.name, self.arch.shortcut, self.arch.variant, num_classes=self.num_classes)
         check_fits(model.state_dict(), self.state_dict, self.source)
         model.load_state_dict(self.state_dict, strict=True)
@@ -46,6 +49,7 @@ class RawWeights:
     stored: Arch | None = None  # the architecture the source records (the suite's checkpoints and MLflow models)
     residual_hint: bool = False  # the format says option-A nets are ResNets (public CIFAR-10 files, torchvision)
     variant_hint: Variant | None = None  # the bottleneck variant the format implies (torchvision: v1.5)
+    program: torch.nn.Module | None = None  # an exported network (no state_dict; extra holds num_classes)
 
     def resolve(
         self, name: str | None = None, shortcut: Shortcut | str | None = None, variant: Variant | str | None = None
@@ -61,7 +65,8 @@ class RawWeights:
     def _resolved(self, stated: tuple) -> Weights:
         if self.stored is not None:
             check_same(self.stored, stated, self.given)
-            arch, classes = self.stored, classes_of(self.state_dict)
+            classes = self.extra["num_classes"] if self.program is not None else classes_of(self.state_dict)
+            arch = self.stored
         else:
             arch, classes = resolve_arch(self.state_dict, stated, self.given, self.residual_hint, self.variant_hint)
         if self.format == "torchvision-named":
@@ -69,7 +74,15 @@ class RawWeights:
             if arch.name != model_name:
                 raise WeightsError(f"{self.given} holds weights of {model_name}, but {arch} was asked for")
         return Weights(
-            self.state_dict, arch, classes, self.format, self.source, self.sha256, self.extra, self.normalize
+            self.state_dict,
+            arch,
+            classes,
+            self.format,
+            self.source,
+            self.sha256,
+            self.extra,
+            self.normalize,
+            self.program,
         )
 
 

@@ -1,5 +1,6 @@
 """Each kind of weights source read once into RawWeights: the suite's run directories and checkpoints,
-MLflow models, torchvision's named weights (local hub cache only), and plain state_dict files."""
+MLflow models, torchvision's named weights (local hub cache only), exported programs (.pt2, export.py)
+and plain state_dict files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from reproduce import checkpoint
 from reproduce.models import Arch, Shortcut, Variant
 from reproduce.models.imagenet import LAYERS
+from reproduce.weights import export
 from reproduce.weights.records import RawWeights, Weights, stated
 from reproduce.weights.tensors import WeightsError
 
@@ -56,6 +58,8 @@ def read_weights(source: str | Path) -> RawWeights:
             f"weights {text} not found; give a run directory, a checkpoint or state_dict file, "
             "or torchvision:resnet50.IMAGENET1K_V1"
         )
+    if path.suffix == export.SUFFIX:
+        return export.read_program(path)
     if checkpoint.NAME.match(path.name) and path.with_name(path.name + ".sha256").exists():
         try:
             return _suite(path, *checkpoint.read(path))
