@@ -14,6 +14,7 @@ reproduce analyze responses --run ID Fig. 7: std of the layer responses of a tra
 reproduce bench [--config F] [k=v]   images/s of train.py against a bare loop (overhead ratio)
 reproduce bench-loaders [--workers N] images/s of the FFCV loader against torchvision's on real JPEGs
 reproduce bench-matrix [--models M...] training images/s over precision x channels_last x compile x input
+reproduce bench-inference [--model M | --weights W] [--batch B...]   inference images/s and latency: fp32/bf16/int8 x eager/compile/exported
 reproduce plan (--config F... | --study cifar10|imagenet | --from CSV) [--world-size N] [--nodes N]
                                      each experiment's wall time and device-hours, from steps measured here
 reproduce park RUN_DIR... --to DIR   carry an unfinished run (newest checkpoint + MLflow record) to another machine
@@ -47,6 +48,7 @@ COMMANDS = {
     "bench": "reproduce.bench.overhead:main",
     "bench-loaders": "reproduce.bench.loaders:main",
     "bench-matrix": "reproduce.bench.matrix:main",
+    "bench-inference": "reproduce.bench.inference:main",
     "plan": "reproduce.bench.plan:main",
     "park": "reproduce.runs.park:park_main",
     "unpark": "reproduce.runs.park:unpark_main",
