@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,6 +67,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> torch.export.Expor
     """`model` (put in eval mode by the caller: a converted graph refuses eval()) as a torch.export
     program whose batch dimension is dynamic."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if len(example) < 2:  # traced at batch 1, the batch dimension would be fixed at 1
+        example = example[:1].expand(2, *example.shape[1:]).contiguous()
     with torch.no_grad():
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
@@ -118,11 +121,16 @@ def load_program(path: str | Path) -> tuple[Deployed, dict]:
     if not zipfile.is_zipfile(path):
         raise WeightsError(f"{path} is not a torch.export program (not a .pt2 zip archive); export it again")
     extra = {META: ""}
+    quiet = logging.getLogger("torch.export")  # it logs the reader's traceback as a warning before raising
+    level, quiet.level = quiet.level, logging.CRITICAL
     try:
         program = torch.export.load(path, extra_files=extra)
     except Exception as err:  # noqa: BLE001 (a damaged archive, a foreign version: any error of the reader)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = "a damaged or incomplete archive" if first.startswith("We ran into an error") else first
         raise WeightsError(f"{path} cannot be read as a torch.export program ({first}); export it again") from None
+    finally:
+        quiet.level = level
     meta = json.loads(extra[META]) if extra[META] else {}
     dtype = torch.bfloat16 if meta.get("numerics") == "bf16" else torch.float32
     return Deployed(program.module(), dtype), meta
