@@ -10,15 +10,17 @@ selenium) on three pages:
     &orderByKey=metrics.`errors/test_top1_err`            to the training runs and sorted by test error:
                                                           exactly the four, flat
   #/compare-runs?runs=[...]&experiments=[...]             the compare page of the training runs
+  #/experiments/<id>/runs/<run id>/model-metrics          a training run's charts: the errors first
 
 The expected values come from the store (MlflowClient) and are recomputed from the training runs'
 own metrics, the shown ones from the page; each page is saved as a screenshot in the test's
-tmp_path. Routes and selectors are MLflow 3.17's UI.
+tmp_path. Routes and selectors are MLflow 3.17's UI; the README's walk-through says the same.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -176,6 +178,19 @@ def _shown_metrics(driver) -> dict[str, str] | None:
     return dict(zip(rows[::2], rows[1::2]))
 
 
+def _sections(driver) -> list[str]:
+    """The chart sections of a run's Model metrics tab, top to bottom: each a line with its name and
+    then one with its number of charts, "(3)" (or both on one line, "errors (3)")."""
+    lines = _page_text(driver, limit=None).splitlines()
+    found = []
+    for line, after in zip(lines, [*lines[1:], ""]):
+        if glued := re.fullmatch(r"(.+?) \(\d+\)", line):
+            found.append(glued.group(1))
+        elif re.fullmatch(r"\(\d+\)", after):
+            found.append(line)
+    return found
+
+
 def _expected_summary(client, runs: dict) -> dict[str, float]:
     """The parent's summary recomputed from its training runs' own metrics: per network n, mean and
     sample std of the final test error and of the training error over the last fifth of the run,
@@ -261,6 +276,20 @@ def test_mlflow_ui_shows_the_study_the_training_runs_and_their_comparison(browse
         _wait(driver, f"the runs table with exactly {sorted(names.values())}", linked_names, shot)
         driver.save_screenshot(str(shot))
         _check_compare_page(driver, url, experiment, runs, tmp_path)
+
+        # (d) a training run's charts: the section of the errors (errors/*) comes before the other model metrics
+        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs/{next(iter(runs))}/model-metrics")
+        shot = tmp_path / "charts.png"
+        sections = _wait(
+            driver,
+            "the run's chart sections",
+            lambda d: {"errors", "Model metrics"} <= set(s := _sections(d)) and s,
+            shot,
+        )
+        driver.save_screenshot(str(shot))
+        assert sections.index("errors") < sections.index("Model metrics"), (
+            f"chart sections {sections} (screenshot {shot})"
+        )
     finally:
         _stop_server(server)
 
