@@ -216,3 +216,71 @@ def test_more_seeds_extend_the_same_parent_run(cifar_tar, tmp_path):
         experiment_names=["cifar10-quick"], filter_string="tags.`reproduce.kind` = 'study'", output_format="list"
     )
     assert len(parents) == 2 and len({p.data.tags["reproduce.study_key"] for p in parents}) == 2
+
+
+# The budget sizing (issue 32 item 2): pure, against made-up costs; the real 10-minute study is run by hand.
+def fake_costs(step_s: float, fixed_s: float = 10.0) -> dict:
+    """Each candidate network's cost on a made-up machine: 56-layer nets take about 2.8x a 20-layer's step."""
+    return {m: study.Cost(fixed_s, step_s * (2.8 if "56" in m else 1.0)) for m in study.THIRD_MODELS}
+
+
+def test_a_fast_machine_gets_more_iterations_and_seeds_and_the_third_finding():
+    slow = study.size_study(fake_costs(0.5), 600)
+    medium = study.size_study(fake_costs(0.05), 600)  # 4 seeds of the three networks at 360 iterations
+    assert medium.iterations > slow.iterations and len(medium.seeds) > len(slow.seeds)
+    assert medium.models == study.CPU_MODELS and "the third finding" in medium.note
+    fast = study.size_study(fake_costs(0.002), 600)
+    assert fast.iterations > medium.iterations and len(fast.seeds) > len(slow.seeds)
+    assert "resnet20" in fast.models and fast.iterations >= study.THIRD_ITERATIONS
+    assert "ResNet-20 included" in fast.note
+    for sized in (slow, medium, fast):  # the budget is filled, not exceeded
+        assert sized.seconds <= 600 and sized.iterations % 10 == 0
+    assert fast.seconds > 0.8 * 600
+
+
+def test_a_slow_machine_gets_the_minimum_and_is_told_what_would_show_the_rest():
+    sized = study.size_study(fake_costs(0.5), 600)  # 3 x 2 x (10 + 80 x ~1.5 s) fits; no more than that
+    assert sized.models == study.CPU_MODELS and sized.seeds == [0, 1]
+    assert study.MIN_ITERATIONS <= sized.iterations < 2 * study.MIN_ITERATIONS
+    assert "only about the minimum" in sized.note
+    assert (
+        "the third finding (ResNet-56 ahead of ResNet-20) needs ResNet-20" in sized.note and "--minutes " in sized.note
+    )
+    # the budget it names would include ResNet-20 on that machine (minus the measuring it counts)
+    minutes = int(sized.note.split("`--minutes ")[1].split("`")[0])
+    assert "resnet20" in study.size_study(fake_costs(0.5), minutes * 60 - 60).models
+
+
+def test_a_budget_too_small_for_the_minimum_is_refused_in_one_line():
+    with pytest.raises(study.StudyRefused) as refused:
+        study.size_study(fake_costs(0.5), 60)
+    message = str(refused.value)
+    assert "\n" not in message and "too small for the smallest study" in message and "--minutes" in message
+
+
+def test_given_models_and_seeds_are_kept_and_only_the_rest_is_sized():
+    costs = fake_costs(0.02)
+    sized = study.size_study(costs, 600, models=["plain20", "resnet20"], seeds=[3])
+    assert sized.models == ["plain20", "resnet20"] and sized.seeds == [3]
+    assert sized.iterations > study.size_study(costs, 600, models=["plain20", "resnet20"]).iterations
+    assert sized.iterations <= study.PAPER_ITERATIONS
+
+
+def test_iterations_given_skip_the_measuring_and_minutes_need_the_cpu_budget(monkeypatch, capsys):
+    args = study.parse_args(["--iterations", "30"])
+    assert not args.sized and args.iterations == 30 and args.seeds == [0, 1] and args.models == study.CPU_MODELS
+    args = study.parse_args(["--budget", "cpu"])
+    assert args.sized and args.minutes == 10
+    with pytest.raises(SystemExit) as code:
+        study.parse_args(["--budget", "full", "--minutes", "5"])
+    assert code.value.code == 2 and "--minutes" in capsys.readouterr().err
+
+
+def test_the_study_refuses_a_budget_too_small_after_measuring_before_training(tmp_path, capsys, monkeypatch):
+    measured = []
+    monkeypatch.setattr(study, "measure_costs", lambda args, common: measured.append(common) or fake_costs(0.5))
+    argv = ["--budget", "cpu", "--minutes", "1", "--out", str(tmp_path / "out"), "run.amp=false"]
+    assert study.main([*argv, "run.channels_last=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(measured) == 1 and "\n" not in err and "too small for the smallest study" in err
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # nothing trained

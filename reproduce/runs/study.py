@@ -4,8 +4,15 @@ paper's Fig. 6 and Table 6), sized to the machine it runs on.
   reproduce study --data ../shared/data/cifar10-jpeg.tar.gz     (or set REPRODUCE_CIFAR10)
   reproduce study --budget full --data /data/cifar-10-batches-py   (a GPU: Table 6 at the paper's schedule)
 
---budget cpu (the default without a CUDA GPU): plain-20, plain-56 and ResNet-56, two seeds
-each, for the first --iterations (80) of the paper's recipe (batch 128, SGD momentum 0.9, weight
+--budget cpu (the default without a CUDA GPU): sized to --minutes (10): it first times a few steps,
+an evaluation and a checkpoint of one network per depth (bench/plan.py's measure, a few seconds
+each, counted in the budget), then picks the iterations, seeds and networks that fill the rest
+(size_study): at least plain-20, plain-56 and ResNet-56, two seeds, 80 iterations; more iterations,
+then up to 4 seeds, where the machine is fast; ResNet-20 too where the budget holds
+THIRD_ITERATIONS iterations of all four. A budget too small for the minimum is refused in one
+line, with the minutes it would take. Precedence: --iterations given skips the measuring and the
+sizing (its old behaviour: seeds 0 1, the three networks); --seeds and --models given are kept and the
+sizing fills in the rest. The runs follow the paper's recipe (batch 128, SGD momentum 0.9, weight
 decay 1e-4; all 50k training images, as no validation error is read) at the rate the paper starts its deepest CIFAR net with, lr 0.01 (§4.2: for
 ResNet-110 "0.1 is slightly too large to start converging"; on the JPEG copy of CIFAR-10 our
 56-layer nets at 0.1 stayed at chance for their first 160 (ResNet) and 400 (plain) iterations,
@@ -13,7 +20,8 @@ results/quick-study.md). It compares training error, as the paper's dashed curve
 over the last fifth of the run, and says for each of the paper's findings whether this run
 shows it by a margin larger than the seed-to-seed spread: the deeper plain net is worse than
 the shallower one (degradation), and at the same depth the residual net is better. That a
-deeper ResNet beats a shallower one takes the full schedule; the output says so.
+deeper ResNet beats a shallower one needs ResNet-20 and thousands of iterations; the output
+says whether this budget showed it, and which budget would.
 
 --budget full (the default with a CUDA GPU): the paper's full recipe for plain and ResNet
 20/32/44/56/110 (64k iterations; ResNet-110 with its warm-up), seed 0, four runs at a time
@@ -36,15 +44,29 @@ import math
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce import provenance
-from reproduce.errors import ArgumentParser, command
+from reproduce.errors import ArgumentParser, Refused, command
 
 CONFIGS = provenance.CONFIGS / "cifar10"
 CPU_MODELS = ["plain20", "plain56", "resnet56"]
 FULL_MODELS = [f"{net}{depth}" for depth in (20, 56, 32, 44, 110) for net in ("resnet", "plain")]
+THIRD_MODELS = [*CPU_MODELS, "resnet20"]  # ResNet-56 ahead of ResNet-20: the third finding
+MIN_ITERATIONS, MIN_SEEDS, MAX_SEEDS = 80, 2, 4
+# Where ResNet-56's training error drops below ResNet-20's at lr 0.01 on this data: an estimate from
+# the paper's curves (they cross after thousands of iterations), still to be measured here.
+THIRD_ITERATIONS = 2000
+PAPER_ITERATIONS = 64000
+RUN_OVERHEAD_S = 5.0  # per run, not in the projection: process start-up, MLflow, logging
+REPORT_S = 15.0  # the end: MLflow read once, the report's table and Fig. 6
+MEASURE = argparse.Namespace(warmup=1, steps=2, repeats=2)  # bench/plan.py's timing: a few seconds a network
+
+
+class StudyRefused(Refused, ValueError):
+    """A study that cannot run as asked (a budget too small for its minimum); one line."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,12 +86,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--models", nargs="+", help=f"default: {' '.join(CPU_MODELS)} (cpu), {' '.join(FULL_MODELS)} (full)"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 (cpu), 0 (full)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: sized to --minutes (cpu), 0 (full)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="cpu budget: wall time to fill, measuring included (default 10): iterations, seeds and networks "
+        "are sized to it. Precedence: --iterations skips the sizing; --seeds / --models given are kept",
+    )
     parser.add_argument(
         "--iterations",
         type=int,
-        default=80,
-        help="cpu budget: iterations per run at lr 0.01 (default 80; the paper's whole schedule is 64000)",
+        help="cpu budget: iterations per run at lr 0.01, no measuring or sizing (then seeds 0 1 and the three "
+        "networks unless given; the paper's whole schedule is 64000)",
     )
     parser.add_argument("--parallel", type=int, default=4, help="full budget: runs sharing the GPU (default 4)")
     parser.add_argument("--experiment", help="MLflow experiment (default cifar10-quick for cpu, cifar10 for full)")
@@ -84,6 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
         args.budget = "full" if torch.cuda.is_available() else "cpu"
     cpu = args.budget == "cpu"
+    if not cpu and args.minutes is not None:
+        parser.error("--minutes sizes the cpu budget; --budget full runs the paper's schedule")
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes must be above 0, got {args.minutes:g}")
+    args.sized = cpu and args.iterations is None  # sized to --minutes after measuring (main)
+    args.minutes = args.minutes or 10.0
+    args.fixed = {"models": args.models, "seeds": args.seeds}  # what the sizing keeps
+    args.iterations = args.iterations or MIN_ITERATIONS
+    args.sizing_note = ""
     args.models = args.models or (CPU_MODELS if cpu else FULL_MODELS)
     args.seeds = args.seeds or ([0, 1] if cpu else [0])
     args.experiment = args.experiment or ("cifar10-quick" if cpu else "cifar10")
@@ -126,7 +163,6 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from reproduce.config import ConfigError, load_config
     from reproduce.runs import parent, sweep
 
     argv = sys.argv[1:] if argv is None else argv
@@ -134,21 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     if problem := unknown_model(args.models) or _out_problem(args.out):  # before any training
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    common = run_overrides(args)
-    if args.budget == "cpu":
-        try:
-            common += numerics_for(args, common)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    configs = {}
-    for name in args.models:
-        path = CONFIGS / f"{name}.yaml"
-        try:
-            configs[name] = load_config(path, common)
-        except ConfigError as err:
-            print(f"error: {name}: {err}", file=sys.stderr)
-            return 2
+    began = time.perf_counter()
+    try:
+        common, configs = _configs(args)
+        if args.sized:  # measure here, size to what is left of --minutes, then the recipe of that size
+            sizing = size_study(measure_costs(args, common), args.minutes * 60 - (time.perf_counter() - began))
+            _apply(args, sizing)
+            common, configs = _configs(args, common[-2:])
+    except Refused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     what = (
         f"the first {args.iterations} iterations ({100 * args.iterations / 64000:.2f}% of the paper's schedule) at lr 0.01"
         if args.budget == "cpu"
@@ -177,6 +208,134 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(findings.text)
     return write_outputs(args, argv, findings, runs, parent_id) or code
+
+
+def _configs(args: argparse.Namespace, numerics: list[str] | None = None) -> tuple[list[str], dict]:
+    """What every run gets (numerics decided once on a CPU, or those given) and each network's config;
+    a bad override is a ConfigError (one line), before any measuring or training."""
+    from reproduce.config import ConfigError, load_config
+
+    common = run_overrides(args)
+    if args.budget == "cpu":
+        common += numerics or numerics_for(args, common)
+    configs = {}
+    for name in args.models:
+        try:
+            configs[name] = load_config(CONFIGS / f"{name}.yaml", common)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    return common, configs
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One run of a network here: seconds whatever its length (setup, evaluations, checkpoints, start-up)
+    plus seconds per iteration."""
+
+    fixed_s: float
+    step_s: float
+
+    def seconds(self, iterations: int) -> float:
+        return self.fixed_s + iterations * self.step_s
+
+
+@dataclass(frozen=True)
+class Sizing:
+    models: list[str]
+    seeds: list[int]
+    iterations: int
+    seconds: float  # projected, training runs only
+    note: str  # what this budget shows, and which budget would show the rest
+
+
+def _total(costs: dict[str, Cost], models: list[str], seeds: int, iterations: int) -> float:
+    return seeds * sum(costs[m].seconds(iterations) for m in models)  # one run at a time
+
+
+def _fit(costs: dict[str, Cost], models: list[str], seeds: int, budget_s: float) -> int:
+    """The most iterations (a multiple of 10, at most the paper's schedule) that `seeds` x `models` fit in."""
+    left = budget_s / seeds - sum(costs[m].fixed_s for m in models)
+    n = int(left / max(sum(costs[m].step_s for m in models), 1e-9)) // 10 * 10
+    return max(0, min(n, PAPER_ITERATIONS))
+
+
+def size_study(costs: dict[str, Cost], budget_s: float, models=None, seeds=None) -> Sizing:
+    """The study that fills `budget_s` seconds, given each network's measured Cost (pure). The third
+    finding's four networks at THIRD_ITERATIONS or more where they fit, else the three networks at
+    MIN_ITERATIONS or more; seeds from MIN_SEEDS to MAX_SEEDS, one more for each doubling of the
+    iterations over that floor. Given `models` or `seeds` are kept. StudyRefused when even the
+    minimum does not fit."""
+    options = [(models, MIN_ITERATIONS)] if models else [(THIRD_MODELS, THIRD_ITERATIONS), (CPU_MODELS, MIN_ITERATIONS)]
+    for nets, floor in options:
+        for s in [len(seeds)] if seeds else range(MAX_SEEDS, MIN_SEEDS - 1, -1):
+            n = _fit(costs, nets, s, budget_s)
+            if n >= (floor if seeds else floor * 2 ** (s - MIN_SEEDS)):  # a seed more per doubling
+                chosen = list(seeds) if seeds else list(range(s))
+                return Sizing(list(nets), chosen, n, _total(costs, nets, s, n), _note(costs, nets, s, n, floor))
+    nets, s = models or CPU_MODELS, len(seeds) if seeds else MIN_SEEDS
+    need = _total(costs, nets, s, MIN_ITERATIONS) + REPORT_S
+    raise StudyRefused(
+        f"--minutes: {budget_s / 60:.1f} min left after measuring is too small for the smallest study here "
+        f"({len(nets)} networks x {s} seeds x {MIN_ITERATIONS} iterations: {need / 60:.1f} min); give --minutes "
+        f"{math.ceil((need + 60) / 60)} or more, or --iterations N"
+    )
+
+
+def _note(costs: dict[str, Cost], nets: list[str], seeds: int, n: int, floor: int) -> str:
+    """What the sized study can show, and the budget that would show the third finding where it cannot."""
+    slow = (
+        f"this machine fits only about the minimum in this budget ({n} iterations); " if n < 2 * MIN_ITERATIONS else ""
+    )
+    if {"resnet20", "resnet56"} <= set(nets) and n >= THIRD_ITERATIONS:
+        return slow + f"ResNet-20 included: {n} iterations, past the crossing estimated at {THIRD_ITERATIONS}"
+    if not set(THIRD_MODELS) <= set(costs):
+        return slow + "the third finding needs resnet20 and resnet56 in --models"
+    need = _total(costs, THIRD_MODELS, MIN_SEEDS, THIRD_ITERATIONS) + REPORT_S + 60  # + measuring
+    return slow + (
+        f"the third finding (ResNet-56 ahead of ResNet-20) needs ResNet-20 and about {THIRD_ITERATIONS} "
+        f"iterations: `--minutes {math.ceil(need / 60)}` on this machine, or `--budget full` on a GPU"
+    )
+
+
+def _apply(args: argparse.Namespace, sizing: Sizing) -> None:
+    args.models, args.seeds, args.iterations, args.sizing_note = (
+        sizing.models,
+        sizing.seeds,
+        sizing.iterations,
+        sizing.note,
+    )
+    print(
+        f"sized to --minutes {args.minutes:g}: {len(sizing.models)} networks x {len(sizing.seeds)} seeds x "
+        f"{sizing.iterations} iterations, about {sizing.seconds / 60:.1f} min of training; {sizing.note}",
+        flush=True,
+    )
+
+
+def measure_costs(args: argparse.Namespace, common: list[str]) -> dict[str, Cost]:
+    """Each candidate network's Cost here: bench/plan.py's measure (a few steps on the real input,
+    an evaluation, a checkpoint, the setup) of one network per depth, projected (bench/projection.py)
+    over this study's evaluations and checkpoints."""
+    from reproduce import distributed
+    from reproduce.bench.plan import measure
+    from reproduce.bench.projection import AllReduce, dataset_sizes, job_of, project
+    from reproduce.config import load_config
+    from reproduce.data import build_data
+    from reproduce.models import MODELS
+
+    info, rates, costs, data = distributed.setup("cpu"), {}, {}, None
+    for name in args.fixed["models"] or THIRD_MODELS:
+        cfg = load_config(CONFIGS / f"{name}.yaml", common)
+        if data is None:
+            start = time.perf_counter()
+            data = build_data(cfg)
+            data_s = time.perf_counter() - start
+        depth = MODELS[name].depth
+        if depth not in rates:  # plain and residual nets of one depth cost the same
+            rates[depth] = measure(cfg, data, data_s, info, MEASURE)
+            print(f"measured {name}: {rates[depth].images_per_sec:.0f} images/s (depth {depth})", flush=True)
+        row = project(job_of(cfg, name, *dataset_sizes(cfg, data), 0), rates[depth], 1, 1, AllReduce(0.0, None, ""))
+        costs[name] = Cost(row["wall_s"] - row["train_s"] + RUN_OVERHEAD_S, row["step_s"])
+    return costs
 
 
 def unknown_model(names: list[str]) -> str | None:
@@ -326,6 +485,8 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
             "- deeper ResNets are better (ResNet-56 ahead of ResNet-20, Table 6): not shown by this budget; the "
             "paper's curves cross after thousands of iterations: `reproduce study --budget full` on a GPU"
         )
+    if args.sizing_note:
+        lines.append(f"\nsized to --minutes {args.minutes:g} on this machine: {args.sizing_note}")
     return "\n".join(lines)
 
 
