@@ -147,11 +147,16 @@ def _model_uri(text: str) -> str:
     import mlflow
 
     run_id = text.rstrip("/").removeprefix("runs:/")
-    try:
-        models = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    try:  # searched in the run's own experiment (by default MLflow searches only the active one)
+        models = mlflow.search_logged_models(
+            experiment_ids=[mlflow.get_run(run_id).info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            output_format="list",
+        )
     except Exception:  # noqa: BLE001 (no such run, store away: the load below says so in one line)
         models = []
-    return f"models:/{models[0].model_id}" if len(models) == 1 else f"runs:/{run_id}/model"
+    newest = max(models, key=lambda m: m.creation_timestamp, default=None)  # a resumed run may log it again
+    return f"models:/{newest.model_id}" if newest is not None else f"runs:/{run_id}/model"
 
 
 def _mlflow_model(uri: str) -> RawWeights:
