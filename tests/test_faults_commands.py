@@ -424,6 +424,13 @@ def _start_prepare(source: Path, out: Path) -> subprocess.Popen:
     )
 
 
+def _wait_for_temporary_file(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(out.glob(".*.tmp")), "the temporary file never appeared"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.5])
 def test_a_stopped_prepare_leaves_no_temporary_file(delay, imagenet_noise, tmp_path):
@@ -438,10 +445,7 @@ def test_a_stopped_prepare_leaves_no_temporary_file(delay, imagenet_noise, tmp_p
     out = tmp_path / "out"
     proc = _start_prepare(imagenet_noise, out)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert list(out.glob(".*.tmp")), "the temporary file never appeared"
+        _wait_for_temporary_file(proc, out)
         time.sleep(delay)
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
@@ -466,11 +470,8 @@ def test_a_killed_prepares_temporary_file_is_removed_by_the_next(imagenet_noise,
     out = tmp_path / "out"
     proc = _start_prepare(imagenet_noise, out)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".*.tmp")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        _wait_for_temporary_file(proc, out)
         left = list(out.glob(".*.tmp"))
-        assert left, "the temporary file never appeared"
     finally:
         proc.kill()
         proc.communicate(timeout=60)

@@ -245,7 +245,7 @@ def decompose(out: Path) -> str:
     lines = [
         "# CIFAR-10: the distance to the paper's Table 6, taken apart by measurement (issue 28)",
         "",
-        "Built by `python tools/table6_gap.py --decompose` from `results/cifar10/runs.json` (the 45k run),",
+        f"Built by `python tools/table6_gap.py --decompose` (commit {code_state().commit[:12]}) from `results/cifar10/runs.json` (the 45k run),",
         "`results/cifar10/table6/runs.json` (the finished 50k runs) and [`measured.md`](measured.md) (each network",
         "scored on the same 1,017 test images as original pixels and as JPEG). Test error in %, single view;",
         "± is the seed-to-seed sample std where n ≥ 2 (for a change: of the difference), the std of the paired",
