@@ -165,7 +165,8 @@ def test_a_measured_plan_on_real_input(cifar_tar, tmp_path, capsys):
     row = table.iloc[0]
     assert row.images_per_sec > 0 and row.spread_pct >= 0 and row.bound in ("compute", "input")
     assert row.numerics == "fp32 NCHW" and row.batch_per_process == 8 and row.iterations == 64_000
-    assert row.measured_s > 0 and row.eval_s > 0 and row.checkpoint_s > 0 and row.setup_s > 0
+    assert row.measured_s > 0 and row.eval_s > 0 and row.checkpoint_s > 0
+    assert row.setup_s >= 0  # a cached dataset opens in milliseconds: 0.0 once rounded to 0.1 s
     assert row.wall_s == pytest.approx(row.train_s + row.eval_s + row.checkpoint_s + row.setup_s, abs=0.2)
     assert row.train_s == pytest.approx(64_000 * 8 / row.images_per_sec, rel=1e-2)
     assert "1 untimed warm-up step(s), then 2 x 1 timed steps" in out and "one process: no all-reduce" in out
