@@ -172,6 +172,37 @@ def test_a_measured_plan_on_real_input(cifar_tar, tmp_path, capsys):
     assert "1 untimed warm-up step(s), then 2 x 1 timed steps" in out and "one process: no all-reduce" in out
 
 
+def test_configs_of_one_data_share_a_running_loader_and_one_numerics_timing(cifar_tar, tmp_path, monkeypatch):
+    """plain-20 after ResNet-20 (same data, batch, layer shapes): one loader started, its queue filled once
+    (2 batches per worker, untimed), the numerics timed once; each real-input window lasts --seconds."""
+    import reproduce.data
+    import reproduce.numerics
+
+    started, timed, windows = [], [], []
+    real_loader, real_numerics, real_rate = (
+        reproduce.data.train_loader,
+        reproduce.numerics.resolve_numerics,
+        plan.timed_rate,
+    )
+    monkeypatch.setattr(reproduce.data, "train_loader", lambda *a: started.append(1) or real_loader(*a))
+    monkeypatch.setattr(reproduce.numerics, "resolve_numerics", lambda *a: timed.append(1) or real_numerics(*a))
+
+    def rate(batches, step, args, batch, device, warmup, seconds=0.0):
+        begin = plan.time.perf_counter()
+        result = real_rate(batches, step, args, batch, device, warmup, seconds)
+        windows.append((warmup, seconds, plan.time.perf_counter() - begin))
+        return result
+
+    monkeypatch.setattr(plan, "timed_rate", rate)
+    tiny = ["optim.batch_size=8", "data.workers=2", "eval.batch_size=16", "data.val_split=40", "run.device=cpu"]
+    plain = REPO / "configs" / "cifar10" / "plain20.yaml"
+    args = ("--config", CIFAR, plain, "--data", cifar_tar, "--steps", 1, "--repeats", 2, "--seconds", 0.3)
+    table = _plan(tmp_path, *args, "--no-mlflow", *tiny, "run.amp=auto", "run.channels_last=false")
+    assert list(table.experiment) == ["cifar10/resnet20", "cifar10/plain20"] and len(started) == len(timed) == 1
+    real = [w for w in windows if w[1] > 0]  # the fixed-batch windows have no least seconds
+    assert [w[0] for w in real] == [1 + 2 * 2, 1] and all(w[2] >= 2 * 0.3 for w in real), windows
+
+
 @pytest.mark.slow
 def test_two_processes_measure_their_all_reduce(cifar_tar, tmp_path, capsys):
     tiny = ["optim.batch_size=8", "data.workers=0", "eval.batch_size=16", "run.device=cpu", "data.synthetic=true"]

@@ -9,9 +9,14 @@ Per experiment it times a few real training steps (bench/harness.py's bare step:
 with the numerics `run.amp=auto run.channels_last=auto` choose here (numerics.py; override them as
 key=value), the config's loader and its batch per process (optim.batch_size / --world-size): the
 first --warmup steps untimed (allocation, compilation), then --repeats windows of --steps steps, on
-a fixed batch (the model alone) and on the real input (the loader feeding it); input-bound when the
-real rate is under 90% of the model's. It also times an evaluation (engine.evaluate, a few batches)
-and a checkpoint write (checkpoint.save), and the setup a run does (the data, the numerics).
+a fixed batch (the model alone) and on the real input (the loader feeding it, each window at least
+--seconds long: a loader's rate is noisy over a few steps); input-bound when the real rate is under 90%
+of the model's. Configs with the same data and batch share one running loader, as a run's steps share
+one: its start and the filling of its workers' queue (workers x 2 batches, untimed) happen once. The
+numerics `auto` chooses are timed once per family of layer shapes (CIFAR nets of every depth repeat
+the same three stages; ImageNet basic or bottleneck blocks), on its first config, and reused for the
+others. It also times an evaluation (engine.evaluate, a few batches) and a checkpoint write
+(checkpoint.save), and the setup a run does (the data, the numerics).
 
 The projection: iterations x (batch per process / images/s + one gradient all-reduce) + every
 evaluation of the schedule (eval.every, the validation and test splits, the final protocol's views;
@@ -33,7 +38,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -72,14 +78,17 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (their spread is the noise)")
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="least seconds of each timed window on the real input"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "plan", help="folder for plan.csv")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the plan to MLflow")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every config")
     args = parser.parse_args(argv)
     if args.world_size < 1 or args.nodes < 1 or args.world_size % args.nodes:
         parser.error(f"--world-size {args.world_size} must be a positive multiple of --nodes {args.nodes}")
-    if min(args.steps, args.repeats) < 1 or args.warmup < 0 or (args.bus_gbps is not None and args.bus_gbps <= 0):
-        parser.error("--steps and --repeats must be at least 1, --warmup at least 0, --bus-gbps above 0")
+    if min(args.steps, args.repeats) < 1 or min(args.warmup, args.seconds) < 0 or (args.bus_gbps or 1) <= 0:
+        parser.error("--steps and --repeats must be at least 1, --warmup and --seconds at least 0, --bus-gbps above 0")
     if not (args.config or args.study or args.from_file):
         parser.error("give --config FILE..., --study cifar10|imagenet or --from FILE")
     return args
@@ -109,19 +118,67 @@ def load(path: Path, args, world: int):
     return cfg
 
 
-def timed_rate(batches, step, args, batch: int, device) -> tuple[float, float]:
-    """(median images/s, spread %) over --repeats windows of --steps steps after --warmup untimed ones."""
-    from reproduce.bench.harness import items_per_sec
+def timed_rate(batches, step, args, batch: int, device, warmup: int, seconds: float = 0.0) -> tuple[float, float]:
+    """(median images/s, spread %) over --repeats windows after `warmup` untimed steps; each window
+    runs --steps steps, and more until it has lasted `seconds`."""
+    from reproduce.bench.harness import sync
 
     batches = iter(batches)
-    rates = [
-        items_per_sec(
-            batches, step, args.steps + (args.warmup if r == 0 else 0), args.warmup if r == 0 else 0, batch, device
-        )
-        for r in range(args.repeats)
-    ]
+    for _ in range(warmup):
+        step(next(batches))
+    rates = []
+    for _ in range(args.repeats):
+        sync(device)
+        start, done = time.perf_counter(), 0
+        while done < args.steps or time.perf_counter() - start < seconds:
+            step(next(batches))
+            done += 1
+        sync(device)
+        rates.append(done * batch / (time.perf_counter() - start))
     median = statistics.median(rates)
     return median, 100 * (max(rates) - min(rates)) / median
+
+
+@dataclass
+class Shared:
+    """What the configs of one plan share: each data section's data (and its build seconds), each
+    family's numerics, each (data, batch)'s running loader (and the steps that fill its queue)."""
+
+    data: dict = field(default_factory=dict)
+    numerics: dict = field(default_factory=dict)
+    loaders: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.loaders.clear()  # the loaders' iterators go: their worker processes stop
+
+
+def _numerics(cfg, data, info, shared: Shared):
+    """`auto` numerics of cfg: timed on the first config of its family of layer shapes, reused after."""
+    from reproduce.models import MODELS
+    from reproduce.numerics import resolve_numerics
+
+    spec = MODELS[cfg.model.name]
+    key = (spec.family, spec.bottleneck, cfg.data.crop, cfg.optim.batch_size, cfg.run.amp, cfg.run.channels_last)
+    if key not in shared.numerics:
+        shared.numerics[key] = (
+            cfg.model.name,
+            resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size),
+        )
+        return shared.numerics[key][1]
+    first, numerics = shared.numerics[key]
+    return replace(numerics, how=f"as timed on {first} (the same layer shapes): {numerics.how}")
+
+
+def _running_loader(cfg, data, info, shared: Shared) -> tuple[Iterator, int]:
+    """(this data and batch's running training loader, untimed steps its first use needs: the workers'
+    queue filled). Configs after the first take batches from the same loader, as a run's steps do."""
+    from reproduce.data import train_loader
+
+    key = (cfg.data.model_dump_json(), cfg.seed, cfg.optim.batch_size)
+    if key in shared.loaders:
+        return shared.loaders[key], 0
+    shared.loaders[key] = iter(train_loader(data, cfg, info, 0))
+    return shared.loaders[key], 2 * cfg.data.workers  # torch DataLoader: prefetch_factor 2 per worker
 
 
 def eval_rate(model, data, cfg, info, numerics) -> float:
@@ -151,22 +208,25 @@ def checkpoint_seconds(model, optimizer, cfg, numerics) -> float:
         return time.perf_counter() - start
 
 
-def measure(cfg, data, data_s: float, info, args) -> Rate:
-    """The Rate of `cfg` here (its batch per process), from its real steps, evaluation and checkpoint."""
+def measure(cfg, data, data_s: float, info, args, shared: Shared | None = None) -> Rate:
+    """The Rate of `cfg` here (its batch per process), from its real steps, evaluation and checkpoint
+    (`shared`: what earlier configs of the same plan measured or started, to reuse)."""
     from reproduce.bench.harness import bare_step, release
-    from reproduce.data import train_loader
-    from reproduce.numerics import resolve_numerics
 
+    shared = shared or Shared()
     began = time.perf_counter()
-    numerics = resolve_numerics(cfg, info.device, data.num_classes, cfg.optim.batch_size)
+    numerics = _numerics(cfg, data, info, shared)
     setup_s = data_s + time.perf_counter() - began
     step, model, optimizer, numerics = bare_step(cfg, info, data.num_classes, numerics)
     size = 32 if cfg.data.dataset == "cifar10" else cfg.data.crop
-    fixed = (torch.randn(cfg.optim.batch_size, 3, size, size), torch.randint(data.num_classes, (cfg.optim.batch_size,)))
-    alone, spread = timed_rate(itertools.repeat(fixed), step, args, cfg.optim.batch_size, info.device)
+    batch = cfg.optim.batch_size
+    fixed = (torch.randn(batch, 3, size, size), torch.randint(data.num_classes, (batch,)))
+    alone, spread = timed_rate(itertools.repeat(fixed), step, args, batch, info.device, args.warmup)
     rate, bound = alone, "- (synthetic input)"
     if not cfg.data.synthetic:
-        rate, spread = timed_rate(train_loader(data, cfg, info, 0), step, args, cfg.optim.batch_size, info.device)
+        loader, fill = _running_loader(cfg, data, info, shared)
+        seconds = getattr(args, "seconds", 0.0)
+        rate, spread = timed_rate(loader, step, args, batch, info.device, args.warmup + fill, seconds)
         bound = "compute" if rate >= COMPUTE_BOUND_SHARE * alone else "input"
     result = Rate(
         images_per_sec=rate,
@@ -257,11 +317,12 @@ def main(argv=None) -> int:
         raise PlanRefused(f"--from {args.from_file}: no rate for {', '.join(missing)}")
     info = distributed.setup(cfgs[0][1].run.device)
     allreduce = measure_allreduce(args, info.device)
-    began, rows, built = time.perf_counter(), [], {}  # built: each data section's data, and its seconds
+    began, rows, shared = time.perf_counter(), [], Shared()
     for path, cfg in cfgs:
         name = f"{path.parent.name}/{path.stem}"
-        rows.append(_plan_one(name, cfg, args, info, allreduce, file_rates, built))
+        rows.append(_plan_one(name, cfg, args, info, allreduce, file_rates, shared))
         print(f"  {name}: {rows[-1]['images_per_sec']:.0f} images/s per process -> {rows[-1]['wall']}", flush=True)
+    shared.close()
     frame = pd.DataFrame(rows)
     text = _render(frame, args, _device_name(info.device), allreduce, time.perf_counter() - began)
     print(text)
@@ -274,9 +335,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plan_one(name: str, cfg, args, info, allreduce: AllReduce, file_rates, built: dict) -> dict:
-    """The projection row of one config: from its measured Rate here, or from the --from file's
-    (`built`: the data of each data section so far, and how long building it took)."""
+def _plan_one(name: str, cfg, args, info, allreduce: AllReduce, file_rates, shared: Shared) -> dict:
+    """The projection row of one config: from its measured Rate here, or from the --from file's."""
     from reproduce.data import build_data
 
     per_process = cfg.model_copy(
@@ -288,11 +348,11 @@ def _plan_one(name: str, cfg, args, info, allreduce: AllReduce, file_rates, buil
             rate = replace(rate, checkpoint_s=_checkpoint_here(per_process, info))
     else:
         key = cfg.data.model_dump_json(exclude={"workers"}) + str(cfg.seed)
-        if key not in built:
+        if key not in shared.data:
             start = time.perf_counter()
-            built[key] = build_data(cfg), time.perf_counter() - start
-        data, data_s = built[key]
-        rate = measure(per_process, data, data_s, info, args)
+            shared.data[key] = build_data(cfg), time.perf_counter() - start
+        data, data_s = shared.data[key]
+        rate = measure(per_process, data, data_s, info, args, shared)
     sizes, train_images = dataset_sizes(cfg, data)
     return project(
         job_of(cfg, name, sizes, train_images, grad_bytes(cfg)), rate, args.world_size, args.nodes, allreduce
@@ -320,8 +380,10 @@ def _render(frame: pd.DataFrame, args, device: str, allreduce: AllReduce, second
         how = f"rates from {args.from_file} (the fastest row per model); checkpoints written here"
     else:
         how = (
-            f"{args.warmup} untimed warm-up step(s), then {args.repeats} x {args.steps} timed steps per experiment, "
-            f"on a fixed batch and on the real input; spread = (max - min) / median of the repeats"
+            f"{args.warmup} untimed warm-up step(s), then {args.repeats} x {args.steps} timed steps per experiment "
+            f"on a fixed batch, and {args.repeats} windows of at least {args.steps} steps and {args.seconds:g} s on "
+            "the real input (a shared running loader, its queue filled first); spread = (max - min) / median of "
+            "the repeats"
         )
     lines = [
         f"plan: {len(frame)} experiment(s) on {device}; {world} process(es) on {nodes} node(s); {seconds:.0f} s to make",
