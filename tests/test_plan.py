@@ -169,27 +169,42 @@ def test_a_measured_plan_on_real_input(cifar_tar, tmp_path, capsys):
     assert row.setup_s >= 0  # a cached dataset opens in milliseconds: 0.0 once rounded to 0.1 s
     assert row.wall_s == pytest.approx(row.train_s + row.eval_s + row.checkpoint_s + row.setup_s, abs=0.2)
     assert row.train_s == pytest.approx(64_000 * 8 / row.images_per_sec, rel=1e-2)
-    assert "1 untimed warm-up step(s), then 2 x 1 timed steps" in out and "one process: no all-reduce" in out
+    assert (
+        "then 1 timed steps per experiment on a fixed batch" in out and "2 windows of at least 1 steps and 1.5 s" in out
+    )
+    assert "one process: no all-reduce" in out
 
 
 def test_configs_of_one_data_share_a_running_loader_and_one_numerics_timing(cifar_tar, tmp_path, monkeypatch):
-    """plain-20 after ResNet-20 (same data, batch, layer shapes): one loader started, its queue filled once
-    (2 batches per worker, untimed), the numerics timed once; each real-input window lasts --seconds."""
+    """plain-20 after ResNet-20 (same data, batch, layer shapes): one loader started, the batches prepared
+    ahead (2 per worker) drawn untimed before each config's windows, the numerics timed once; each
+    real-input window lasts --seconds."""
     import reproduce.data
     import reproduce.numerics
 
-    started, timed, windows = [], [], []
+    started, timed, windows, drawn, stepped = [], [], [], [], []
+
+    def counted(batches):
+        for b in batches:
+            drawn.append(1)
+            yield b
+
     real_loader, real_numerics, real_rate = (
         reproduce.data.train_loader,
         reproduce.numerics.resolve_numerics,
         plan.timed_rate,
     )
-    monkeypatch.setattr(reproduce.data, "train_loader", lambda *a: started.append(1) or real_loader(*a))
+    monkeypatch.setattr(reproduce.data, "train_loader", lambda *a: started.append(1) or counted(real_loader(*a)))
     monkeypatch.setattr(reproduce.numerics, "resolve_numerics", lambda *a: timed.append(1) or real_numerics(*a))
 
     def rate(batches, step, args, batch, device, warmup, seconds=0.0):
-        begin = plan.time.perf_counter()
-        result = real_rate(batches, step, args, batch, device, warmup, seconds)
+        begin, counting = plan.time.perf_counter(), seconds > 0  # the real input's windows
+
+        def step_counted(b):
+            stepped.append(counting)
+            return step(b)
+
+        result = real_rate(batches, step_counted, args, batch, device, warmup, seconds)
         windows.append((warmup, seconds, plan.time.perf_counter() - begin))
         return result
 
@@ -200,7 +215,8 @@ def test_configs_of_one_data_share_a_running_loader_and_one_numerics_timing(cifa
     table = _plan(tmp_path, *args, "--no-mlflow", *tiny, "run.amp=auto", "run.channels_last=false")
     assert list(table.experiment) == ["cifar10/resnet20", "cifar10/plain20"] and len(started) == len(timed) == 1
     real = [w for w in windows if w[1] > 0]  # the fixed-batch windows have no least seconds
-    assert [w[0] for w in real] == [1 + 2 * 2, 1] and all(w[2] >= 2 * 0.3 for w in real), windows
+    assert [w[0] for w in real] == [1, 1] and all(w[2] >= 2 * 0.3 for w in real), windows
+    assert len(drawn) == sum(stepped) + 2 * (2 * 2)  # 2 configs x 2 workers x 2 batches ahead, drawn unstepped
 
 
 @pytest.mark.slow

@@ -8,11 +8,14 @@
 Per experiment it times a few real training steps (bench/harness.py's bare step: engine.train_step)
 with the numerics `run.amp=auto run.channels_last=auto` choose here (numerics.py; override them as
 key=value), the config's loader and its batch per process (optim.batch_size / --world-size): the
-first --warmup steps untimed (allocation, compilation), then --repeats windows of --steps steps, on
-a fixed batch (the model alone) and on the real input (the loader feeding it, each window at least
---seconds long: a loader's rate is noisy over a few steps); input-bound when the real rate is under 90%
+first --warmup steps untimed (allocation, compilation), then --steps steps on a fixed batch (the model
+alone; --repeats windows of them where the input is synthetic) and --repeats windows on the real input
+(the loader feeding it, each at least --steps steps and --seconds long: a loader's rate is noisy over
+a few steps); input-bound when the real rate is under 90%
 of the model's. Configs with the same data and batch share one running loader, as a run's steps share
-one: its start and the filling of its workers' queue (workers x 2 batches, untimed) happen once. The
+one: its start happens once, and before each config's windows the batches its workers prepared
+ahead (workers x 2, while the previous measurement ran) are drawn untimed, so that no window starts
+on a full queue a real run's steady state does not have. The
 numerics `auto` chooses are timed once per family of layer shapes (CIFAR nets of every depth repeat
 the same three stages; ImageNet basic or bottleneck blocks), on its first config, and reused for the
 others. It also times an evaluation (engine.evaluate, a few batches) and a checkpoint write
@@ -57,6 +60,7 @@ from reproduce.bench.projection import (
 from reproduce.errors import ArgumentParser, command
 from reproduce.provenance import CONFIGS, RESULTS
 
+AHEAD_PER_WORKER = 2  # torch DataLoader's prefetch_factor: batches each worker prepares ahead
 COMPUTE_BOUND_SHARE = 0.9  # as bench-matrix: real input at >= 90% of the model's own speed keeps up
 STUDIES = {
     "cifar10": [f"cifar10/{net}{d}" for net in ("plain", "resnet") for d in (20, 32, 44, 56, 110)],
@@ -79,7 +83,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=2, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (their spread is the noise)")
     parser.add_argument(
-        "--seconds", type=float, default=2.0, help="least seconds of each timed window on the real input"
+        "--seconds", type=float, default=1.5, help="least seconds of each timed window on the real input"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "plan", help="folder for plan.csv")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the plan to MLflow")
@@ -118,16 +122,18 @@ def load(path: Path, args, world: int):
     return cfg
 
 
-def timed_rate(batches, step, args, batch: int, device, warmup: int, seconds: float = 0.0) -> tuple[float, float]:
-    """(median images/s, spread %) over --repeats windows after `warmup` untimed steps; each window
-    runs --steps steps, and more until it has lasted `seconds`."""
+def timed_rate(
+    batches, step, args, batch: int, device, warmup: int, seconds: float = 0.0, repeats: int | None = None
+) -> tuple[float, float]:
+    """(median images/s, spread %) over `repeats` (--repeats) windows after `warmup` untimed steps; each
+    window runs --steps steps, and more until it has lasted `seconds`."""
     from reproduce.bench.harness import sync
 
     batches = iter(batches)
     for _ in range(warmup):
         step(next(batches))
     rates = []
-    for _ in range(args.repeats):
+    for _ in range(repeats or args.repeats):
         sync(device)
         start, done = time.perf_counter(), 0
         while done < args.steps or time.perf_counter() - start < seconds:
@@ -142,7 +148,7 @@ def timed_rate(batches, step, args, batch: int, device, warmup: int, seconds: fl
 @dataclass
 class Shared:
     """What the configs of one plan share: each data section's data (and its build seconds), each
-    family's numerics, each (data, batch)'s running loader (and the steps that fill its queue)."""
+    family's numerics, each (data, batch)'s running loader."""
 
     data: dict = field(default_factory=dict)
     numerics: dict = field(default_factory=dict)
@@ -169,27 +175,29 @@ def _numerics(cfg, data, info, shared: Shared):
     return replace(numerics, how=f"as timed on {first} (the same layer shapes): {numerics.how}")
 
 
-def _running_loader(cfg, data, info, shared: Shared) -> tuple[Iterator, int]:
-    """(this data and batch's running training loader, untimed steps its first use needs: the workers'
-    queue filled). Configs after the first take batches from the same loader, as a run's steps do."""
+def _running_loader(cfg, data, info, shared: Shared) -> Iterator:
+    """This data and batch's running training loader, the batches its workers prepared ahead drawn
+    (untimed, without a step). Configs after the first take batches from the same loader, as a run's
+    steps do."""
     from reproduce.data import train_loader
 
     key = (cfg.data.model_dump_json(), cfg.seed, cfg.optim.batch_size)
-    if key in shared.loaders:
-        return shared.loaders[key], 0
-    shared.loaders[key] = iter(train_loader(data, cfg, info, 0))
-    return shared.loaders[key], 2 * cfg.data.workers  # torch DataLoader: prefetch_factor 2 per worker
+    if key not in shared.loaders:
+        shared.loaders[key] = iter(train_loader(data, cfg, info, 0))
+    for _ in range(AHEAD_PER_WORKER * cfg.data.workers):
+        next(shared.loaders[key])
+    return shared.loaders[key]
 
 
 def eval_rate(model, data, cfg, info, numerics) -> float:
-    """Evaluation images/s per process: engine.evaluate over two batches of the first split a periodic
-    evaluation reads, after an untimed one (the same call, one batch)."""
+    """Evaluation images/s per process: engine.evaluate over one batch of the first split a periodic
+    evaluation reads, after an untimed one (the same call: allocations and kernels for that shape)."""
     from reproduce.data import eval_loader
     from reproduce.engine import evaluate
 
     split = data.val if data.val is not None else data.test
-    for images in (cfg.eval.batch_size, 2 * cfg.eval.batch_size):
-        images = min(images, len(split))
+    images = min(cfg.eval.batch_size, len(split))
+    for _ in range(2):
         capped = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_images": images})})
         start = time.perf_counter()
         evaluate(model, eval_loader(split, capped, info), info, numerics.amp, numerics.channels_last)
@@ -221,12 +229,12 @@ def measure(cfg, data, data_s: float, info, args, shared: Shared | None = None) 
     size = 32 if cfg.data.dataset == "cifar10" else cfg.data.crop
     batch = cfg.optim.batch_size
     fixed = (torch.randn(batch, 3, size, size), torch.randint(data.num_classes, (batch,)))
-    alone, spread = timed_rate(itertools.repeat(fixed), step, args, batch, info.device, args.warmup)
+    windows = args.repeats if cfg.data.synthetic else 1  # with real input only its own windows' spread is shown
+    alone, spread = timed_rate(itertools.repeat(fixed), step, args, batch, info.device, args.warmup, repeats=windows)
     rate, bound = alone, "- (synthetic input)"
     if not cfg.data.synthetic:
-        loader, fill = _running_loader(cfg, data, info, shared)
-        seconds = getattr(args, "seconds", 0.0)
-        rate, spread = timed_rate(loader, step, args, batch, info.device, args.warmup + fill, seconds)
+        loader, seconds = _running_loader(cfg, data, info, shared), getattr(args, "seconds", 0.0)
+        rate, spread = timed_rate(loader, step, args, batch, info.device, args.warmup, seconds)
         bound = "compute" if rate >= COMPUTE_BOUND_SHARE * alone else "input"
     result = Rate(
         images_per_sec=rate,
@@ -380,9 +388,9 @@ def _render(frame: pd.DataFrame, args, device: str, allreduce: AllReduce, second
         how = f"rates from {args.from_file} (the fastest row per model); checkpoints written here"
     else:
         how = (
-            f"{args.warmup} untimed warm-up step(s), then {args.repeats} x {args.steps} timed steps per experiment "
-            f"on a fixed batch, and {args.repeats} windows of at least {args.steps} steps and {args.seconds:g} s on "
-            "the real input (a shared running loader, its queue filled first); spread = (max - min) / median of "
+            f"{args.warmup} untimed warm-up step(s), then {args.steps} timed steps per experiment on a fixed batch "
+            f"({args.repeats} x {args.steps} where the input is synthetic), and {args.repeats} windows of at least "
+            f"{args.steps} steps and {args.seconds:g} s on the real input (a shared running loader, the batches prepared ahead drawn first); spread = (max - min) / median of "
             "the repeats"
         )
     lines = [
