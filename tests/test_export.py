@@ -76,6 +76,28 @@ def test_int8_agrees_with_eager_and_survives_export(real, tmp_path):
     assert torch.allclose(logits(load_program(path)[0], images), quantized, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["plain18", "resnet18", "resnet50"])  # basic and bottleneck blocks, plain and residual
+def test_imagenet_networks_quantize_to_int8(name):
+    """torchvision's blocks call one ReLU module several times, which X86InductorQuantizer refuses;
+    relu_per_call's copy computes exactly what the network does, and it quantizes. Trained-like
+    statistics (BN running stats from a few batches) so that the logits are not all alike."""
+    pytest.importorskip("torchao.quantization.pt2e", reason=TORCHAO)
+    from reproduce.models import build_model
+    from reproduce.weights.export import relu_per_call
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10)
+    images = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        model.train()(images)  # running BN statistics of this input
+    model.eval()
+    assert torch.equal(logits(relu_per_call(model), images), logits(model, images))
+    int8 = quantize_int8(model, [images[:8], images[8:]], images[:2])
+    eager, quantized = logits(model, images), logits(int8, images)
+    assert not torch.equal(eager, quantized)
+    assert torch.nn.functional.cosine_similarity(eager.flatten(), quantized.flatten(), dim=0) >= 0.98
+
+
 def test_bf16_agrees_with_eager(real):
     model, images, *_ = real
     bf16 = in_numerics(load_weights(real[3], "resnet20").build(), "bf16", [], images[:2])

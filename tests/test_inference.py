@@ -52,6 +52,28 @@ def test_bench_inference_writes_its_table_and_mlflow_run(tmp_path, capsys):
     )
 
 
+def test_a_failure_keeps_the_cells_measured_before_it(tmp_path, monkeypatch, capsys):
+    """bf16 fails after fp32's cells: the table on disk holds fp32's, marked partial; a finished run's is not."""
+    import reproduce.bench.inference as inference
+
+    real = inference.in_numerics
+
+    def bf16_fails(model, numerics, *rest):
+        if numerics == "bf16":
+            raise RuntimeError("bf16 broke")
+        return real(model, numerics, *rest)
+
+    monkeypatch.setattr(inference, "in_numerics", bf16_fails)
+    args = ["--batch", "1", "--iterations", "1", "--warmup", "1", "--export", "eager", "--no-mlflow"]
+    with pytest.raises(RuntimeError, match="bf16 broke"):
+        main(["bench-inference", *args, "--numerics", "fp32", "bf16", "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "resnet20-cpu.md").read_text()
+    assert "**Partial**" in text and text.count("| fp32 |") == 1 and "| bf16 |" not in text
+    monkeypatch.setattr(inference, "in_numerics", real)
+    assert main(["bench-inference", *args, "--numerics", "fp32", "--out", str(tmp_path / "out")]) == 0
+    assert "Partial" not in (tmp_path / "out" / "resnet20-cpu.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_inference_int8_on_real_calibration_images(tmp_path, capsys):
     pytest.importorskip("torchao.quantization.pt2e", reason="torchao is not installed (pip install -e '.[deploy]')")

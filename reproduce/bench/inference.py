@@ -147,8 +147,9 @@ def row(name: str, numerics: str, form: str, batch: int, seconds: list[float]) -
     }
 
 
-def measure(args, name: str, fp32: torch.nn.Module, device: torch.device) -> tuple[list[dict], str]:
-    """Every cell of numerics x form x batch; (rows, where int8 calibrated)."""
+def measure(args, name: str, fp32: torch.nn.Module, device: torch.device, keep=None) -> tuple[list[dict], str]:
+    """Every cell of numerics x form x batch; (rows, where int8 calibrated). `keep(rows, calibrated)`
+    is called after each cell (the table so far is written: a failure or a stop later keeps it)."""
     size = 32 if MODELS[name].family == "cifar" else 224
     example = torch.randn(max(args.batch), 3, size, size)
     rows, calibrated = [], "-"
@@ -163,6 +164,8 @@ def measure(args, name: str, fp32: torch.nn.Module, device: torch.device) -> tup
                     seconds = latencies(runner, example[:batch].to(device), args.iterations, args.warmup, device)
                     rows.append(row(name, numerics, form, batch, seconds))
                     print(_line(rows[-1]), flush=True)
+                    if keep is not None:
+                        keep(rows, calibrated)
     return rows, calibrated
 
 
@@ -180,8 +183,8 @@ def _line(r: dict) -> str:
     )
 
 
-def render(rows: list[dict], args, device: torch.device, calibrated: str, seconds: float) -> str:
-    """The markdown table with what it was measured on."""
+def render(rows: list[dict], args, device: torch.device, calibrated: str, seconds: float, done: bool = True) -> str:
+    """The markdown table with what it was measured on (`done` False: the cells measured so far)."""
     try:
         import torchao
 
@@ -197,6 +200,11 @@ def render(rows: list[dict], args, device: torch.device, calibrated: str, second
         f"Code: {git}; {time.strftime('%Y-%m-%d %H:%M %Z')}; {seconds:.0f} s in all.",
         f"Each cell: {args.warmup} untimed forwards, then {args.iterations} timed one by one on a fixed batch of "
         f"random input; int8 calibrated on {calibrated}.",
+        *(
+            []
+            if done
+            else ["", f"**Partial**: the {len(rows)} cells measured before the command stopped or is still running."]
+        ),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),
@@ -254,9 +262,13 @@ def main(argv=None) -> int:
         raise InferenceRefused("int8 is quantized for the x86 CPU backend; use --device cpu or leave int8 out")
     began = time.perf_counter()
     name, fp32 = network(args)
-    rows, calibrated = measure(args, name, fp32.to(device), device)
-    text = render(rows, args, device, calibrated, time.perf_counter() - began)
     stem = f"{name}-{device.type}"
+
+    def keep(rows: list[dict], calibrated: str) -> None:
+        write(rows, render(rows, args, device, calibrated, time.perf_counter() - began, done=False), args.out, stem)
+
+    rows, calibrated = measure(args, name, fp32.to(device), device, keep)
+    text = render(rows, args, device, calibrated, time.perf_counter() - began)
     files = write(rows, text, args.out, stem)
     where = "" if args.no_mlflow else f"; MLflow run {log_run(rows, text, files, stem)}"
     print(f"wrote {files[0]} and {files[1]}{where}")

@@ -16,10 +16,12 @@ normalisation the network expects and its numerics, so it is evaluated on the ri
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import logging
+import types
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,13 +75,53 @@ def capture(model: torch.nn.Module, example: torch.Tensor) -> torch.export.Expor
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
 
+def relu_per_call(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, or a copy whose torchvision blocks call one nn.ReLU module per activation. torchvision's
+    BasicBlock and Bottleneck call their one `relu` two or three times; PT2E groups the calls of a
+    module into one partition, and X86InductorQuantizer refuses such a partition ("Input partition
+    has more than one output node"). The copy computes the same: same weights, same operations."""
+    from torchvision.models import resnet as tv
+
+    from reproduce.models.imagenet import PlainBasicBlock, PlainBottleneck
+
+    forwards = [(PlainBasicBlock, _plain_basic), (PlainBottleneck, _plain_bottleneck)]
+    forwards += [(tv.BasicBlock, _basic), (tv.Bottleneck, _bottleneck)]  # after their plain subclasses
+    if not any(isinstance(m, (tv.BasicBlock, tv.Bottleneck)) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for block in model.modules():
+        forward = next((f for kind, f in forwards if isinstance(block, kind)), None)
+        if forward is not None:
+            block.relu_mid, block.relu_out = torch.nn.ReLU(), torch.nn.ReLU()
+            block.forward = types.MethodType(forward, block)
+    return model
+
+
+def _plain_basic(b, x):
+    return b.relu_out(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))
+
+
+def _basic(b, x):
+    out = b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
+    return b.relu_out(out + (x if b.downsample is None else b.downsample(x)))
+
+
+def _plain_bottleneck(b, x):
+    return b.relu_out(b.bn3(b.conv3(b.relu_mid(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))))))
+
+
+def _bottleneck(b, x):
+    out = b.bn3(b.conv3(b.relu_mid(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))
+    return b.relu_out(out + (x if b.downsample is None else b.downsample(x)))
+
+
 def quantize_int8(model: torch.nn.Module, calibration: Iterable[torch.Tensor], example: torch.Tensor) -> Deployed:
     """`model` as int8 by PT2E post-training quantization for the x86 CPU backend, its activation
     ranges observed on the `calibration` batches (CPU tensors, normalised as the network expects)."""
     x86, prepare_pt2e, convert_pt2e = require_torchao()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(capture(model.cpu(), example.cpu()).module(), quantizer)
+    prepared = prepare_pt2e(capture(relu_per_call(model).cpu(), example.cpu()).module(), quantizer)
     with torch.no_grad():
         for images in calibration:
             prepared(images)
