@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="default: the config's, else single (CIFAR) / center224 (ImageNet)",
     )
     parser.add_argument("--data", help="data.path: CIFAR-10 source, or a folder with val/<class>/*")
-    parser.add_argument("--out", type=Path, help="JSON result (default runs/evaluations/<model>-<protocol>-<sha>.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON result (default runs/evaluations/<model>-<protocol>-<weights sha>-data<fingerprint>[-<numerics>].json)",
+    )
     parser.add_argument("--numerics", choices=NUMERICS, default="fp32", help="score the network in this numerics")
     parser.add_argument("--calibrate", type=_positive, default=512, help="int8: training images to calibrate on")
     parser.add_argument("--save", type=Path, help="write the network scored as a torch.export program (FILE.pt2)")
@@ -337,10 +341,9 @@ def record(args, cfg: Config, info, weights: Weights, result: dict, fingerprint:
         run_id, failure = _log_evaluation(cfg, tags, result), None
     except (TrackingUnreachable, mlflow.exceptions.MlflowException, OSError) as err:
         run_id, failure = None, str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-    out = (
-        args.out
-        or Path("runs") / "evaluations" / f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}.json"
-    )
+    numerics = "" if getattr(args, "numerics", "fp32") == "fp32" else f"-{args.numerics}"
+    name = f"{cfg.model.name}-{cfg.eval.protocol.value}-{weights.sha256[:8]}-data{fingerprint[:8]}{numerics}.json"
+    out = args.out or Path("runs") / "evaluations" / name  # one file per weights, protocol, data and numerics
     doc = {
         **result,
         "model": cfg.model.name,

@@ -145,6 +145,17 @@ def test_evaluation_is_one_mlflow_run_with_its_json(tmp_path):
     assert "test_top5_err" not in result  # two classes: top-5 is not defined
 
 
+def test_default_result_files_are_one_per_data_and_numerics(tmp_path):
+    """The same weights on two datasets, and in bf16: three JSON files, none overwriting another."""
+    path = weights_file(tmp_path / "w.pt")
+    first, second = (generated_val(tmp_path / name, sizes=((64, 64),) * n) for name, n in (("a", 2), ("b", 3)))
+    for data, numerics in ((first, "fp32"), (second, "fp32"), (first, "bf16")):
+        argv = ["--weights", str(path), "--model", "resnet18", "--data", str(data), "--numerics", numerics]
+        assert evaluate.main([*argv, "data.crop=32", "data.workers=0", "run.device=cpu"]) == 0
+    files = sorted(p.name for p in Path("runs/evaluations").glob("*.json"))
+    assert len(files) == 3 and sum(name.endswith("-bf16.json") for name in files) == 1, files
+
+
 def test_a_model_that_does_not_fit_the_weights_is_refused(tmp_path, capsys):
     root = generated_val(tmp_path / "gen", sizes=((64, 64),) * 2)
     path = weights_file(tmp_path / "w.pt")
