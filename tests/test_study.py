@@ -276,6 +276,30 @@ def test_iterations_given_skip_the_measuring_and_minutes_need_the_cpu_budget(mon
     assert code.value.code == 2 and "--minutes" in capsys.readouterr().err
 
 
+def test_measured_costs_time_one_network_per_depth_on_the_real_data(cifar_tar, monkeypatch):
+    """measure_costs for real at tiny size: plain-20 and ResNet-20 cost the same (one depth, one
+    measurement), ResNet-56 more per iteration; each run's fixed seconds include evaluations and start-up."""
+    import reproduce.bench.plan as plan
+
+    measured = []
+    real = plan.measure
+    monkeypatch.setattr(plan, "measure", lambda cfg, *rest: measured.append(cfg.model.name) or real(cfg, *rest))
+    args = study.parse_args(
+        ["--budget", "cpu", "--models", "plain20", "resnet20", "resnet56", "--data", str(cifar_tar)]
+    )
+    tiny = [
+        "optim.batch_size=8",
+        "eval.max_images=16",
+        "eval.batch_size=16",
+        "run.amp=false",
+        "run.channels_last=false",
+    ]
+    costs = study.measure_costs(args, [*study.run_overrides(args), *tiny])
+    assert measured == ["plain20", "resnet56"] and costs["plain20"] == costs["resnet20"]
+    assert costs["resnet56"].step_s > costs["resnet20"].step_s > 0
+    assert all(c.fixed_s > study.RUN_OVERHEAD_S for c in costs.values())
+
+
 def test_the_study_refuses_a_budget_too_small_after_measuring_before_training(tmp_path, capsys, monkeypatch):
     measured = []
     monkeypatch.setattr(study, "measure_costs", lambda args, common: measured.append(common) or fake_costs(0.5))
