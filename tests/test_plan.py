@@ -197,14 +197,14 @@ def test_configs_of_one_data_share_a_running_loader_and_one_numerics_timing(cifa
     monkeypatch.setattr(reproduce.data, "train_loader", lambda *a: started.append(1) or counted(real_loader(*a)))
     monkeypatch.setattr(reproduce.numerics, "resolve_numerics", lambda *a: timed.append(1) or real_numerics(*a))
 
-    def rate(batches, step, args, batch, device, warmup, seconds=0.0):
+    def rate(batches, step, args, batch, device, warmup, seconds=0.0, repeats=None):
         begin, counting = plan.time.perf_counter(), seconds > 0  # the real input's windows
 
         def step_counted(b):
             stepped.append(counting)
             return step(b)
 
-        result = real_rate(batches, step_counted, args, batch, device, warmup, seconds)
+        result = real_rate(batches, step_counted, args, batch, device, warmup, seconds, repeats)
         windows.append((warmup, seconds, plan.time.perf_counter() - begin))
         return result
 
