@@ -175,6 +175,15 @@ def test_a_measured_plan_on_real_input(cifar_tar, tmp_path, capsys):
     assert "one process: no all-reduce" in out
 
 
+def test_a_schedule_shorter_than_the_measurement_is_planned(cifar_tar, tmp_path):
+    """2 iterations in all, fewer than the steps measured: the loader starts again instead of running out."""
+    tiny = ["optim.batch_size=8", "data.workers=0", "eval.batch_size=16", "data.val_split=40", "run.device=cpu"]
+    short = ["schedule.iterations=2", "schedule.milestones=[]", "eval.every=2", "run.checkpoint_every=2"]
+    args = ("--config", CIFAR, "--data", cifar_tar, "--steps", 2, "--repeats", 2, "--seconds", 0)
+    table = _plan(tmp_path, *args, "--no-mlflow", *tiny, *short, "run.amp=false", "run.channels_last=false")
+    assert table.iloc[0].iterations == 2 and table.iloc[0].images_per_sec > 0
+
+
 def test_configs_of_one_data_share_a_running_loader_and_one_numerics_timing(cifar_tar, tmp_path, monkeypatch):
     """plain-20 after ResNet-20 (same data, batch, layer shapes): one loader started, the batches prepared
     ahead (2 per worker) drawn untimed before each config's windows, the numerics timed once; each

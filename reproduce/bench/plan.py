@@ -181,9 +181,13 @@ def _running_loader(cfg, data, info, shared: Shared) -> Iterator:
     steps do."""
     from reproduce.data import train_loader
 
+    def endless():  # a schedule shorter than the measurement (a tiny test's) starts the loader again
+        while True:
+            yield from train_loader(data, cfg, info, 0)
+
     key = (cfg.data.model_dump_json(), cfg.seed, cfg.optim.batch_size)
     if key not in shared.loaders:
-        shared.loaders[key] = iter(train_loader(data, cfg, info, 0))
+        shared.loaders[key] = endless()
     for _ in range(AHEAD_PER_WORKER * cfg.data.workers):
         next(shared.loaders[key])
     return shared.loaders[key]
