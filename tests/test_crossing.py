@@ -52,6 +52,14 @@ def test_smoothing_delays_the_crossing_and_no_crossing_is_said(store, capsys):
     assert crossing.study_shows(table, "resnet56", "resnet20")[0] is None
 
 
+def test_unfinished_runs_are_read_on_request(store, capsys):
+    """The stopped ResNet-56 run (10% from the start) pulls the deep curve's mean down to (80 + 10) / 2 = 45."""
+    table = crossing.curves("crossing", ["resnet20", "resnet56"], unfinished=True)
+    assert table["resnet56"].iloc[0] == 45.0 and table["resnet56 runs"].iloc[0] == 2
+    assert crossing.main(["--smooth", "1", "--unfinished"]) == 0
+    assert "curves cross (smoothed over 1 windows): iteration 100" in capsys.readouterr().out
+
+
 def test_a_missing_experiment_or_network_is_one_line(store):
     with pytest.raises(SystemExit, match="no MLflow experiment 'nope'"):
         crossing.main(["--experiment", "nope"])

@@ -28,23 +28,24 @@ import pandas as pd
 from reproduce.report.summary import LAST_FRACTION
 
 
-def curves(experiment: str, models: list[str]) -> pd.DataFrame:
-    """iteration x model: train_top1_err, the mean over the finished runs (seeds) of each model."""
+def curves(experiment: str, models: list[str], unfinished: bool = False) -> pd.DataFrame:
+    """iteration x model: train_top1_err, the mean over the finished runs (seeds) of each model (with
+    `unfinished`, also over running or stopped runs: their curves so far)."""
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"crossing: no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}; run the study first")
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'")
+    runs = client.search_runs([found.experiment_id], "" if unfinished else "attributes.status = 'FINISHED'")
     columns = {}
     for model in models:
         mine = [r for r in runs if r.data.tags.get("reproduce.model") == model]
         if not mine:
-            sys.exit(f"crossing: no finished {model} run in experiment {experiment!r}")
+            sys.exit(f"crossing: no {'' if unfinished else 'finished '}{model} run in experiment {experiment!r}")
         per_seed = [
             pd.Series({m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err")})
             for r in mine
         ]
-        columns[model] = pd.concat(per_seed, axis=1).mean(axis=1)
+        columns[model] = pd.concat(per_seed, axis=1).mean(axis=1)  # where a seed has no value yet: the others' mean
         columns[f"{model} runs"] = len(mine)
     return pd.DataFrame(columns).sort_index()
 
@@ -77,8 +78,10 @@ def main(argv=None) -> int:
     parser.add_argument("--shallow", default="resnet20")
     parser.add_argument("--deep", default="resnet56")
     parser.add_argument("--smooth", type=int, default=5, help="logged windows in the rolling mean")
+    parser.add_argument("--unfinished", action="store_true", help="read running or stopped runs too (so far)")
     args = parser.parse_args(argv)
-    table = curves(args.experiment, [args.shallow, args.deep])
+    table = curves(args.experiment, [args.shallow, args.deep], args.unfinished)
+    table = table.dropna(subset=[args.shallow, args.deep])  # the iterations both networks have reached
     cross = crossing(table, args.shallow, args.deep, args.smooth)
     shows, margin = study_shows(table, args.shallow, args.deep)
     shown = table[[args.shallow, args.deep]].assign(**{"last-fifth margin": margin}).round(2)
