@@ -168,6 +168,29 @@ def test_sync_to_a_store_that_does_not_exist_creates_none(tmp_path, capsys, monk
     assert not gone.parent.exists()
 
 
+def test_a_job_killed_while_making_the_store_leaves_none_half_made(tmp_path):
+    """Fault: a job killed in its first seconds, while MLflow makes a new local store's tables
+    (CI found a store left half-made this way: every later open failed on `table ... already exists`).
+    Injected: SIGKILL to a process in `prepare_store` once its tables are being made.
+    Suite: no store at the path until it is whole; the next job makes it and clears what was left.
+    Lost: nothing."""
+    db = tmp_path / "store" / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    code = "from reproduce.tracking import prepare_store; prepare_store()"
+    job = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not list(db.parent.glob(".mlflow.db.making-*")):
+        assert job.poll() is None and time.monotonic() < deadline, "the store was not made beside its path"
+        time.sleep(0.005)
+    job.kill()
+    job.wait()
+    assert not db.exists()  # killed before the tables were whole: no store, rather than a broken one
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=120)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not list(db.parent.glob(".mlflow.db.making-*"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     doc=st.recursive(

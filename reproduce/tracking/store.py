@@ -138,7 +138,10 @@ def check_resumable(run_id: str, checkpoint_path: Path, data_fingerprint: str) -
 def prepare_store() -> None:
     """Create a local sqlite store's tables under a lock shared by every process: jobs that start
     at the same moment on a fresh store (a parallel sweep, a SLURM array) would otherwise race
-    to create them, and all but one fail. Costs nothing for a server, one query for an existing store."""
+    to create them, and all but one fail. The tables are made in a file beside the store and
+    moved into place whole, so a job stopped while making them (a SIGTERM in its first second)
+    leaves no store, never a half-made one that no later job can open. Costs nothing for a
+    server, one query for an existing store."""
     import fcntl
 
     import mlflow
@@ -150,4 +153,33 @@ def prepare_store() -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        mlflow.MlflowClient().search_experiments(max_results=1)  # the store (and its tables) is made once per process
+        if not db.exists():
+            _make_store(db)
+        mlflow.MlflowClient().search_experiments(max_results=1)  # the store is opened once per process
+
+
+def _make_store(db: Path) -> None:
+    """A new sqlite store at `db`, made whole beside it and renamed into place (the caller holds
+    the store's lock, so any file left beside it by a job that was stopped is stale)."""
+    import mlflow
+
+    for stale in db.parent.glob(f".{db.name}.making-*"):
+        stale.unlink(missing_ok=True)
+    part = db.with_name(f".{db.name}.making-{os.getpid()}")
+    part_uri = f"sqlite:///{part}"
+    mlflow.MlflowClient(tracking_uri=part_uri).search_experiments(max_results=1)  # tables and all
+    _close_engine(part_uri)
+    os.replace(part, db)
+
+
+def _close_engine(uri: str) -> None:
+    """Close the connections MLflow keeps open to `uri` (its engine cache is not public API:
+    if it moves, the connections stay open to a file no one writes, which is harmless)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    except (ImportError, AttributeError):
+        return
+    if engine is not None:
+        engine.dispose()
