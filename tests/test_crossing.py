@@ -15,8 +15,8 @@ crossing = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(crossing)
 
 
-def _log(model: str, errors: dict[int, float], status: str = "FINISHED") -> None:
-    with mlflow.start_run(tags={"reproduce.model": model}) as run:
+def _log(model: str, seed: int, errors: dict[int, float], status: str = "FINISHED") -> None:
+    with mlflow.start_run(tags={"reproduce.model": model, "reproduce.seed": str(seed)}) as run:
         for step, err in errors.items():
             mlflow.log_metric("train_top1_err", err, step=step)
     mlflow.MlflowClient().set_terminated(run.info.run_id, status)
@@ -28,10 +28,10 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("crossing")
     steps = range(100, 1001, 100)
-    _log("resnet20", {s: 50.0 for s in steps})
-    _log("resnet20", {s: 52.0 for s in steps})  # a second seed: the curve is the mean, 51
-    _log("resnet56", {s: 80.0 if s < 600 else 40.0 for s in steps})
-    _log("resnet56", {s: 10.0 for s in steps}, status="KILLED")  # unfinished runs are not read
+    _log("resnet20", 0, {s: 50.0 for s in steps})
+    _log("resnet20", 1, {s: 52.0 for s in steps})  # a second seed: the curve is the mean, 51
+    _log("resnet56", 0, {s: 80.0 if s < 600 else 40.0 for s in steps})
+    _log("resnet56", 1, {s: 10.0 for s in steps}, status="KILLED")  # unfinished runs are not read
     yield
     mlflow.set_tracking_uri(None)
 
@@ -65,3 +65,17 @@ def test_a_missing_experiment_or_network_is_one_line(store):
         crossing.main(["--experiment", "nope"])
     with pytest.raises(SystemExit, match="no finished resnet110 run"):
         crossing.main(["--deep", "resnet110"])
+
+
+def test_each_seed_is_shown_on_its_own_beside_the_mean(store, capsys):
+    """Seed 0: 50 against 80 then 40 (crosses at 600, shown from 700, margin 10 at 1000); seed 1 (its
+    ResNet-56 run stopped, read with --unfinished): 52 against 10 everywhere (margin 42)."""
+    seeds = crossing.per_seed("crossing", "resnet20", "resnet56", 1, unfinished=True)
+    assert seeds.to_dict("index") == {
+        "0": {"curves cross": 600, "study shows from": 700, "iterations": 1000, "last-fifth margin": 10.0},
+        "1": {"curves cross": 100, "study shows from": 100, "iterations": 1000, "last-fifth margin": 42.0},
+    }
+    assert crossing.main(["--smooth", "1", "--unfinished"]) == 0
+    assert "last-fifth margin over 2 seeds: 26.00 +- 22.63 points" in capsys.readouterr().out
+    assert crossing.main(["--smooth", "1"]) == 0  # finished runs only: one pair, no per-seed lines
+    assert "per seed" not in capsys.readouterr().out

@@ -28,26 +28,52 @@ import pandas as pd
 from reproduce.report.summary import LAST_FRACTION
 
 
-def curves(experiment: str, models: list[str], unfinished: bool = False) -> pd.DataFrame:
-    """iteration x model: train_top1_err, the mean over the finished runs (seeds) of each model (with
-    `unfinished`, also over running or stopped runs: their curves so far)."""
+def histories(experiment: str, models: list[str], unfinished: bool = False) -> dict[str, dict[str, pd.Series]]:
+    """model -> seed -> its run's train_top1_err by iteration, for the finished runs of each model in
+    `experiment` (with `unfinished`, also running or stopped runs: their curves so far)."""
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         sys.exit(f"crossing: no MLflow experiment {experiment!r} in {mlflow.get_tracking_uri()}; run the study first")
     runs = client.search_runs([found.experiment_id], "" if unfinished else "attributes.status = 'FINISHED'")
-    columns = {}
+    found_runs = {}
     for model in models:
         mine = [r for r in runs if r.data.tags.get("reproduce.model") == model]
         if not mine:
             sys.exit(f"crossing: no {'' if unfinished else 'finished '}{model} run in experiment {experiment!r}")
-        per_seed = [
-            pd.Series({m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err")})
+        found_runs[model] = {
+            r.data.tags.get("reproduce.seed", r.info.run_id): pd.Series(
+                {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train_top1_err")}
+            )
             for r in mine
-        ]
-        columns[model] = pd.concat(per_seed, axis=1).mean(axis=1)  # where a seed has no value yet: the others' mean
-        columns[f"{model} runs"] = len(mine)
+        }
+    return found_runs
+
+
+def curves(experiment: str, models: list[str], unfinished: bool = False) -> pd.DataFrame:
+    """iteration x model: train_top1_err, the mean over the runs (seeds) of each model; see histories."""
+    columns = {}
+    for model, per_seed in histories(experiment, models, unfinished).items():
+        columns[model] = pd.concat(per_seed.values(), axis=1).mean(axis=1)  # where a seed has no value yet: the others'
+        columns[f"{model} runs"] = len(per_seed)
     return pd.DataFrame(columns).sort_index()
+
+
+def per_seed(experiment: str, shallow: str, deep: str, smooth: int, unfinished: bool = False) -> pd.DataFrame:
+    """One row per seed both networks ran: where its pair of curves crosses, from which run length
+    its last-fifth margin favours the deep net, and that margin at the longest length both reached."""
+    runs = histories(experiment, [shallow, deep], unfinished)
+    rows = {}
+    for seed in sorted(set(runs[shallow]) & set(runs[deep])):
+        table = pd.DataFrame({shallow: runs[shallow][seed], deep: runs[deep][seed]}).sort_index().dropna()
+        shows, margin = study_shows(table, shallow, deep)
+        rows[seed] = {
+            "curves cross": crossing(table, shallow, deep, smooth),
+            "study shows from": shows,
+            "iterations": int(table.index[-1]),
+            "last-fifth margin": round(float(margin.iloc[-1]), 2),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("seed")
 
 
 def crossing(table: pd.DataFrame, shallow: str, deep: str, smooth: int) -> int | None:
@@ -93,6 +119,12 @@ def main(argv=None) -> int:
     )
     print("study shows the deeper net ahead from a run length of: " + (f"{shows}" if shows else f"not by {last}"))
     print(f"({runs}; {mlflow.get_tracking_uri()}, experiment {args.experiment})")
+    seeds = per_seed(args.experiment, args.shallow, args.deep, args.smooth, args.unfinished)
+    if len(seeds) > 1:  # the spread the mean hides: each seed's pair of runs on its own
+        print("per seed (a pair of runs each; None: not by its last iteration):")
+        print(seeds.astype(object).where(seeds.notna(), None).to_string())
+        margins = seeds["last-fifth margin"]
+        print(f"last-fifth margin over {len(margins)} seeds: {margins.mean():.2f} +- {margins.std():.2f} points")
     return 0
 
 
