@@ -113,15 +113,23 @@ def test_a_step_past_its_time_gets_sigterm_and_a_captured_output_is_whole(tmp_pa
     code, how = session.run_step([sys.executable, "-c", trap], tmp_path, {}, tmp_path / "a.log", None, limit_s=5.0)
     assert (code, how) == (128 + signal.SIGTERM, "stopped at the time limit") and time.monotonic() - start < 30
     assert "started" in (tmp_path / "a.log").read_text()
-    code, how = session.run_step(
-        [sys.executable, "-c", "import time; time.sleep(60)"],
-        tmp_path,
-        {},
-        tmp_path / "i.log",
-        None,
-        5.0,
-        signal.SIGINT,
-    )
+    # The session's own SIGINT handler (main) is reset to the default across exec, so its steps end on
+    # SIGINT with KeyboardInterrupt; here pytest stands in for the session, and a pytest started in the
+    # background by a shell without job control ignores SIGINT, as its children then would: the
+    # handler is set as main sets it.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        code, how = session.run_step(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            tmp_path,
+            {},
+            tmp_path / "i.log",
+            None,
+            5.0,
+            signal.SIGINT,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert how == "stopped at the time limit" and "KeyboardInterrupt" in (tmp_path / "i.log").read_text()  # tidy end
     code, how = session.run_step(
         [sys.executable, "-c", "print('{}')"], tmp_path, {}, tmp_path / "b.log", tmp_path / "b.json", 30.0
