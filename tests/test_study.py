@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from reproduce.config import load_config
-from reproduce.report.summary import Finding, Network
+from reproduce.report.summary import Finding, Network, frame, markdown
 from reproduce.runs import study
 
 
@@ -125,6 +125,41 @@ def test_verdict_needs_a_margin_larger_than_the_spread():
     assert finding([80.0, 84.0], [79.0, 83.0]).margin("train") == (1.0, 4.0)
     assert "one seed" in study.verdict(finding([80.0], [60.0]))
     assert "not measured" in study.verdict(finding([math.nan], [60.0]))
+
+
+def test_runs_of_one_seed_pair_and_the_margin_is_held_against_the_spread_of_their_differences():
+    """A seed fixes the batches and their order whatever the network, so the seed-to-seed swing that
+    both networks share cancels in the per-seed differences: the crossing runs (results/plan/crossing.md)
+    differ by 1.15 and 0.78 points at seeds 0 and 1, while each network's own range is about 1.6."""
+
+    def finding(worse: list[float], better: list[float], seeds=("0", "1"), better_seeds=None):
+        nets = [
+            Network(m, m, train, [], [f"{m}{i}" for i, _ in enumerate(train)], list(ss))
+            for m, train, ss in (("a", worse, seeds), ("b", better, better_seeds or seeds))
+        ]
+        return Finding(*nets, "x", "x")
+
+    same_swing = finding([80.0, 84.0], [79.0, 83.0])  # each seed: a 1 point margin; unpaired it drowns in 4
+    assert same_swing.paired() and same_swing.margin("train") == (1.0, 0.0) and same_swing.shown
+    assert "SHOWN" in study.verdict(same_swing) and "its 2 per-seed differences, 0.0" in study.verdict(same_swing)
+    crossing = finding([27.2448, 28.4297], [26.0911, 27.6510])  # ResNet-20, ResNet-56 at 3,000 iterations
+    assert crossing.margin("train") == pytest.approx((0.9662, 0.375)) and crossing.shown
+    assert not finding([27.2448, 28.4297], [26.0911, 27.6510], better_seeds=("2", "3")).shown  # 0.97 < 1.56
+    disagree = finding([80.0, 84.0], [78.0, 85.0])  # +2 and -1
+    assert disagree.margin("train") == pytest.approx((0.5, 3.0)) and not disagree.shown
+    # seeds not in common (or only one): the networks' means and the larger of their ranges, as before
+    apart = finding([80.0, 84.0], [79.0, 83.0], better_seeds=("2", "3"))
+    assert (
+        not apart.paired()
+        and apart.margin("train") == (1.0, 4.0)
+        and "seed-to-seed spread of 4.0" in study.verdict(apart)
+    )
+    three = finding([80.0, 84.0, 82.0], [79.0, 83.0], seeds=("0", "1", "2"), better_seeds=("0", "1"))
+    assert three.paired() and three.pairs("train") == {"0": 1.0, "1": 1.0}  # seed 2 has no partner: left out
+    lines = "\n".join(markdown([same_swing.worse, same_swing.better], [same_swing]))
+    assert "| 1.00 | 0.00 (2 pairs) | yes |" in lines and "per-seed differences" in lines
+    row = frame([same_swing.worse, same_swing.better], [same_swing]).iloc[-1]
+    assert row.n == 2 and bool(row.paired) and row.train_err_spread == 0.0
 
 
 def test_study_refuses_a_bad_override_before_training(capsys):

@@ -2,7 +2,7 @@
 
 Modules, each importing only those above it:
   runs       the runs of a study, from MLflow or an export file; which of them make the table
-  summary    per network n, mean and std over seeds; the paper's findings' margins and seed spread
+  summary    per network n, mean and std over seeds; the paper's findings' margins and seed spread (paired by seed)
   tables     the table beside results/paper.csv, the provenance, table.md
   figures    Fig. 4 / Fig. 6 (depth curves) and Fig. 7 (layer responses), from the chosen runs
   command    `reproduce report` (main), writing the files above (and storing them in MLflow)

@@ -8,14 +8,18 @@ and a study's or sweep's parent MLflow run holds them as metrics (`metrics`) and
                paper's dashed curves, smoothed; what the findings compare
   test error   the final test_top1_err (at step = schedule.iterations)
   margin       worse network's mean minus the better one's, in points; positive = the paper's way
-  spread       the larger seed-to-seed range (max - min) of the two networks: a finding is shown
-               when its training-error margin exceeds it (nan with one seed)
+  spread       what a finding's margin is held against: it is shown when its training-error margin
+               exceeds it (nan with one seed). Where the two networks ran two or more seeds in common,
+               the runs pair by seed (a seed fixes the batches, their order and their augmentation,
+               whatever the network: data/order.py), and margin and spread are the mean and the
+               range (max - min) of the per-seed differences; else the difference of the means and
+               the larger seed-to-seed range of the two networks
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -61,6 +65,11 @@ class Network:
     train: list[float]
     test: list[float]
     run_ids: list[str]
+    seeds: list[str] = field(default_factory=list)  # each run's seed, in run_ids' order (empty: unknown)
+
+    def by_seed(self, error: str) -> dict[str, float]:
+        """seed -> this error of its run, for the runs whose seed is known and whose error is a number."""
+        return {s: v for s, v in zip(self.seeds, getattr(self, error)) if not math.isnan(v)}
 
     @property
     def n(self) -> int:
@@ -78,6 +87,7 @@ def network(group: Group, ident: str) -> Network:
         [train_error(r) for r in runs],
         [float(r["metrics"].get("test_top1_err", math.nan)) for r in runs],
         [r["run_id"] for r in runs],
+        [r["tags"].get("reproduce.seed", r["params"].get("seed", "")) for r in runs],
     )
 
 
@@ -92,8 +102,21 @@ class Finding:
     def key(self) -> str:
         return f"{self.worse.model}-{self.better.model}"
 
+    def pairs(self, error: str) -> dict[str, float]:
+        """seed -> worse minus better, over the seeds both networks ran (with this error measured)."""
+        worse, better = self.worse.by_seed(error), self.better.by_seed(error)
+        return {s: worse[s] - better[s] for s in worse if s and s in better}
+
+    def paired(self, error: str = "train") -> bool:
+        """Whether the margin is taken over pairs of runs of one seed (two or more in common)."""
+        return len(self.pairs(error)) >= 2
+
     def margin(self, error: str) -> tuple[float, float]:
-        """(worse mean - better mean, the larger seed range of the two), in points."""
+        """(margin, spread) in points: paired, the mean and range of the per-seed differences; else the
+        worse mean minus the better, and the larger seed range of the two."""
+        if self.paired(error):
+            mean, _, spread = stats(list(self.pairs(error).values()))
+            return mean, spread
         (w, _, w_range), (b, _, b_range) = self.worse.stats(error), self.better.stats(error)
         return w - b, max(w_range, b_range)
 
@@ -152,7 +175,8 @@ def frame(networks: list[Network], found: list[Finding]) -> pd.DataFrame:
         row = {
             "kind": "finding",
             "name": f"{finding.name} ({finding.key})",
-            "n": min(finding.worse.n, finding.better.n),
+            "n": len(finding.pairs("train")) if finding.paired() else min(finding.worse.n, finding.better.n),
+            "paired": finding.paired(),
         }
         for error in ERRORS:
             margin, spread = finding.margin(error)
@@ -182,15 +206,18 @@ def markdown(networks: list[Network], found: list[Finding]) -> list[str]:
         for f in found:
             (train, spread), (test, _) = f.margin("train"), f.margin("test")
             shown = {True: "yes", False: "no", None: "n/a (one seed)"}[f.shown] if not math.isnan(train) else "–"
+            pairs = f" ({len(f.pairs('train'))} pairs)" if f.paired() else ""
             out.append(
-                f"| {f.claim}: {f.worse.label} − {f.better.label} | {_num(train)} | {_num(spread)} | {shown} | {_num(test)} |"
+                f"| {f.claim}: {f.worse.label} − {f.better.label} | {_num(train)} | {_num(spread)}{pairs} | {shown} | {_num(test)} |"
             )
     out += [
         "",
         f"train err: mean of the logged training-error windows over the last {LAST_FRACTION:.0%} of each run "
         "(augmented batches); test err: the final test error. std: sample std over seeds. margin: the first "
         "network's mean minus the second's; seed spread: the larger max − min over seeds of the two; shown: "
-        "margin > spread.",
+        "margin > spread. Where the two networks ran two or more seeds in common (n pairs), the runs of a "
+        "seed saw the same batches in the same order, and margin and spread are the mean and the max − min "
+        "of the per-seed differences.",
     ]
     return out
 
