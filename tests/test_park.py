@@ -101,3 +101,27 @@ def test_a_finished_run_is_not_parked_and_its_parked_folder_goes(cifar_tar, tmp_
     assert park.park_main([str(run_dir), "--to", str(tmp_path / "pending")]) == 0
     assert "has finished" in capsys.readouterr().out
     assert not (tmp_path / "pending" / "run").exists()
+
+
+def test_park_parks_every_run_it_can_and_names_the_ones_it_cannot(cifar_tar, tmp_path, monkeypatch, capsys):
+    """`reproduce park runs/*`: a run just started (no checkpoint yet) is passed over with a note, a
+    run whose checkpoints are all damaged is an error, and neither keeps the good run from being parked."""
+    good = tmp_path / "runs" / "good"
+    sigterm_during(monkeypatch, 1)
+    assert _train(tiny_overrides(cifar_tar, iterations=4, **{"run.dir": good})) == 128 + signal.SIGTERM
+    fresh = tmp_path / "runs" / "fresh"
+    fresh.mkdir()
+    (fresh / "config.yaml").write_text("seed: 0\n")
+    damaged = tmp_path / "runs" / "damaged"
+    damaged.mkdir()
+    for path in good.glob("ckpt-*.pt"):
+        (damaged / path.name).write_bytes(path.read_bytes()[:-10])
+        (damaged / (path.name + ".sha256")).write_text((good / (path.name + ".sha256")).read_text())
+    capsys.readouterr()
+    pending = tmp_path / "pending"
+    assert park.park_main([str(damaged), str(fresh), str(good), "--to", str(pending)]) == 2
+    out, err = capsys.readouterr()
+    assert "fresh has no checkpoint yet: nothing to park" in out
+    assert "damaged holds no intact checkpoint" in err and err.count("\n") == 1
+    assert (pending / "good" / "run.json").exists() and not (pending / "damaged").exists()
+    assert park.park_main([str(fresh), str(good), "--to", str(pending)]) == 0

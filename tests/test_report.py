@@ -396,6 +396,23 @@ def test_with_export_adds_runs_from_another_store_and_a_carried_run_replaces_its
     assert row["n"] == 3 and row["mean"] == pytest.approx(11.0)
 
 
+def test_a_run_in_two_sources_keeps_its_finished_record():
+    """The same run in a store and an export: the finished record wins whichever source holds it (a
+    store left behind by an earlier session can be older than the export); else the first source's."""
+    from reproduce.report.runs import merge_runs
+
+    def record(run_id, status, err=None):
+        return {"run_id": run_id, "status": status, "tags": {}, "metrics": {"test_top1_err": err} if err else {}}
+
+    store = [record("a", "KILLED"), record("b", "FINISHED", 12.0), record("c", "RUNNING")]
+    export = [record("a", "FINISHED", 11.0), record("b", "FINISHED", 13.0), record("c", "KILLED")]
+    merged = {r["run_id"]: r for r in merge_runs(store, export)}
+    assert merged["a"]["status"] == "FINISHED" and merged["a"]["metrics"]["test_top1_err"] == 11.0
+    assert merged["b"]["metrics"]["test_top1_err"] == 12.0  # both finished: the first source's
+    assert merged["c"]["status"] == "RUNNING"
+    assert len(merge_runs(store, export)) == 3
+
+
 @pytest.mark.parametrize(
     "text",
     ["[1, 2]", '{"format": "reproduce-runs/1"}', '{"format": "x", "runs": []}', '{"format": "reproduce-runs/1", "stu'],

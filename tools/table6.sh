@@ -33,14 +33,15 @@ case $action in
 park)
   shopt -s nullglob
   dirs=(runs/cifar10-table6/*/)
-  [ ${#dirs[@]} -eq 0 ] || reproduce park "${dirs[@]%/}" --to "$pending"
+  parked=0  # a run that cannot be parked is named and still leaves the report to be rebuilt
+  [ ${#dirs[@]} -eq 0 ] || reproduce park "${dirs[@]%/}" --to "$pending" || parked=$?
   with=()
   [ -f "$results/runs.json" ] && with=(--with-export "$results/runs.json")
   mkdir -p "$results"
   reproduce report --study cifar10 --experiment cifar10-table6 "${with[@]}" --export "$results/runs.json" \
       --out "$results" --no-mlflow
   PYTHONPATH=$here "$python" "$here/tools/table6_gap.py" --decompose >/dev/null  # results/cifar10/gap/README.md
-  exit 0 ;;
+  exit "$parked" ;;
 run) ;;
 *) echo "usage: tools/table6.sh run|park [WORKDIR]" >&2; exit 2 ;;
 esac

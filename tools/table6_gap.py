@@ -18,7 +18,7 @@ data.val_split), the public files with ImageNet's statistics, as `reproduce eval
 --decompose writes OUT/README.md: per network with finished runs at the paper's protocol, the distance
 from the paper's number taken apart, step by step, from the finished runs of both exports (the 45k run
 of results/cifar10/runs.json, the 50k runs of results/cifar10/table6/runs.json) and the paired
-measurement of measured.json (label "<model> s<seed>", e.g. "resnet20 s0").
+measurement of measured.json (label "<model> s<seed>", e.g. "resnet20 s0", scored from that run's weights).
 
 Writes OUT/measured.json (every count, so each number can be recomputed) and OUT/measured.md; networks
 already there stay, one measured again under the same label is replaced.
@@ -164,10 +164,13 @@ PAPER = {"resnet20": 8.75, "resnet32": 7.51, "plain20": None, "plain32": None}  
 
 
 def finished(export: Path) -> list[dict]:
-    """The finished full-schedule training runs of an export: model, seed, val_split, world size, test error."""
-    import json
+    """The runs of an export that its report tabulates (reproduce.report.runs.select_runs: finished,
+    per model the recipe with the most runs, the newest run of a seed): model, seed, val_split, world
+    size, test error, run id and the run it was imported from (reproduce park / unpark), if any."""
+    from reproduce.report.runs import read_export, select_runs
 
-    runs = json.loads(export.read_text())["runs"] if export.exists() else []
+    if not export.exists():
+        return []
     return [
         {
             "model": r["params"]["model.name"],
@@ -176,9 +179,10 @@ def finished(export: Path) -> list[dict]:
             "world_size": int(r["tags"].get("reproduce.world_size", 1)),
             "test_err": float(r["metrics"]["test_top1_err"]),
             "run_id": r["run_id"],
+            "imported_from": r["tags"].get("reproduce.imported_from"),
         }
-        for r in runs
-        if r["status"] == "FINISHED"
+        for group in select_runs(read_export(export)["runs"], "cifar10").main
+        for r in group.runs
     ]
 
 
@@ -190,9 +194,22 @@ def spread(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def measured_row(run: dict, measured: dict) -> dict | None:
+    """measured.json's row for `run`: label "<model> s<seed>", scored from this run's weights (the
+    checkpoint's MLflow run id is the run's, or the one it was imported from); None if not measured."""
+    row = measured.get(f"{run['model']} s{run['seed']}")
+    if row is None:
+        return None
+    scored = (row.get("extra") or {}).get("mlflow_run_id")
+    return row if scored in (run["run_id"], run["imported_from"]) else None
+
+
 def decomposition(model: str, runs45: list[dict], runs50: list[dict], measured: dict) -> list[str]:
     """The rows of one network's table: from the paper's number to ours, each step measured."""
-    ours = [r for r in runs50 if r["model"] == model]
+    ours = [r for r in runs50 if r["model"] == model and r["val_split"] == 0 and r["world_size"] == 2]
+    if not ours:
+        return []
+    n = len(ours)
     mean50, std50 = spread([r["test_err"] for r in ours])
     pm = lambda std: f" ± {std:.2f}" if std is not None else ""  # noqa: E731
     ids = ", ".join(f"s{r['seed']} `{r['run_id'][:8]}`" for r in ours)
@@ -205,59 +222,70 @@ def decomposition(model: str, runs45: list[dict], runs50: list[dict], measured: 
             f"| ours: 45k, BN over 128 (1 process), bf16, the JPEG copy | {r['test_err']:.2f} (n=1) | | run `{r['run_id'][:8]}` |"
         )
         change = mean50 - r["test_err"]
-        noise = math.sqrt(std50**2 * (1 + 1 / len(ours))) if std50 is not None else None
+        # one run at 45k against the mean of n at 50k, both with the 50k runs' seed spread
+        noise = std50 * math.sqrt(1 + 1 / n) if std50 is not None else None
         what = "from 45k to 50k images and from BN over 128 to 64, together (one run at 45k)"
         rows.append(f"| {what} | | {change:+.2f}{pm(noise)} | the two rows' runs |")
     rows.append(
-        f"| ours: 50k, BN over 64 (2 processes), bf16, the JPEG copy | {mean50:.2f}{pm(std50)} (n={len(ours)}) | | {ids} |"
+        f"| ours: 50k, BN over 64 (2 processes), bf16, the JPEG copy | {mean50:.2f}{pm(std50)} (n={n}) | | {ids} |"
     )
-    paired = [
-        measured[f"{model} s{r['seed']}"]["paired_exact_minus_jpeg"]
-        for r in ours
-        if f"{model} s{r['seed']}" in measured
-    ]
-    if paired:
-        diff = sum(p["points"] for p in paired) / len(paired)
-        diff_std = math.sqrt(sum(p["std"] ** 2 for p in paired)) / len(paired)
+    scored = [(r, row["paired_exact_minus_jpeg"]) for r in ours if (row := measured_row(r, measured))]
+    if scored:
+        m = len(scored)
+        # Every run is scored on the same 1,017 images, so the measurements' errors are not
+        # independent: their binomial std is taken at its mean over the runs, not divided by sqrt(m).
+        binomial = sum(p["std"] for _, p in scored) / m
+        diff, diff_sd = spread([p["points"] for _, p in scored])
+        as_if, as_if_sd = spread([r["test_err"] + p["points"] for r, p in scored])
+        diff_noise = math.sqrt(binomial**2 + (diff_sd**2 / m if diff_sd is not None else 0))
+        noise = math.sqrt(binomial**2 + (as_if_sd**2 / m if as_if_sd is not None else 0))
+        which = f"{m} run" if m == 1 else f"{m} runs"
+        if m < n:
+            which += f" of the {n}: " + ", ".join(f"s{r['seed']}" for r, _ in scored)
         rows.append(
-            f"| tested on the original pixels instead of the JPEG copy (same 1,017 images, paired, {len(paired)} run(s)) "
-            f"| | {diff:+.2f} ± {diff_std:.2f} | tools/table6_gap.py |"
+            f"| tested on the original pixels instead of the JPEG copy (same 1,017 images, paired, {which}) "
+            f"| | {diff:+.2f} ± {diff_noise:.2f} | tools/table6_gap.py |"
         )
-        estimate = mean50 + diff
-        noise = math.sqrt((std50 or 0) ** 2 / len(ours) + diff_std**2)
         rows.append(
-            f"| ours, as if tested on the original pixels | {estimate:.2f} ± {noise:.2f} | | the two rows above |"
+            f"| ours, as if tested on the original pixels (mean over the {which}) | {as_if:.2f} ± {noise:.2f} | | "
+            "each run's test error plus its own pixel change |"
         )
         if paper:
             rows.append(
-                f"| **left, not taken apart: trained on the JPEG copy, bf16 training, the seeds** | | **{estimate - paper:+.2f} ± {noise:.2f}** | ours as if tested on original pixels − the paper |"
+                f"| **left, not taken apart: trained on the JPEG copy, bf16 training, the seeds** | | **{as_if - paper:+.2f} ± {noise:.2f}** | ours as if tested on original pixels − the paper |"
             )
     return rows
 
 
-def decompose(out: Path) -> str:
+def decompose(out: Path, export45: Path | None = None, export50: Path | None = None) -> str:
     import json
 
     results = REPO / "results" / "cifar10"
-    runs45, runs50 = finished(results / "runs.json"), finished(results / "table6" / "runs.json")
+    runs45 = finished(export45 or results / "runs.json")
+    runs50 = finished(export50 or results / "table6" / "runs.json")
     path = out / "measured.json"
     measured = {r["label"]: r for r in json.loads(path.read_text())["networks"]} if path.exists() else {}
     lines = [
         "# CIFAR-10: the distance to the paper's Table 6, taken apart by measurement (issue 28)",
         "",
         f"Built by `python tools/table6_gap.py --decompose` (commit {code_state().commit[:12]}) from `results/cifar10/runs.json` (the 45k run),",
-        "`results/cifar10/table6/runs.json` (the finished 50k runs) and [`measured.md`](measured.md) (each network",
-        "scored on the same 1,017 test images as original pixels and as JPEG). Test error in %, single view;",
-        "± is the seed-to-seed sample std where n ≥ 2 (for a change: of the difference), the std of the paired",
-        "difference for the pixel row; no ± where only one run exists. The pixel row's change, measured on the",
-        "first 1,017 test images (all the original pixels this machine has), is applied to the 10,000-image",
-        "error: the subset is taken as representative (the public ResNet-20, trained on the original pixels,",
-        "scores on it about what the paper reports on all 10,000; see measured.md).",
+        "`results/cifar10/table6/runs.json` (the 50k runs its table holds) and [`measured.md`](measured.md) (each",
+        "network scored on the same 1,017 test images as original pixels and as JPEG). Test error in %, single",
+        "view. ± on a row of ours (n runs): the seed-to-seed sample std, n ≥ 2. ± on a change, and on the rows",
+        "built from changes: the standard error of that estimate, the seed-to-seed std / √n (where n ≥ 2)",
+        "combined with the measurement's own std (for the pixel rows, the paired std of the 1,017-image",
+        "difference, averaged over the runs and not divided by √n: every run is scored on the same images).",
+        "No ± where only one run and no measurement enter. The pixel rows' change, measured on the first",
+        "1,017 test images (all the original pixels this machine has), is applied to the 10,000-image error:",
+        "the subset is taken as representative (the public ResNet-20, trained on the original pixels, scores",
+        "on it about what the paper reports on all 10,000; see measured.md).",
         "",
     ]
     for model in sorted({r["model"] for r in runs50}):
-        lines += [f"## {model}", "", "| step | test error | change (points) | from |", "|---|---|---|---|"]
-        lines += decomposition(model, runs45, runs50, measured) + [""]
+        rows = decomposition(model, runs45, runs50, measured)
+        if rows:
+            lines += [f"## {model}", "", "| step | test error | change (points) | from |", "|---|---|---|---|"]
+            lines += rows + [""]
     if not runs50:
         lines += ["No run at the paper's protocol has finished yet (`results/cifar10/table6/protocol.md`).", ""]
     return "\n".join(lines)

@@ -128,13 +128,16 @@ def read_export(path: Path) -> dict:
 
 
 def merge_runs(*sources: list[dict]) -> list[dict]:
-    """The runs of several sources (MLflow, exports) as one list: a run id seen twice keeps the
-    first source's record, and a run carried to another store by `reproduce park` / `unpark`
-    (tag reproduce.imported_from) replaces the record it was imported from."""
+    """The runs of several sources (MLflow, exports) as one list: a run id seen twice keeps its
+    finished record over an unfinished one (a store can be older than an export), else the first
+    source's; a run carried to another store by `reproduce park` / `unpark` (tag
+    reproduce.imported_from) replaces the record it was imported from."""
     seen: dict[str, dict] = {}
     for runs in sources:
         for run in runs:
-            seen.setdefault(run["run_id"], run)
+            kept = seen.setdefault(run["run_id"], run)
+            if run["status"] == "FINISHED" and kept["status"] != "FINISHED":
+                seen[run["run_id"]] = run
     replaced = {run["tags"].get("reproduce.imported_from") for run in seen.values()}
     return [run for run_id, run in seen.items() if run_id not in replaced]
 

@@ -241,25 +241,31 @@ def park_main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--to", type=Path, required=True, metavar="FOLDER", help="where the parked runs go")
     args = parser.parse_args(argv)
-    for run_dir in args.run_dirs:
+    status = 0
+    for run_dir in args.run_dirs:  # one run that cannot be parked does not keep the others from it
+        if run_dir.is_dir() and not checkpoint.list_checkpoints(run_dir):
+            print(f"{run_dir} has no checkpoint yet: nothing to park (it starts again from iteration 0)")
+            continue
         try:
             dest, record = park(run_dir, args.to)
         except ParkError as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            status = 2
+            continue
         except OSError as err:
             print(
                 f"error: cannot park {run_dir} into {args.to} ({err.strerror or err}); give a writable --to",
                 file=sys.stderr,
             )
-            return 2
+            status = 2
+            continue
         if record is None:
             print(f"{run_dir} has finished: nothing to park ({dest} removed if it was there)")
             continue
         print(
             f"parked {run_dir} at iteration {record['iteration']} (MLflow run {record['mlflow']['run_id']}) in {dest}"
         )
-    return 0
+    return status
 
 
 def unpark_main(argv: list[str] | None = None) -> int:
