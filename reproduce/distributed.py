@@ -179,9 +179,20 @@ def heartbeat(info: DistInfo, iteration: int) -> None:
 
 def looks_like_lost_peer(err: BaseException) -> bool:
     """A collective that timed out or lost its connection (not a bug in our own code)."""
-    text = str(err)
+    text = str(err).lower()
+    # gloo words it several ways: "Timed out waiting ...", "Application timeout caused pair closure",
+    # "Connection closed by peer"; NCCL names itself.
     return isinstance(err, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL")
+        s in text
+        for s in (
+            "timed out",
+            "timeout",
+            "connection closed",
+            "connection reset",
+            "pair closure",
+            "broken pipe",
+            "nccl",
+        )
     )
 
 

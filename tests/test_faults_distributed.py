@@ -91,6 +91,28 @@ def test_stalled_rank_fails_the_job_naming_it(cifar_tar, tmp_path):
         assert checkpoint.verify(path) is None
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Application timeout caused pair closure",  # gloo, in DDP's buffer broadcast (CI, 2026-12-08)
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
+        "Timed out waiting 20000ms for recv operation to complete",
+        "NCCL communicator was aborted on rank 0.",
+    ],
+)
+def test_every_way_a_backend_words_a_lost_peer_is_recognised(text):
+    """Fault: a peer stops answering inside a collective, and the backend words it in one of its several ways.
+    Injected: the exact texts gloo and NCCL raise (as RuntimeError), given to the classifier the training loop uses.
+    Suite: each is taken as a lost peer, so the job ends with the one line naming the stalled rank, not a traceback.
+    Lost: nothing (the classifier only chooses the message)."""
+    from reproduce import distributed
+
+    assert distributed.looks_like_lost_peer(RuntimeError(text))
+    assert not distributed.looks_like_lost_peer(
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x64 and 10x10)")
+    )
+
+
 # --- 3. a rank that cannot join -----------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_a_rank_that_cannot_join_fails_in_one_line_not_as_a_bad_config(cifar_tar, tmp_path):

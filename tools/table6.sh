@@ -12,7 +12,8 @@
 #                                    then commit pending/, results/cifar10/table6 and results/cifar10/gap
 #
 # WORKDIR (default /work/fidelity) holds the study's mlflow.db and runs/. `run` is idempotent: a
-# finished run is skipped in seconds, a stopped one resumes from its newest checkpoint. SIGTERM stops
+# run finished in the committed export (results/cifar10/table6/runs.json) or in WORKDIR is skipped in
+# seconds, a stopped one resumes from its newest checkpoint. SIGTERM stops
 # the current run with a checkpoint (exit 143) and ends the queue. CODE=DIR runs the train.py of
 # another checkout (a worktree at a fixed commit, so edits here cannot change a run).
 set -euo pipefail
@@ -50,8 +51,22 @@ shopt -s nullglob
 parked=("$pending"/*/)
 [ ${#parked[@]} -eq 0 ] || reproduce unpark "${parked[@]%/}"
 queue=("resnet20 0" "resnet20 1" "resnet20 2" "plain20 0" "resnet32 0" "plain32 0")
+# Runs that finished on an earlier machine are in the committed export, not in this WORKDIR: skip
+# them by their MLflow run name (model-sSEED), or a fresh machine would train them all over again.
+finished=$(PYTHONPATH=$here "$python" - "$results/runs.json" <<'PY'
+import json, sys
+from pathlib import Path
+path = Path(sys.argv[1])
+runs = json.loads(path.read_text())["runs"] if path.exists() else []
+print(" ".join(sorted({r["tags"].get("mlflow.runName", "") for r in runs if r["status"] == "FINISHED"})))
+PY
+)
 for item in "${queue[@]}"; do
   read -r model seed <<<"$item"
+  if [[ " $finished " == *" $model-s$seed "* ]]; then
+    echo "== $model seed $seed finished before ($results/runs.json); skipped"
+    continue
+  fi
   echo "== $model seed $seed ($(date -u +%FT%TZ))"
   status=0
   "$python" -m reproduce.torchrun --nproc_per_node 2 "$code/reproduce/train.py" \
