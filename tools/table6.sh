@@ -52,13 +52,18 @@ parked=("$pending"/*/)
 [ ${#parked[@]} -eq 0 ] || reproduce unpark "${parked[@]%/}"
 queue=("resnet20 0" "resnet20 1" "resnet20 2" "plain20 0" "resnet32 0" "plain32 0")
 # Runs that finished on an earlier machine are in the committed export, not in this WORKDIR: skip
-# them by their MLflow run name (model-sSEED), or a fresh machine would train them all over again.
+# them by their model and seed tags, or a fresh machine would train them all over again.
 finished=$(PYTHONPATH=$here "$python" - "$results/runs.json" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+from reproduce.report.runs import read_export
 path = Path(sys.argv[1])
-runs = json.loads(path.read_text())["runs"] if path.exists() else []
-print(" ".join(sorted({r["tags"].get("mlflow.runName", "") for r in runs if r["status"] == "FINISHED"})))
+try:
+    runs = read_export(path)["runs"] if path.exists() else []
+except ValueError as err:
+    sys.exit(f"tools/table6.sh: {err}")
+done = {f"{r['tags'].get('reproduce.model')}-s{r['tags'].get('reproduce.seed')}" for r in runs if r["status"] == "FINISHED"}
+print(" ".join(sorted(done)))
 PY
 )
 for item in "${queue[@]}"; do
